@@ -1,0 +1,87 @@
+"""Model configuration: one frozen dataclass per component, plus named presets.
+
+The defaults are BLIP ViT-B/16 at 384 px and BERT-base with cross-attention (`configs/med_config.json` of the
+original), i.e. the `blip-base` preset. The `tiny` preset is sized for the synthetic world and the tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 384  # input side in pixels (square)
+    patch_size: int = 16  # ViT patch side in pixels
+    width: int = 768  # token width
+    depth: int = 12  # transformer blocks
+    num_heads: int = 12  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (BLIP ViT)
+
+    @property
+    def num_tokens(self) -> int:
+        """Class token + patches."""
+        return 1 + (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 30524  # BERT uncased 30522 + [DEC] + [ENC]
+    hidden_size: int = 768  # token width
+    num_layers: int = 12  # transformer layers (each: self-attn, cross-attn, FFN)
+    num_heads: int = 12  # attention heads
+    intermediate_size: int = 3072  # FFN hidden size
+    max_position_embeddings: int = 512  # absolute positions
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT)
+    hidden_dropout: float = 0.1  # dropout on hidden states
+    attention_dropout: float = 0.1  # dropout on attention probabilities
+    pad_token_id: int = 0  # [PAD]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projection_dim: int = 256  # stage-I joint embedding size
+    stage1_drop_path_rate: float = 0.0  # stochastic depth of the stage-I ViT (original: 0)
+    stage2_drop_path_rate: float = 0.1  # stochastic depth of the stage-II ViT (original: 0.1)
+    reranker: str = "dual"  # stage-II architecture: "dual" (the original's dual stream) | "joint" (text over [ref; cand])
+    merge_threshold: int = 6  # dual stream: layers >= this merge cross-attention with merge_layer (original hard-codes 6)
+    zt_source: str = "stage2_vit"  # stage-II z_t from reference tokens of the "stage2_vit" (original) or "stage1_vit"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        vision = VisionConfig(**d.pop("vision", {}))
+        text = TextConfig(**d.pop("text", {}))
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(vision=vision, text=text, **d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "blip-base": ModelConfig(),
+    # One 16-px patch per synthetic grid cell (48 px = 3x3 cells), small widths: trains on 2 CPU cores in minutes.
+    "tiny": ModelConfig(
+        vision=VisionConfig(image_size=48, patch_size=16, width=128, depth=4, num_heads=4),
+        text=TextConfig(
+            vocab_size=30524, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
+            max_position_embeddings=64,
+        ),
+        projection_dim=128,
+        reranker="joint",
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Return a named preset, optionally with top-level fields replaced (e.g. text vocab size via `text=`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
