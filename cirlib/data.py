@@ -1,0 +1,709 @@
+"""Dataset readers for CIRR and FashionIQ, the original image transforms, and the caption rules.
+
+The on-disk layouts are exactly the original's (CLIP4Cir layout):
+
+CIRR, root = the ``cirr_dataset`` folder::
+
+    cirr/captions/cap.rc2.{train,val,test1}.json
+    cirr/image_splits/split.rc2.{train,val,test1}.json
+    train/<0..99>/train-*.png   dev/dev-*.png   test1/test1-*.png   (paths as listed in the split files)
+
+FashionIQ, root = the ``fashionIQ_dataset`` folder::
+
+    captions/cap.{dress,shirt,toptee}.{train,val,test}.json
+    image_splits/split.{dress,shirt,toptee}.{train,val,test}.json
+    images/<name>.jpg   (real data; the synthetic world writes <name>.png, both are accepted)
+
+Reading a split parses and validates the JSON only; images are opened lazily, one item at a time, so a split can be
+inspected (and the real annotation files tested) without any image on disk. Every bad input raises `DatasetError`
+naming the file, the record and what was expected; nothing is dropped silently (the original wrapped every item in a
+try/except that returned None and shrank batches without notice).
+
+Quirks of the real annotation files, each handled deliberately:
+
+* CIRR ``img_set.reference_rank`` / ``target_rank`` are not positions in ``members`` (they index some other per-set
+  order); they are ignored. ``members`` is kept in file order.
+* CIRR ``target_soft`` is ignored, as in the original: in 37 val records it lacks ``target_hard`` (and scores the
+  reference instead); ``target_hard`` alone is the ground truth.
+* CIRR test1 pairid 27098 has the caption ``" "`` (a single space). CIRR captions are used raw, as in the original,
+  so it becomes an empty query ([ENC][SEP]); the record is kept because a test submission must answer every pairid.
+* Duplicate records (CIRR test1 pairs with the same reference and caption, FashionIQ test records with the same
+  candidate and captions) are distinct queries in the official protocol; they are all kept, one `Query` each.
+* FashionIQ empty captions (``""``, one of the two in a few records): kept and joined by the original rule, e.g.
+  ``" and is red"`` at validation. This keeps the validation queries identical to the original's.
+* Duplicate CIRR pairids or duplicate gallery names in a split file are errors (they would make submissions and
+  the one-positive-per-query metrics ambiguous).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+import torchvision.transforms.functional as TF
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from cirlib.paths import data_root
+
+DATASETS = ("cirr", "fashioniq")
+CIRR_SPLITS = ("train", "val", "test1")
+FIQ_SPLITS = ("train", "val", "test")
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+# The original trains FashionIQ on the three categories jointly, concatenated in this order.
+FIQ_TRAIN_ORDER = ("dress", "toptee", "shirt")
+CIRR_SET_SIZE = 6  # img_set.members per CIRR record (reference + 5 candidates for Recall_subset)
+FIQ_NUM_CAPTIONS = 2
+
+# CLIP / BLIP normalisation constants (the original's `targetpad_transform`).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Characters stripped from both ends of each FashionIQ caption before joining (the original's `strip('.?, ')`).
+FIQ_STRIP_CHARS = ".?, "
+
+_CIRR_LAYOUT = """expected CIRR layout under the root (the `cirr_dataset` folder):
+  <root>/cirr/captions/cap.rc2.{train,val,test1}.json
+  <root>/cirr/image_splits/split.rc2.{train,val,test1}.json
+  <root>/train/<n>/train-*.png, <root>/dev/dev-*.png, <root>/test1/test1-*.png
+The annotations come from the `cirr_dataset` branch of github.com/Cuberick-Orion/CIRR (its `captions/` and
+`image_splits/` folders go under <root>/cirr/). The official images come under `img_raw/` and must be laid out as
+`train/<n>/`, `dev/` and `test1/` directly under <root>, at the relative paths listed in the split files."""
+
+_FIQ_LAYOUT = """expected FashionIQ layout under the root (the `fashionIQ_dataset` folder):
+  <root>/captions/cap.{dress,shirt,toptee}.{train,val,test}.json
+  <root>/image_splits/split.{dress,shirt,toptee}.{train,val,test}.json
+  <root>/images/<name>.jpg (or <name>.png)
+The annotations come from github.com/XiaoxiaoGuo/fashion-iq (`captions/` and `image_splits/`)."""
+
+
+class DatasetError(Exception):
+    """Bad dataset input: missing root or file, malformed record, corrupt image, unknown split/category/name."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Query:
+    """One composed query: a reference image, modification caption(s) and (except on test splits) its target."""
+
+    index: int  # row in the caption file
+    pair_id: int | None  # CIRR pairid; None for FashionIQ
+    reference: str  # reference image name (FashionIQ `candidate`)
+    target: str | None  # target image name (CIRR `target_hard`); None on test splits
+    captions: tuple[str, ...]  # CIRR: (caption,); FashionIQ: (c1, c2), as written in the file
+    members: tuple[str, ...] | None  # CIRR img_set members (6 names, file order); None for FashionIQ
+    category: str | None = None  # FashionIQ category of the caption file; None for CIRR
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """A parsed split: queries in caption-file order and the gallery in split-file order ("index_names")."""
+
+    dataset: str  # "cirr" | "fashioniq"
+    split: str  # CIRR: train/val/test1; FashionIQ: train/val/test
+    category: str | None  # FashionIQ category; None for CIRR and for the joint FashionIQ (all categories)
+    root: Path  # dataset root (the cirr_dataset / fashionIQ_dataset folder)
+    queries: list[Query]  # empty when read in gallery-only mode
+    gallery: list[str]  # gallery image names, split-file order
+    relpaths: Mapping[str, str] | None = field(default=None, repr=False, compare=False)  # CIRR: name -> split path
+
+    @cached_property
+    def gallery_index(self) -> dict[str, int]:
+        """Gallery name -> position in `gallery`."""
+        return {name: i for i, name in enumerate(self.gallery)}
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether the queries carry ground-truth targets (False on CIRR test1 and FashionIQ test)."""
+        return self.split not in ("test1", "test")
+
+    def image_path(self, name: str) -> Path:
+        """Path of a gallery image; the file is not opened. FashionIQ prefers `<name>.jpg`, else an existing `.png`.
+
+        Args:
+            name: a gallery image name of this split.
+        """
+        if name not in self.gallery_index:
+            raise DatasetError(
+                f"image {name!r} is not in the {self.dataset} {self.split}"
+                f"{'' if self.category is None else ' ' + self.category} gallery ({len(self.gallery)} images)"
+            )
+        if self.relpaths is not None:
+            return self.root / self.relpaths[name]
+        jpg = self.root / "images" / f"{name}.jpg"
+        if not jpg.exists():
+            png = jpg.with_suffix(".png")
+            if png.exists():
+                return png
+        return jpg
+
+    def missing_images(self) -> list[str]:
+        """Gallery names whose image file does not exist (a missing-file report; stats every image)."""
+        return [name for name in self.gallery if not self.image_path(name).is_file()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_split(
+    dataset: str,
+    root: str | os.PathLike | None,
+    split: str,
+    category: str | None = None,
+    *,
+    with_queries: bool = True,
+) -> SplitData:
+    """Parse and validate one split's caption and image-split files (no image is opened).
+
+    Args:
+        dataset: "cirr" or "fashioniq" (case-insensitive).
+        root: the dataset root (cirr_dataset / fashionIQ_dataset folder); None reads $CIR_DATA.
+        split: CIRR "train" | "val" | "test1"; FashionIQ "train" | "val" | "test".
+        category: FashionIQ "dress" | "shirt" | "toptee", or None for all three joined in the original training
+            order (dress, toptee, shirt; the gallery keeps each name once). Must be None for CIRR.
+        with_queries: False reads the gallery only ("classic" mode), so the caption file need not exist.
+
+    The module docstring lists how the quirks of the real files (empty captions, duplicates, ranks, soft targets)
+    are handled.
+    """
+    name = _check_dataset(dataset)
+    root_path = _resolve_root(root, name)
+    if name == "cirr":
+        return _load_cirr(root_path, split, category, with_queries)
+    return _load_fiq(root_path, split, category, with_queries)
+
+
+def _check_dataset(dataset: str) -> str:
+    name = str(dataset).lower()
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
+    return name
+
+
+def _resolve_root(root: str | os.PathLike | None, dataset: str) -> Path:
+    layout = _CIRR_LAYOUT if dataset == "cirr" else _FIQ_LAYOUT
+    try:
+        path = data_root(root)
+    except ValueError as e:
+        raise DatasetError(f"{e}\n{layout}") from e
+    if not path.is_dir():
+        raise DatasetError(f"{dataset} dataset root {path} does not exist or is not a folder\n{layout}")
+    # A common slip is passing the folder that holds the dataset folder; say so instead of "missing file".
+    marker, folder = ("cirr", "cirr_dataset") if dataset == "cirr" else ("captions", "fashionIQ_dataset")
+    if not (path / marker).is_dir() and (path / folder).is_dir():
+        raise DatasetError(f"{path} has no {marker}/ folder but holds {folder}/: pass root={path / folder}\n{layout}")
+    return path
+
+
+def _read_json(path: Path, expected: type, dataset: str, what: str) -> Any:
+    """Read a JSON file whose top level must be `expected` (list or dict)."""
+    if not path.is_file():
+        layout = _CIRR_LAYOUT if dataset == "cirr" else _FIQ_LAYOUT
+        raise DatasetError(f"missing {what} file {path}\n{layout}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot be read ({e})") from e
+    if not isinstance(data, expected):
+        raise DatasetError(
+            f"{path}: top-level JSON is a {type(data).__name__}, expected a {expected.__name__} ({what})"
+        )
+    return data
+
+
+def _record_label(path: Path, i: int, record: Any) -> str:
+    label = f"{path} record {i}"
+    if isinstance(record, dict):
+        for key in ("pairid", "candidate"):
+            if key in record:
+                label += f" ({key} {record[key]!r:.40})"
+    return label
+
+
+class _Where:
+    """Names a caption record in error messages; formatted only when an error is raised (reading stays fast)."""
+
+    __slots__ = ("path", "index", "record")
+
+    def __init__(self, path: Path, index: int, record: Any):
+        self.path, self.index, self.record = path, index, record
+
+    def __str__(self) -> str:
+        return _record_label(self.path, self.index, self.record)
+
+
+def _get(record: Any, key: str, kind: type | tuple[type, ...], path: Path, i: int, expected: str) -> Any:
+    """Fetch a typed field from a caption record, raising a DatasetError naming file, record and field."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{path} record {i}: is a {type(record).__name__}, expected an object with {expected}")
+    if key not in record:
+        raise DatasetError(f"{_record_label(path, i, record)}: missing field {key!r} (expected {expected})")
+    value = record[key]
+    # bool is an int subclass; a JSON true is never a valid pairid.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DatasetError(
+            f"{_record_label(path, i, record)}: field {key!r} is {type(value).__name__} {value!r:.80}, expected {names}"
+        )
+    return value
+
+
+def _require_in_gallery(name: str, role: str, gallery: Mapping[str, Any], label: _Where, split_file: Path) -> None:
+    if name not in gallery:
+        raise DatasetError(f"{label}: {role} {name!r} is not in the gallery {split_file} ({len(gallery)} images)")
+
+
+def _check_split(split: str, allowed: Sequence[str], dataset: str) -> None:
+    if split not in allowed:
+        raise DatasetError(f"unknown {dataset} split {split!r}; expected one of {list(allowed)}")
+
+
+def _safe_relpath(rel: str, name: str, split_file: Path) -> str:
+    # Split paths are joined onto the root; an absolute path or '..' would silently read outside the dataset.
+    # Plain string checks: Path() per entry would dominate reading the 16,939-entry train split.
+    if not rel or os.path.isabs(rel) or rel.startswith("\\") or ".." in rel.replace("\\", "/").split("/"):
+        raise DatasetError(
+            f"{split_file}: entry {name!r} has path {rel!r}; expected a path relative to the root inside it "
+            "(e.g. './dev/dev-244-0-img0.png')"
+        )
+    return rel
+
+
+def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool) -> SplitData:
+    _check_split(split, CIRR_SPLITS, "CIRR")
+    if category is not None:
+        raise DatasetError(f"CIRR has no categories; got category={category!r} (pass None)")
+    split_file = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+    raw_split = _read_json(split_file, dict, "cirr", "CIRR image-split")
+    relpaths: dict[str, str] = {}
+    for name, rel in raw_split.items():
+        if not isinstance(rel, str):
+            raise DatasetError(
+                f"{split_file}: entry {name!r} maps to {type(rel).__name__} {rel!r:.80}, expected a relative "
+                "path string such as './dev/dev-244-0-img0.png'"
+            )
+        relpaths[name] = _safe_relpath(rel, name, split_file)
+    gallery = list(relpaths)
+
+    queries: list[Query] = []
+    if with_queries:
+        cap_file = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
+        records = _read_json(cap_file, list, "cirr", "CIRR caption")
+        has_target = split != "test1"
+        expected = "pairid, reference, caption, img_set.members" + (", target_hard" if has_target else "")
+        seen_pairids: dict[int, int] = {}
+        for i, rec in enumerate(records):
+            pairid = _get(rec, "pairid", int, cap_file, i, expected)
+            if pairid in seen_pairids:
+                raise DatasetError(
+                    f"{cap_file} record {i}: pairid {pairid} already used by record {seen_pairids[pairid]}; "
+                    "pairids must be unique (they key the test submission)"
+                )
+            seen_pairids[pairid] = i
+            label = _Where(cap_file, i, rec)
+            reference = _get(rec, "reference", str, cap_file, i, expected)
+            caption = _get(rec, "caption", str, cap_file, i, expected)
+            img_set = _get(rec, "img_set", dict, cap_file, i, expected)
+            if "members" not in img_set:
+                raise DatasetError(f"{label}: img_set has no field 'members' (expected a list of 6 image names)")
+            members = img_set["members"]
+            if (
+                not isinstance(members, list)
+                or len(members) != CIRR_SET_SIZE
+                or not all(isinstance(m, str) for m in members)
+            ):
+                raise DatasetError(
+                    f"{label}: img_set.members is {members!r:.200}; expected a list of {CIRR_SET_SIZE} image names"
+                )
+            target = _get(rec, "target_hard", str, cap_file, i, expected) if has_target else None
+            _require_in_gallery(reference, "reference", relpaths, label, split_file)
+            if target is not None:
+                _require_in_gallery(target, "target_hard", relpaths, label, split_file)
+            # Members feed Recall_subset, computed on val and test1 only; the original never reads them in training.
+            if split != "train":
+                if len(set(members)) != CIRR_SET_SIZE:
+                    raise DatasetError(f"{label}: img_set.members {members} contains a repeated name")
+                for m in members:
+                    _require_in_gallery(m, "img_set member", relpaths, label, split_file)
+                if reference not in members:
+                    raise DatasetError(f"{label}: reference {reference!r} is not among img_set.members {members}")
+                if target is not None and target not in members:
+                    raise DatasetError(f"{label}: target_hard {target!r} is not among img_set.members {members}")
+            queries.append(
+                Query(
+                    index=i,
+                    pair_id=pairid,
+                    reference=reference,
+                    target=target,
+                    captions=(caption,),
+                    members=tuple(members),
+                )
+            )
+    return SplitData(
+        dataset="cirr", split=split, category=None, root=root, queries=queries, gallery=gallery, relpaths=relpaths
+    )
+
+
+def _load_fiq(root: Path, split: str, category: str | None, with_queries: bool) -> SplitData:
+    _check_split(split, FIQ_SPLITS, "FashionIQ")
+    if category is not None and category not in FIQ_CATEGORIES:
+        raise DatasetError(
+            f"unknown FashionIQ category {category!r}; expected one of {list(FIQ_CATEGORIES)} or None (all three)"
+        )
+    categories = FIQ_TRAIN_ORDER if category is None else (category,)
+    gallery: list[str] = []
+    in_gallery: set[str] = set()
+    queries: list[Query] = []
+    for cat in categories:
+        split_file = root / "image_splits" / f"split.{cat}.{split}.json"
+        names = _read_json(split_file, list, "fashioniq", "FashionIQ image-split")
+        cat_names: set[str] = set()
+        for j, name in enumerate(names):
+            # Names become file names (images/<name>.jpg), so they may not contain a path.
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise DatasetError(f"{split_file}: entry {j} is {name!r:.80}; expected an image name (no path)")
+            if name in cat_names:
+                raise DatasetError(f"{split_file}: image {name!r} (entry {j}) is listed twice")
+            cat_names.add(name)
+            # shirt and toptee share some names; the joint gallery lists each image once.
+            if name not in in_gallery:
+                in_gallery.add(name)
+                gallery.append(name)
+        if with_queries:
+            queries.extend(_read_fiq_captions(root, cat, split, cat_names, split_file))
+    return SplitData(
+        dataset="fashioniq", split=split, category=category, root=root, queries=queries, gallery=gallery
+    )
+
+
+def _read_fiq_captions(root: Path, cat: str, split: str, gallery: set[str], split_file: Path) -> list[Query]:
+    cap_file = root / "captions" / f"cap.{cat}.{split}.json"
+    records = _read_json(cap_file, list, "fashioniq", "FashionIQ caption")
+    has_target = split != "test"
+    expected = "candidate, captions (2 strings)" + (", target" if has_target else "")
+    queries = []
+    for i, rec in enumerate(records):
+        label = _Where(cap_file, i, rec)
+        reference = _get(rec, "candidate", str, cap_file, i, expected)
+        captions = _get(rec, "captions", list, cap_file, i, expected)
+        if len(captions) != FIQ_NUM_CAPTIONS or not all(isinstance(c, str) for c in captions):
+            raise DatasetError(f"{label}: captions is {captions!r:.200}; expected a list of 2 strings")
+        target = _get(rec, "target", str, cap_file, i, expected) if has_target else None
+        _require_in_gallery(reference, "candidate (reference)", gallery, label, split_file)
+        if target is not None:
+            _require_in_gallery(target, "target", gallery, label, split_file)
+        queries.append(
+            Query(
+                index=i,
+                pair_id=None,
+                reference=reference,
+                target=target,
+                captions=tuple(captions),
+                members=None,
+                category=cat,
+            )
+        )
+    return queries
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text
+
+
+def fiq_caption_join(captions: Sequence[str], rng: random.Random | None = None) -> str:
+    """Join FashionIQ's two captions as the original: fixed "C1 and c2" (rng None) or its 4-way random training mix.
+
+    Both captions are stripped of '.?, ' at the ends and the leading one is `str.capitalize()`d. With an rng, one draw
+    u picks "C1 and c2" (u < .25), "C2 and c1" (.25 < u < .5), "C1" (.5 < u < .75), else "C2"; exact boundaries fall
+    into the last case, as in the original.
+
+    Args:
+        captions: the record's 2 captions.
+        rng: a seeded generator for the training mix; None gives the validation/test join.
+    """
+    if len(captions) != FIQ_NUM_CAPTIONS:
+        raise ValueError(f"a FashionIQ query has 2 captions, got {len(captions)}: {list(captions)!r}")
+    c1, c2 = (c.strip(FIQ_STRIP_CHARS) for c in captions)
+    if rng is None:
+        return f"{c1.capitalize()} and {c2}"
+    u = rng.random()
+    if u < 0.25:
+        return f"{c1.capitalize()} and {c2}"
+    if 0.25 < u < 0.5:
+        return f"{c2.capitalize()} and {c1}"
+    if 0.5 < u < 0.75:
+        return c1.capitalize()
+    return c2.capitalize()
+
+
+def query_text(query: Query, dataset: str, split: str, rng: random.Random | None = None) -> str:
+    """The modification text fed to the model, by the original's rules.
+
+    CIRR: the raw caption (no stripping; test1 pairid 27098's " " stays " "). FashionIQ: on "train" the random 4-way
+    join drawn from `rng` (required, so training text is never silently deterministic); on val/test "C1 and c2".
+
+    Args:
+        query: the query record.
+        dataset: "cirr" or "fashioniq".
+        split: the split the query comes from.
+        rng: seeded generator; required for FashionIQ train, ignored otherwise.
+    """
+    name = _check_dataset(dataset)
+    if name == "cirr":
+        return query.captions[0]
+    if split == "train":
+        if rng is None:
+            raise ValueError("FashionIQ training text is randomised: pass a seeded random.Random as rng")
+        return fiq_caption_join(query.captions, rng)
+    return fiq_caption_join(query.captions)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images and transforms
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open an image fully and convert it to RGB.
+
+    Converting before the resize (the original converts after the crop) avoids PIL's nearest-neighbour resampling of
+    palette images and alpha fringes; for RGB and greyscale files the result is identical.
+
+    Args:
+        path: image file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image file not found: {path}")
+    try:
+        with PIL.Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+class TargetPad:
+    """Pad to aspect ratio `target_ratio` with black borders, only if the image is more elongated than that."""
+
+    def __init__(self, target_ratio: float):
+        if not target_ratio >= 1.0:
+            raise ValueError(f"target_ratio must be >= 1, got {target_ratio}")
+        self.target_ratio = target_ratio
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        w, h = image.size
+        if max(w, h) / min(w, h) < self.target_ratio:
+            return image
+        scaled = max(w, h) / self.target_ratio
+        # int() truncates toward zero exactly as the original; padding is symmetric, so odd gaps lose a pixel.
+        hp = max(int((scaled - w) / 2), 0)
+        vp = max(int((scaled - h) / 2), 0)
+        return TF.pad(image, [hp, vp, hp, vp], fill=0, padding_mode="constant")
+
+    def __repr__(self) -> str:
+        return f"TargetPad(target_ratio={self.target_ratio})"
+
+
+class SquarePad:
+    """Pad to a square with black borders (the original's `SquarePad`)."""
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        w, h = image.size
+        side = max(w, h)
+        hp = int((side - w) / 2)
+        vp = int((side - h) / 2)
+        return TF.pad(image, [hp, vp, hp, vp], fill=0, padding_mode="constant")
+
+    def __repr__(self) -> str:
+        return "SquarePad()"
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    return image.convert("RGB")
+
+
+def _finish(pad: Callable[[PIL.Image.Image], PIL.Image.Image], image_size: int) -> T.Compose:
+    if not (isinstance(image_size, int) and image_size > 0):
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return T.Compose(
+        [
+            pad,
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            _to_rgb,
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+
+
+def targetpad_transform(target_ratio: float = 1.25, image_size: int = 384) -> T.Compose:
+    """The original preprocessing: TargetPad, bicubic resize of the short side, centre crop, RGB, CLIP normalise.
+
+    Args:
+        target_ratio: pad only images with max/min side >= this, up to this ratio.
+        image_size: output side S; the result maps a PIL image to a float tensor (3, S, S).
+    """
+    return _finish(TargetPad(target_ratio), image_size)
+
+
+def squarepad_transform(image_size: int = 384) -> T.Compose:
+    """SquarePad then the same resize, crop and normalisation as `targetpad_transform`.
+
+    Args:
+        image_size: output side S; PIL image -> float tensor (3, S, S).
+    """
+    return _finish(SquarePad(), image_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch Datasets
+
+
+def _split_label(data: SplitData) -> str:
+    return f"{data.dataset} {data.split}" + ("" if data.category is None else f" {data.category}")
+
+
+def _open(data: SplitData, name: str, transform: Callable, role: str) -> torch.Tensor:
+    try:
+        return transform(load_image(data.image_path(name)))
+    except DatasetError as e:
+        raise DatasetError(f"{e} (while loading {role} {name!r} of {_split_label(data)})") from e
+
+
+class GalleryDataset(Dataset):
+    """Gallery images in split-file order ("classic" mode): items {"name": str, "image": (3, S, S)}."""
+
+    def __init__(self, split_data: SplitData, transform: Callable[[PIL.Image.Image], torch.Tensor]):
+        self.data = split_data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data.gallery)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        name = self.data.gallery[i]
+        return {"name": name, "image": _open(self.data, name, self.transform, "gallery image")}
+
+
+class TripletDataset(Dataset):
+    """Training triplets: items {"reference", "target", "reference_image", "target_image", "text"}.
+
+    FashionIQ training text is drawn from a generator seeded by (seed, epoch, index), so an item's text does not
+    depend on worker count or visiting order; call `set_epoch` to draw fresh joins each epoch.
+    """
+
+    def __init__(self, split_data: SplitData, transform: Callable[[PIL.Image.Image], torch.Tensor], seed: int):
+        if not split_data.has_targets:
+            raise DatasetError(f"{_split_label(split_data)} has no targets; triplets need a train or val split")
+        if not split_data.queries:
+            raise DatasetError(
+                f"{_split_label(split_data)} has no queries (read with with_queries=False, or an empty caption file)"
+            )
+        self.data = split_data
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose caption draws `__getitem__` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data.queries)
+
+    def text(self, i: int) -> str:
+        """Query text of item i for the current seed and epoch (no image is opened)."""
+        # String seeds hash with SHA-512 inside `random`, so they are stable across processes (unlike hash()).
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        return query_text(self.data.queries[i], self.data.dataset, self.data.split, rng)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        q = self.data.queries[i]
+        assert q.target is not None  # guaranteed by has_targets and the reader
+        return {
+            "reference": q.reference,
+            "target": q.target,
+            "reference_image": _open(self.data, q.reference, self.transform, f"reference of query {q.index}"),
+            "target_image": _open(self.data, q.target, self.transform, f"target of query {q.index}"),
+            "text": self.text(i),
+        }
+
+
+class QueryDataset(Dataset):
+    """Queries without images ("relative" evaluation mode): items {"index", "pair_id", "reference", "target",
+    "text", "members"}. FashionIQ text is always the fixed "C1 and c2" join, also on the train split."""
+
+    def __init__(self, split_data: SplitData):
+        self.data = split_data
+
+    def __len__(self) -> int:
+        return len(self.data.queries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        q = self.data.queries[i]
+        text = q.captions[0] if self.data.dataset == "cirr" else fiq_caption_join(q.captions)
+        return {
+            "index": q.index,
+            "pair_id": q.pair_id,
+            "reference": q.reference,
+            "target": q.target,
+            "text": text,
+            "members": None if q.members is None else list(q.members),
+        }
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate dataset items: tensors are stacked (B, ...), every other field becomes a list of length B.
+
+    torch's default collate rejects None (FashionIQ pair_id, test targets) and transposes lists of names, so use this.
+
+    Args:
+        batch: items from one of the datasets above, all with the same keys.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+__all__ = [
+    "CIRR_SPLITS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DATASETS",
+    "DatasetError",
+    "FIQ_CATEGORIES",
+    "FIQ_SPLITS",
+    "FIQ_TRAIN_ORDER",
+    "GalleryDataset",
+    "Query",
+    "QueryDataset",
+    "SplitData",
+    "SquarePad",
+    "TargetPad",
+    "TripletDataset",
+    "collate",
+    "fiq_caption_join",
+    "load_image",
+    "load_split",
+    "query_text",
+    "squarepad_transform",
+    "targetpad_transform",
+]
