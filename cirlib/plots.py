@@ -1,0 +1,323 @@
+"""Figures: the paper's Figure 8 rank-shift panel, recall@K curves and qualitative retrieval grids.
+
+Functions build `matplotlib.figure.Figure` objects directly (no pyplot state, so they work under the Agg backend,
+in scripts and in notebooks, where the returned figure displays once) and return them. Passing `save_name` also
+writes `<out_dir>/<save_name>.pdf` and `.png` (out_dir defaults to `cirlib.paths.FIGURES`). Sizes follow the
+original's LaTeX helper `set_size`, and its STIX fonts are applied per figure, never globally.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.gridspec import GridSpec
+
+from cirlib import metrics
+from cirlib.paths import FIGURES
+
+TEXTWIDTH_PT = 496.85625  # the paper's LaTeX \textwidth; the original plots at half of it
+GOLDEN_RATIO = (5**0.5 - 1) / 2
+# the original notebook's fonts (mathtext.fontset='stix', font.family='STIXGeneral'), scoped to our figures
+_STYLE = {"mathtext.fontset": "stix", "font.family": "STIXGeneral"}
+TARGET_COLOR = "limegreen"
+
+
+def set_size(
+    width_pt: float = TEXTWIDTH_PT / 2, fraction: float = 1.0, ratio: float | None = None
+) -> tuple[float, float]:
+    """Figure (width, height) in inches for a LaTeX column: width_pt * fraction wide, height = width * ratio.
+
+    Args:
+        width_pt: the document width in points (default: half the paper's \\textwidth, as the original).
+        fraction: share of that width the figure takes.
+        ratio: height / width; None = the golden ratio 0.618.
+    """
+    width_in = width_pt * fraction / 72.27  # TeX points per inch
+    return width_in, width_in * (GOLDEN_RATIO if ratio is None else ratio)
+
+
+def save_figure(
+    fig: Figure, name: str, out_dir: str | os.PathLike | None = None, *, dpi: int = 200
+) -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>.pdf` and `<name>.png` atomically; returns both paths.
+
+    Args:
+        fig: the figure.
+        name: file stem, e.g. "fig8_rank_shift_cirr" (letters, digits, '_', '-', '.').
+        out_dir: destination folder, default `cirlib.paths.FIGURES`; created if needed.
+    """
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        raise ValueError(f"figure name must be a plain file stem, got {name!r}")
+    folder = Path(out_dir) if out_dir is not None else FIGURES
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("pdf", "png"):
+        path = folder / f"{name}.{ext}"
+        tmp = folder / f".{name}.tmp-{os.getpid()}.{ext}"
+        try:
+            with matplotlib.rc_context(_STYLE):
+                fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _maybe_save(fig: Figure, save_name: str | None, out_dir: str | os.PathLike | None) -> Figure:
+    if save_name is not None:
+        save_figure(fig, save_name, out_dir)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ rank shift
+@dataclass(frozen=True, eq=False)
+class RankShift:
+    """How stage II moves targets, per stage-I position (the data behind Figure 8). Ranks are 0-based."""
+
+    counts: np.ndarray  # (K,) int, queries whose target sits at stage-I index i
+    avg_delta: np.ndarray  # (K,) float, i - mean(stage-II rank) over those queries; 0 where counts == 0
+    rank_stage1: np.ndarray  # (M,) int, stage-I rank of each query with a hit (rows without one are excluded)
+    rank_stage2: np.ndarray  # (M,) int, stage-II rank of the same queries
+    num_missing: int  # queries whose target is not in the top-K (excluded)
+
+    @property
+    def k(self) -> int:
+        """Candidates per query."""
+        return int(self.counts.shape[0])
+
+    @property
+    def mean_rank_stage1(self) -> float:
+        """Mean 0-based stage-I rank over queries with a hit."""
+        return float(self.rank_stage1.mean()) if self.rank_stage1.size else float("nan")
+
+    @property
+    def mean_rank_stage2(self) -> float:
+        """Mean 0-based stage-II rank over the same queries."""
+        return float(self.rank_stage2.mean()) if self.rank_stage2.size else float("nan")
+
+    @property
+    def brought_forward(self) -> float:
+        """Mean positions gained: mean_rank_stage1 - mean_rank_stage2."""
+        return self.mean_rank_stage1 - self.mean_rank_stage2
+
+
+def rank_shift(stage1_labels: np.ndarray | torch.Tensor, stage2_labels: np.ndarray | torch.Tensor) -> RankShift:
+    """Per stage-I index i: how many targets start there and how far stage II moves them on average.
+
+    Args:
+        stage1_labels: (N, K) bool, stage-I ranking of the top-K.
+        stage2_labels: (N, K) bool, the stage-II re-ranking of the same top-K (same rows).
+    """
+    if tuple(stage1_labels.shape) != tuple(stage2_labels.shape):
+        raise ValueError(
+            f"stage1_labels {tuple(stage1_labels.shape)} and stage2_labels {tuple(stage2_labels.shape)} must have "
+            "the same (N, K): stage II re-ranks the stage-I top-K"
+        )
+    r1 = metrics.ranks_from_labels(stage1_labels)  # (N,) -1 = no hit
+    r2 = metrics.ranks_from_labels(stage2_labels)
+    differ = np.flatnonzero((r1 >= 0) != (r2 >= 0))
+    if differ.size:
+        i = int(differ[0])
+        raise ValueError(
+            f"stage I and stage II disagree on which queries have their target in the top-K: row {i} has a hit in "
+            f"stage {'I' if r1[i] >= 0 else 'II'} only ({differ.size} such rows); a re-ranking only permutes the top-K"
+        )
+    hit = r1 >= 0
+    r1, r2 = r1[hit], r2[hit]
+    k = int(stage1_labels.shape[1])
+    counts = np.bincount(r1, minlength=k)
+    rank2_sum = np.bincount(r1, weights=r2.astype(np.float64), minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_rank2 = rank2_sum / counts
+    # an index no target starts at has no shift (the original's NaN -> 0)
+    avg_delta = np.where(counts > 0, np.arange(k) - mean_rank2, 0.0)
+    return RankShift(counts=counts, avg_delta=avg_delta, rank_stage1=r1, rank_stage2=r2, num_missing=int((~hit).sum()))
+
+
+def rank_shift_figure_name(dataset: str, category: str | None = None) -> str:
+    """Stable file stem of a Figure 8 panel: "fig8_rank_shift_cirr" or "fig8_rank_shift_fashioniq_dress"."""
+    return f"fig8_rank_shift_{dataset}" + (f"_{category}" if category else "")
+
+
+def plot_rank_shift(
+    shift: RankShift,
+    title: str | None = None,
+    *,
+    save_name: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> Figure:
+    """The paper's Figure 8 panel: average Δ per initial index (bars) over the number of samples (symlog line).
+
+    Args:
+        shift: from `rank_shift`.
+        title: optional title above the panel (the paper puts the dataset in the caption instead).
+        save_name: file stem to save PDF + PNG under (see `rank_shift_figure_name`); None = do not save.
+        out_dir: folder for saving, default `cirlib.paths.FIGURES`.
+    """
+    x = np.arange(1, shift.k + 1)  # the paper's axis is 1-based
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=set_size(fraction=1.5, ratio=1 / 1.4))
+        gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0)
+        top = fig.add_subplot(gs[0])
+        bottom = fig.add_subplot(gs[1], sharex=top)
+        top.bar(x, shift.avg_delta, width=0.8, color="royalblue")
+        top.set_ylabel(r"Average $\Delta$")
+        top.grid(linestyle="--", alpha=0.6)
+        top.tick_params(labelbottom=False)
+        if title:
+            top.set_title(title)
+        bottom.plot(x, shift.counts, "chocolate", linewidth=0.9)
+        bottom.set_yscale("symlog")
+        bottom.set_ylabel("Number of samples")
+        bottom.set_xlabel("Initial ranking (index)")
+        bottom.grid(linestyle="--", alpha=0.6)
+    return _maybe_save(fig, save_name, out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ recall curves
+def plot_recall_curves(
+    curves: Mapping[str, Mapping[str, float]],
+    ks: Sequence[int],
+    title: str | None = None,
+    *,
+    prefix: str = "R@",
+    save_name: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> Figure:
+    """Recall@K against K (log x axis), one line per method, e.g. {"Stage I": recalls, "Stage II": recalls}.
+
+    Args:
+        curves: label -> {"R@k": percent}, as returned by `metrics.recall_at_k`.
+        ks: the K values to draw; every curve must hold all of them.
+        prefix: metric key prefix ("R@", or "Rsubset@" for subset curves).
+    """
+    ks = [int(k) for k in ks]
+    if not curves or not ks:
+        raise ValueError("plot_recall_curves needs at least one curve and one K")
+    for label, rec in curves.items():
+        missing = [f"{prefix}{k}" for k in ks if f"{prefix}{k}" not in rec]
+        if missing:
+            raise ValueError(f"curve {label!r} lacks {missing}; it has {sorted(rec)}")
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=set_size(fraction=1.5))
+        ax = fig.add_subplot()
+        for label, rec in curves.items():
+            ax.plot(ks, [rec[f"{prefix}{k}"] for k in ks], marker="o", markersize=3, linewidth=1.2, label=label)
+        if len(ks) > 1 and min(ks) > 0 and max(ks) / min(ks) >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("K")
+        ax.set_ylabel(f"{prefix}K (%)")
+        ax.grid(linestyle="--", alpha=0.6)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+    return _maybe_save(fig, save_name, out_dir)
+
+
+# ------------------------------------------------------------------------------------------ qualitative grid
+@dataclass(frozen=True)
+class QualitativeRow:
+    """One query of a qualitative grid. Images are PIL images or (H, W[, 3|4]) arrays (uint8, or float in [0, 1])."""
+
+    reference: Any  # the reference image
+    text: str  # the modification text
+    stage1: Sequence[tuple[str, Any]]  # stage-I top-n (name, image), best first
+    stage2: Sequence[tuple[str, Any]]  # stage-II top-n (name, image), best first
+    target: str | None = None  # ground-truth target name (framed in green where shown); None for test queries
+    reference_name: str = ""
+
+
+def _as_image(img: Any, where: str) -> np.ndarray:
+    if hasattr(img, "convert") and hasattr(img, "size"):  # PIL.Image
+        return np.asarray(img.convert("RGB"))
+    arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
+        if arr.dtype != np.uint8 and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1):
+            raise ValueError(f"{where}: float images must lie in [0, 1] (got range [{arr.min():.3g}, {arr.max():.3g}])")
+        return arr
+    raise ValueError(f"{where}: expected a PIL image or an (H, W[, 3|4]) array, got shape {arr.shape}")
+
+
+def _show(ax, img: np.ndarray, caption: str, highlight: bool) -> None:
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(caption, fontsize=6, pad=2)
+    for spine in ax.spines.values():
+        spine.set_visible(highlight)
+        if highlight:
+            spine.set_edgecolor(TARGET_COLOR)
+            spine.set_linewidth(3)
+
+
+def plot_qualitative_grid(
+    rows: Sequence[QualitativeRow],
+    *,
+    save_name: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    wrap: int = 24,
+) -> Figure:
+    """Qualitative results: per query the reference and its text, then stage-I and stage-II top-n, target framed green.
+
+    Each query is a block of two rows: the reference image (spanning both, text below) and the top-n of stage I
+    (upper) and stage II (lower). Axes: len(rows) * (1 + 2n).
+
+    Args:
+        rows: the queries; all must show the same n for both stages.
+        wrap: characters per line of the wrapped text.
+    """
+    if not rows:
+        raise ValueError("plot_qualitative_grid needs at least one row")
+    n = len(rows[0].stage1)
+    for r, row in enumerate(rows):
+        if len(row.stage1) != n or len(row.stage2) != n or n == 0:
+            raise ValueError(
+                f"row {r}: stage1 and stage2 must both list the same n >= 1 candidates as row 0 ({n}), got "
+                f"{len(row.stage1)} and {len(row.stage2)}"
+            )
+    cell = 0.9  # inches per image
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(cell * (n + 1.7), cell * 2.5 * len(rows)))
+        outer = GridSpec(len(rows), 1, figure=fig, hspace=0.3)
+        for r, row in enumerate(rows):
+            # column 1 is an empty spacer so the stage labels do not run into the reference's text
+            inner = outer[r].subgridspec(2, n + 2, width_ratios=[1.4, 0.3] + [1] * n, hspace=0.3, wspace=0.08)
+            ref_ax = fig.add_subplot(inner[:, 0])
+            _show(ref_ax, _as_image(row.reference, f"row {r} reference"), row.reference_name or "reference", False)
+            ref_ax.set_xlabel("\n".join(textwrap.wrap(row.text, wrap)) or "(empty text)", fontsize=7)
+            for s, (stage, cands) in enumerate((("Stage I", row.stage1), ("Stage II", row.stage2))):
+                for j, (name, img) in enumerate(cands):
+                    ax = fig.add_subplot(inner[s, j + 2])
+                    image = _as_image(img, f"row {r} {stage} #{j + 1} ({name})")
+                    _show(ax, image, f"{j + 1}. {name}", name == row.target)
+                    if j == 0:
+                        ax.set_ylabel(stage, fontsize=7)
+    return _maybe_save(fig, save_name, out_dir)
+
+
+__all__ = [
+    "GOLDEN_RATIO",
+    "QualitativeRow",
+    "RankShift",
+    "TEXTWIDTH_PT",
+    "plot_qualitative_grid",
+    "plot_rank_shift",
+    "plot_recall_curves",
+    "rank_shift",
+    "rank_shift_figure_name",
+    "save_figure",
+    "set_size",
+]

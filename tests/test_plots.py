@@ -1,0 +1,167 @@
+"""Figures: the rank-shift numbers by hand, and each figure's structure and saved files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgba
+from PIL import Image
+
+from cirlib import metrics, plots
+from cirlib.paths import REPO_ROOT
+
+SHARED = REPO_ROOT.parent / "shared"
+ANALYSIS = SHARED / "data" / "original-artifacts" / "analysis_plot"
+
+
+def _labels(ranks: list[int] | np.ndarray, k: int) -> np.ndarray:
+    ranks = np.asarray(ranks)
+    out = np.zeros((len(ranks), k), dtype=bool)
+    hit = np.flatnonzero(ranks >= 0)
+    out[hit, ranks[hit]] = True
+    return out
+
+
+def _assert_saved(paths):
+    pdf, png = paths
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_set_size_matches_the_original_helper():
+    w, h = plots.set_size()
+    assert w == pytest.approx(496.85625 / 2 / 72.27)
+    assert h == pytest.approx(w * 0.6180339887)
+    # Figure 8: fraction 1.5, ratio 1/1.4 -> about 5.16 x 3.68 inches
+    w, h = plots.set_size(fraction=1.5, ratio=1 / 1.4)
+    assert (round(w, 2), round(h, 2)) == (5.16, 3.68)
+
+
+def test_rank_shift_hand_case():
+    # five queries, K = 4; the last has no target in the top-4
+    stage1 = _labels([0, 1, 1, 3, -1], 4)
+    stage2 = _labels([1, 0, 0, 1, -1], 4)
+    shift = plots.rank_shift(stage1, stage2)
+    assert shift.counts.tolist() == [1, 2, 0, 1]
+    # i=0: 0 - 1 = -1; i=1: 1 - mean(0, 0) = 1; i=2: nobody -> 0; i=3: 3 - 1 = 2
+    assert shift.avg_delta.tolist() == [-1.0, 1.0, 0.0, 2.0]
+    assert shift.mean_rank_stage1 == 1.25 and shift.mean_rank_stage2 == 0.5
+    assert shift.brought_forward == 0.75
+    assert shift.num_missing == 1 and shift.k == 4
+    # torch tensors give the same numbers
+    same = plots.rank_shift(torch.from_numpy(stage1), torch.from_numpy(stage2))
+    assert same.avg_delta.tolist() == shift.avg_delta.tolist()
+
+
+def test_rank_shift_refuses_inconsistent_label_sets():
+    with pytest.raises(ValueError, match=r"row 1 has a hit in stage I only"):
+        plots.rank_shift(_labels([0, 2], 3), _labels([0, -1], 3))
+    with pytest.raises(ValueError, match=r"row 0 has a hit in stage II only"):
+        plots.rank_shift(_labels([-1, 2], 3), _labels([0, 1], 3))
+    with pytest.raises(ValueError, match="same \\(N, K\\)"):
+        plots.rank_shift(_labels([0], 3), _labels([0], 4))
+
+
+def test_rank_shift_on_the_original_stage2_labels():
+    path = ANALYSIS / "cirr_stageII_labels_val.pt"
+    assert path.is_file(), f"missing shared artifact {path}"
+    labels = torch.load(path, weights_only=True)
+    # the stage-I file is not shipped; against itself the shift is zero and the mean rank is the table's 4.0943
+    shift = plots.rank_shift(labels, labels)
+    assert not shift.avg_delta.any()
+    assert round(shift.mean_rank_stage2, 4) == 4.0943
+    assert shift.num_missing == 23 and int(shift.counts.sum()) == 4158
+
+
+def _synthetic_figure8_labels(seed: int = 0, n: int = 2000, k: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-I ranks decaying with depth, stage II pulling deep targets forward (the shape of the paper's data)."""
+    rng = np.random.default_rng(seed)
+    r1 = np.minimum(rng.geometric(1 / 25, size=n) - 1, k - 1)
+    r1[rng.random(n) < 0.15] = -1
+    pull = (r1 * rng.uniform(0.0, 0.6, size=n)).astype(int)
+    r2 = np.where(r1 >= 0, np.clip(r1 - pull + rng.integers(-2, 3, size=n), 0, k - 1), -1)
+    return torch.from_numpy(_labels(r1, k)), torch.from_numpy(_labels(r2, k))
+
+
+def test_figure8_panel_from_synthetic_labels(tmp_path):
+    stage1, stage2 = _synthetic_figure8_labels()
+    shift = plots.rank_shift(stage1, stage2)
+    assert shift.brought_forward > 0
+    name = plots.rank_shift_figure_name("fashioniq", "dress")
+    assert name == "fig8_rank_shift_fashioniq_dress"
+    assert plots.rank_shift_figure_name("cirr") == "fig8_rank_shift_cirr"
+    fig = plots.plot_rank_shift(shift, save_name=name, out_dir=tmp_path)
+
+    assert tuple(round(v, 2) for v in fig.get_size_inches()) == (5.16, 3.68)
+    top, bottom = fig.axes
+    assert top.get_yscale() == "linear" and bottom.get_yscale() == "symlog"
+    assert top.get_shared_x_axes().joined(top, bottom)
+    bars = top.patches
+    assert len(bars) == 200
+    assert bars[0].get_x() + bars[0].get_width() / 2 == pytest.approx(1.0)  # 1-based x axis
+    assert bars[0].get_width() == pytest.approx(0.8)
+    assert to_rgba(bars[0].get_facecolor()) == to_rgba("royalblue")
+    assert [b.get_height() for b in bars] == pytest.approx(shift.avg_delta.tolist())
+    (line,) = bottom.get_lines()
+    assert to_rgba(line.get_color()) == to_rgba("chocolate") and line.get_linewidth() == 0.9
+    assert line.get_ydata().tolist() == shift.counts.tolist()
+    assert top.get_ylabel() == r"Average $\Delta$"
+    assert bottom.get_ylabel() == "Number of samples" and bottom.get_xlabel() == "Initial ranking (index)"
+    assert fig.axes[0].get_gridspec().hspace == 0
+    _assert_saved((tmp_path / f"{name}.pdf", tmp_path / f"{name}.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.pdf", f"{name}.png"]  # no temporaries left
+
+
+def test_recall_curves(tmp_path):
+    ks = (1, 5, 10, 50)
+    stage1, stage2 = _synthetic_figure8_labels(seed=1)
+    curves = {"Stage I": metrics.recall_at_k(stage1, ks), "Stage II": metrics.recall_at_k(stage2, ks)}
+    fig = plots.plot_recall_curves(curves, ks, title="synthetic", save_name="recall_curves", out_dir=tmp_path)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    assert [line.get_label() for line in ax.get_lines()] == ["Stage I", "Stage II"]
+    assert ax.get_lines()[1].get_ydata().tolist() == [curves["Stage II"][f"R@{k}"] for k in ks]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "5", "10", "50"]
+    _assert_saved((tmp_path / "recall_curves.pdf", tmp_path / "recall_curves.png"))
+    with pytest.raises(ValueError, match=r"curve 'Stage I' lacks \['R@100'\]"):
+        plots.plot_recall_curves(curves, (1, 100))
+
+
+def test_qualitative_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    img = lambda: rng.integers(0, 255, size=(24, 32, 3), dtype=np.uint8)  # noqa: E731
+    rows = [
+        plots.QualitativeRow(
+            reference=Image.fromarray(img()),
+            text="make the dog larger and put it on a sofa",
+            stage1=[(f"c{j}", img()) for j in range(5)],
+            stage2=[(f"c{j}", rng.random((24, 32, 3))) for j in (3, 0, 1, 2, 4)],
+            target="c3",
+            reference_name="ref-0",
+        ),
+        plots.QualitativeRow(
+            reference=img(), text="", stage1=[(f"d{j}", img()) for j in range(5)],
+            stage2=[(f"d{j}", img()) for j in range(5)], target=None,
+        ),
+    ]
+    fig = plots.plot_qualitative_grid(rows, save_name="qualitative", out_dir=tmp_path)
+    assert len(fig.axes) == 2 * (1 + 2 * 5)
+    framed = [ax for ax in fig.axes if ax.spines["left"].get_visible()]
+    # the target c3 is 4th in stage I and 1st in stage II of row 0; row 1 has no target
+    assert sorted(ax.get_title() for ax in framed) == ["1. c3", "4. c3"]
+    assert all(to_rgba(ax.spines["top"].get_edgecolor()) == to_rgba(plots.TARGET_COLOR) for ax in framed)
+    assert fig.axes[0].get_xlabel().replace("\n", " ") == rows[0].text
+    _assert_saved((tmp_path / "qualitative.pdf", tmp_path / "qualitative.png"))
+
+    bad = plots.QualitativeRow(reference=img(), text="x", stage1=[("a", img())], stage2=[], target=None)
+    with pytest.raises(ValueError, match="row 0: stage1 and stage2"):
+        plots.plot_qualitative_grid([bad])
+    neg = plots.QualitativeRow(reference=-np.ones((4, 4, 3)), text="x", stage1=[("a", img())], stage2=[("a", img())])
+    with pytest.raises(ValueError, match=r"row 0 reference: float images must lie in \[0, 1\]"):
+        plots.plot_qualitative_grid([neg])
+
+
+def test_save_figure_rejects_path_like_names(tmp_path):
+    fig = plots.plot_recall_curves({"a": {"R@1": 1.0}}, (1,))
+    with pytest.raises(ValueError, match="plain file stem"):
+        plots.save_figure(fig, "../x", tmp_path)
