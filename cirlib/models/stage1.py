@@ -1,0 +1,112 @@
+"""Stage I (candidate filtering): the original's `BLIP_Retrieval`.
+
+The query is the text encoder's [ENC] output while it cross-attends to all reference-image tokens, projected and
+L2-normalised; a candidate is the projected, normalised ViT class token. Training is in-batch softmax over
+cosine / temp (one direction, query -> target). Submodule names equal the original's, so its state dict loads
+strictly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlib.models.config import ModelConfig
+from cirlib.models.text import build_text_encoder, encode_text
+from cirlib.models.vit import build_vit
+
+INITIAL_TEMP = 0.07  # BLIP's init; a BLIP checkpoint overwrites it
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    tokens: torch.Tensor  # (B, T, Dv) ViT tokens after the final norm; reference tokens for the query
+    embeds: torch.Tensor  # (B, P) normalize(vision_proj(CLS)); candidate embeddings
+
+
+@dataclass(frozen=True)
+class QueryFeatures:
+    embeds: torch.Tensor  # (B, P) normalize(text_proj([ENC] output)); the retrieval query
+    hidden: torch.Tensor  # (B, L, H) last hidden state z_t, stage II's stream-0 input (pad rows included)
+
+
+@dataclass(frozen=True)
+class Stage1Output:
+    logits: torch.Tensor  # (B, B) q @ p.T / temp; row i = query i against every target of the batch
+    loss: torch.Tensor  # () cross-entropy of each row against its own target (arange(B))
+
+
+class Stage1Model(nn.Module):
+    """BLIP_Retrieval: ViT, text encoder with cross-attention, two projections and a learnable temperature."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = build_vit(config.vision, config.stage1_drop_path_rate)
+        self.text_encoder = build_text_encoder(config.text, encoder_width=config.vision.width)
+        self.vision_proj = nn.Linear(config.vision.width, config.projection_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.projection_dim)
+        # Learnable, unclamped, used as a divisor (the original's behaviour; the trainer may decide otherwise).
+        self.temp = nn.Parameter(torch.tensor(INITIAL_TEMP))
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Image tokens and candidate embeddings.
+
+        Args:
+            images: (B, 3, S, S) normalised pixels, S = config.vision.image_size exactly.
+        Returns:
+            ImageFeatures with tokens (B, T, Dv) and embeds (B, P).
+        """
+        tokens = self.visual_encoder.forward_features(images)  # (B, T, Dv)
+        return ImageFeatures(tokens=tokens, embeds=self.embed_tokens(tokens))
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Candidate embedding from precomputed ViT tokens: (B, T, Dv) -> (B, P), unit norm."""
+        return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_query(
+        self, ref_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> QueryFeatures:
+        """Compose reference image and modification text into the retrieval query.
+
+        Args:
+            ref_tokens: (B, T, Dv) reference-image tokens (`encode_image(...).tokens`).
+            input_ids: (B, L) ids with [ENC] at position 0.
+            attention_mask: (B, L) 1 for tokens, 0 for padding.
+        Returns:
+            QueryFeatures with embeds (B, P) and hidden z_t (B, L, H).
+        """
+        if ref_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"batch mismatch: {ref_tokens.shape[0]} reference token sets for {input_ids.shape[0]} texts"
+            )
+        hidden = encode_text(self.text_encoder, input_ids, attention_mask, ref_tokens)  # (B, L, H)
+        embeds = F.normalize(self.text_proj(hidden[:, 0]), dim=-1)  # (B, P)
+        return QueryFeatures(embeds=embeds, hidden=hidden)
+
+    def forward(
+        self,
+        ref_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_embeds: torch.Tensor,
+    ) -> Stage1Output:
+        """In-batch contrastive logits and loss; target i is the positive of query i.
+
+        Args:
+            ref_tokens: (B, T, Dv) reference tokens.
+            input_ids, attention_mask: (B, L) the modification texts.
+            target_embeds: (B, P) unit-norm target embeddings (`encode_image(targets).embeds`).
+        Returns:
+            Stage1Output with logits (B, B) and the scalar loss.
+        """
+        if target_embeds.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"batch mismatch: {target_embeds.shape[0]} targets for {input_ids.shape[0]} queries"
+            )
+        query = self.encode_query(ref_tokens, input_ids, attention_mask).embeds  # (B, P)
+        logits = query @ target_embeds.t() / self.temp  # (B, B)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return Stage1Output(logits=logits, loss=F.cross_entropy(logits, labels))
