@@ -1,0 +1,168 @@
+"""Run configurations: one frozen dataclass per notebook family.
+
+Defaults live here and only here; each notebook's `parameters` cell repeats the field names as plain literals (a test
+keeps them in step), and `from_namespace` builds the config from the notebook's globals. Defaults are the original's
+paper settings where one exists (section 1 of the original-system reference); `smoke=True` shrinks a run to seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from cirlib import paths
+
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data preview (notebook 00)."""
+
+    dataset: str = "cirr"  # "cirr" | "fashioniq"
+    data_root: str = ""  # dataset root (the cirr_dataset / fashionIQ_dataset folder); "" = $CIR_DATA
+    split: str = "val"  # CIRR: train | val | test1; FashionIQ: train | val | test
+    category: str = "dress"  # FashionIQ category (ignored for CIRR)
+    n_examples: int = 4  # triplets shown
+    image_size: int = 384  # preprocessing output side in pixels
+    seed: int = 0  # which examples are drawn
+    smoke: bool = False  # tiny fast run (tests)
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage I training (notebook 01) and top-K extraction (notebook 02)."""
+
+    run_name: str = "stage1"  # run folder: outputs/stage1/<run_name>/
+    dataset: str = "cirr"  # "cirr" | "fashioniq"
+    data_root: str = ""  # dataset root; "" = $CIR_DATA
+    categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
+    tokenizer: str = ""  # vocab.txt or local bert-base-uncased folder; "" = <data_root>/vocab.txt
+    preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
+    pretrained: str = ""  # BLIP pre-trained file (model_base.pth); "" = random initialisation
+    init_checkpoint: str = ""  # an original stage-I checkpoint (BLIP_Retrieval .pt) or our run folder to start from
+    train_image_encoder: bool = False  # the original freezes the ViT; a world with no pre-trained ViT must train it
+    epochs: int = 20  # training epochs (0 = evaluate/extract only)
+    max_epoch: int = 20  # cosine period in epochs (original: 20 FashionIQ, 10 CIRR)
+    schedule: str = "cosine_per_epoch"  # "cosine_per_epoch" (original, rises past max_epoch) | "cosine_per_epoch_clamped" | "cosine_per_step"
+    warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
+    lr: float = 2e-5  # peak AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    batch_size: int = 512  # training triplets per optimiser step
+    grad_accumulation_steps: int = 1  # micro-batches per optimiser step
+    precision: str = "auto"  # "auto" (bf16/fp16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    validate_every: int = 1  # epochs between validations (0 = never; the final evaluation still runs)
+    time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
+    max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
+    max_val_queries: int = 0  # cap validation queries (0 = all)
+    topk_k: int = 200  # candidates per query written to the top-k file
+    topk_splits: str = "val"  # splits to extract top-K for, comma-separated (add "train" to mine stage-II negatives, "test1" for CIRR submissions)
+    mining_queries: int = 0  # train top-K for the first N train queries only, ranked among their img_set images (0 = all, full gallery)
+    target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
+    num_workers: int = 0  # DataLoader workers
+    seed: int = 0  # python/numpy/torch seed
+    overwrite: bool = False  # retrain / re-extract even when a finished run exists
+    smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
+
+    @property
+    def run_dir(self) -> Path:
+        return paths.OUTPUTS / "stage1" / self.run_name
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage II training (notebook 03), re-ranking evaluation (04) and CIRR test submission (05)."""
+
+    run_name: str = "stage2"  # run folder: outputs/stage2/<run_name>/
+    stage1_run: str = "stage1"  # stage-I run under outputs/stage1/ (its model and top-k files)
+    stage1_checkpoint: str = ""  # or an original stage-I checkpoint file (BLIP_Retrieval); overrides stage1_run's model
+    topk_path: str = ""  # validation top-k file to re-rank ("" = the stage-I run's); original files accepted
+    dataset: str = "cirr"  # "cirr" | "fashioniq"
+    data_root: str = ""  # dataset root; "" = $CIR_DATA
+    categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
+    tokenizer: str = ""  # vocab.txt or local bert-base-uncased folder; "" = <data_root>/vocab.txt
+    preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
+    reranker: str = "dual"  # "dual" (the original's dual stream) | "joint" (text over [reference; candidate] tokens)
+    init: str = "pretrained"  # text encoder init: "pretrained" (BLIP file) | "scratch" | "stage1" (copy stage-I text encoder)
+    pretrained: str = ""  # BLIP pre-trained file (model_base.pth) for init="pretrained"
+    init_checkpoint: str = ""  # an original stage-II checkpoint (BLIP_NLVR .pt) or our run folder to start from
+    vision_from_stage1: bool = True  # stage-II ViT weights copied from stage I (equal to BLIP's with real weights)
+    k: int = 50  # candidates re-ranked per query (original: 100 FashionIQ, 50 CIRR)
+    hard_negatives: int = 0  # negatives per query drawn from its stage-I train top-K (original: 0)
+    inbatch_negatives: int = -1  # other targets of the batch used as negatives (-1 = all B-1, the original)
+    mining_k: int = 50  # top-K of the train split from which hard negatives are drawn
+    stage1_train_mode: bool = False  # original: True (dropout on z_t and drop-path in the frozen ViTs while training)
+    epochs: int = 50  # training epochs (0 = evaluate only)
+    max_epoch: int = 50  # cosine period in epochs (original: 50 FashionIQ, 80 CIRR)
+    schedule: str = "cosine_per_epoch"  # see Stage1Config.schedule
+    warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
+    lr: float = 2e-5  # peak AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    batch_size: int = 16  # queries per optimiser step
+    grad_accumulation_steps: int = 1  # micro-batches per optimiser step
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
+    validate_every: int = 1  # epochs between validations (0 = never; the final evaluation still runs)
+    time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
+    max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
+    max_val_queries: int = 0  # cap validation queries (0 = all)
+    fusion_weight: float = 0.0  # final score = w * z(stage-I score) + (1 - w) * z(stage-II score), rows z-scored (0 = stage II alone, the original)
+    max_pairs: int = 4096  # (query, candidate) pairs scored per chunk at evaluation (memory bound)
+    submission_name: str = "stage2"  # CIRR test submission file suffix
+    target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
+    num_workers: int = 0  # DataLoader workers
+    seed: int = 0  # python/numpy/torch seed
+    overwrite: bool = False  # retrain / re-evaluate even when a finished run exists
+    smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
+
+    @property
+    def run_dir(self) -> Path:
+        return paths.OUTPUTS / "stage2" / self.run_name
+
+    @property
+    def stage1_dir(self) -> Path:
+        return paths.OUTPUTS / "stage1" / self.stage1_run
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Figures (notebook 06) and the interactive explorer (07); they read saved artifacts only."""
+
+    stage1_run: str = "stage1"  # stage-I run under outputs/stage1/
+    stage2_run: str = "stage2"  # stage-II run under outputs/stage2/
+    dataset: str = "cirr"  # "cirr" | "fashioniq"
+    data_root: str = ""  # dataset root (qualitative grids, explorer); "" = $CIR_DATA
+    original_dir: str = ""  # folder with the original's label tensors / top-200 files to plot instead ("" = ours)
+    figures_dir: str = ""  # where figures go ("" = <repo>/figures)
+    n_qualitative: int = 4  # rows in the qualitative grid
+    seed: int = 0  # which queries the qualitative grid shows
+    smoke: bool = False  # tiny fast run (tests)
+
+
+C = TypeVar("C")
+
+
+def from_namespace(cls: type[C], namespace: Mapping[str, Any]) -> C:
+    """Build a config from a notebook's globals: every field must be present; nothing is guessed.
+
+    Args:
+        cls: the config dataclass.
+        namespace: usually `globals()` of a notebook after its parameters cell (and papermill's injected cell).
+    Raises:
+        ValueError: listing the missing field names.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise ValueError(f"{cls.__name__}: the parameters cell does not define {missing}")
+    return cls(**{n: namespace[n] for n in names})
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def split_list(text: str) -> list[str]:
+    """'a, b' -> ['a', 'b'] (comma-separated config fields)."""
+    return [t.strip() for t in text.split(",") if t.strip()]

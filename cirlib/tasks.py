@@ -1,0 +1,211 @@
+"""The two stages as training tasks for the one generic loop in `cirlib.train`.
+
+A task owns a model, says which parameters train, turns a batch into a loss and validates; the loop knows nothing of
+CIR. Stage I: the in-batch contrastive loss of the original. Stage II: each query against its target, negatives from
+its own stage-I top-K (the setting it is tested in) and other targets of the batch (the original's B x B objective
+when there are no top-K negatives).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from cirlib import data as cdata
+from cirlib.models.stage2 import RerankQuery
+
+
+def _loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+    # A generator seeded per epoch makes the shuffle (and so a resumed run) reproducible.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
+                      num_workers=num_workers, collate_fn=cdata.collate)
+
+
+class Stage1Task:
+    """Stage I: text encoder (and optionally the ViT) trained with in-batch cross-entropy on q . p / temp."""
+
+    def __init__(self, model, tokenizer, train_sets: Sequence["cdata.SplitData"], transform: Callable, *,
+                 batch_size: int, train_image_encoder: bool, validate_fn: Callable[[], dict], selection_key: str,
+                 seed: int = 0, num_workers: int = 0, device: torch.device | str = "cpu"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_image_encoder = train_image_encoder
+        self.triplets = [cdata.TripletDataset(s, transform, seed=seed) for s in train_sets]
+        self.dataset = ConcatDataset(self.triplets)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._validate = validate_fn
+        self.selection_key = selection_key
+        self.device = device
+        for p in model.visual_encoder.parameters():
+            p.requires_grad_(train_image_encoder)
+        # The original never updates vision_proj (targets are embedded under no_grad); keep that unless the ViT trains.
+        for p in model.vision_proj.parameters():
+            p.requires_grad_(train_image_encoder)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if not self.train_image_encoder:
+            self.model.visual_encoder.eval()
+
+    def train_loader(self, seed: int) -> DataLoader:
+        for d in self.triplets:  # fresh FashionIQ caption joins each epoch, reproducibly
+            d.set_epoch(seed)
+        return _loader(self.dataset, self.batch_size, seed, self.num_workers)
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        ids, mask = self.tokenizer(list(batch["text"]))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        images = torch.cat([batch["reference_image"], batch["target_image"]]).to(self.device)
+        b = batch["reference_image"].shape[0]
+        with torch.set_grad_enabled(self.train_image_encoder):
+            feats = self.model.encode_image(images)
+        ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
+        out = self.model(ref_tokens, ids, mask, target_embeds)
+        return {"loss": out.loss, "temp": self.model.temp.detach()}
+
+    def validate(self) -> dict[str, float]:
+        return self._validate()
+
+    def selection_metric(self, metrics: dict[str, float]) -> float:
+        return float(metrics[self.selection_key])
+
+
+class MinedTripletDataset(Dataset):
+    """Training triplets plus negatives drawn from each query's stage-I top-K of the train split.
+
+    Negatives exclude the target and the reference; the draw depends only on (seed, epoch seed, index), so a resumed
+    run sees the same negatives.
+    """
+
+    def __init__(self, split_data: "cdata.SplitData", transform: Callable, topk_names: np.ndarray | None,
+                 n_hard: int, seed: int = 0):
+        self.base = cdata.TripletDataset(split_data, transform, seed=seed)
+        self.split_data = split_data
+        self.transform = transform
+        self.topk_names = topk_names
+        self.n_hard = n_hard
+        self.seed = seed
+        self.epoch_seed = 0
+        if n_hard > 0:
+            if topk_names is None:
+                raise ValueError("hard negatives need the stage-I top-K of the train split (topk_splits must include 'train')")
+            if len(topk_names) != len(split_data.queries):
+                raise ValueError(f"train top-K has {len(topk_names)} rows but the train split has "
+                                 f"{len(split_data.queries)} queries; re-extract it")
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed = seed
+        self.base.set_epoch(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        if self.n_hard > 0:
+            q = self.split_data.queries[i]
+            pool = [n for n in self.topk_names[i] if n != q.target and n != q.reference]
+            rng = random.Random(f"neg:{self.seed}:{self.epoch_seed}:{i}")
+            picks = rng.sample(pool, min(self.n_hard, len(pool)))
+            while len(picks) < self.n_hard:  # a tiny gallery: repeat rather than change the batch shape
+                picks.append(rng.choice(pool))
+            item["negative_images"] = torch.stack(
+                [self.transform(cdata.load_image(self.split_data.image_path(n))) for n in picks])
+        return item
+
+
+class Stage2Task:
+    """Stage II: re-ranker trained with softmax cross-entropy over each query's candidate list (positive first)."""
+
+    def __init__(self, model, stage1, tokenizer, dataset: Dataset, *, batch_size: int, hard_negatives: int,
+                 inbatch_negatives: int, stage1_train_mode: bool, zt_from_stage1_vit: bool,
+                 validate_fn: Callable[[], dict], selection_key: str, num_workers: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.model = model
+        self.stage1 = stage1
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.hard_negatives = hard_negatives
+        self.inbatch_negatives = batch_size - 1 if inbatch_negatives < 0 else min(inbatch_negatives, batch_size - 1)
+        self.stage1_train_mode = stage1_train_mode
+        self.zt_from_stage1_vit = zt_from_stage1_vit
+        self._validate = validate_fn
+        self.selection_key = selection_key
+        self.num_workers = num_workers
+        self.device = device
+        for p in stage1.parameters():
+            p.requires_grad_(False)
+        for p in model.visual_encoder.parameters():
+            p.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.stage1_train_mode:  # the original: dropout on z_t and drop-path in the frozen ViT stay active
+            self.stage1.train()
+        else:
+            self.stage1.eval()
+            self.model.visual_encoder.eval()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+        self.stage1.eval()
+
+    def train_loader(self, seed: int) -> DataLoader:
+        if hasattr(self.dataset, "set_epoch_seed"):
+            self.dataset.set_epoch_seed(seed)
+        return _loader(self.dataset, self.batch_size, seed, self.num_workers)
+
+    def candidate_index(self, b: int) -> torch.Tensor:
+        """(B, M) rows into [targets (B) ; hard negatives (B*H)]: own target first, own hard negatives, then the
+        next `inbatch_negatives` targets of the batch (cyclically), so every row has the same length."""
+        h, n_in = self.hard_negatives, self.inbatch_negatives
+        rows = []
+        for i in range(b):
+            own = [i] + [b + i * h + j for j in range(h)]
+            others = [(i + j) % b for j in range(1, n_in + 1)]
+            rows.append(own + others)
+        return torch.tensor(rows, dtype=torch.long)
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        texts = list(batch["text"])
+        ids, mask = self.tokenizer(texts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        b = ids.shape[0]
+        images = [batch["reference_image"], batch["target_image"]]
+        if self.hard_negatives > 0:
+            images.append(batch["negative_images"].flatten(0, 1))
+        with torch.no_grad():
+            tokens = self.model.encode_image(torch.cat(images).to(self.device))  # (B + B + B*H, T, Dv)
+            ref_tokens, cand_tokens = tokens[:b], tokens[b:]
+            z_t = None
+            if self.model.config.reranker == "dual":
+                zt_ref = ref_tokens
+                if self.zt_from_stage1_vit:
+                    zt_ref = self.stage1.encode_image(batch["reference_image"].to(self.device)).tokens
+                z_t = self.stage1.encode_query(zt_ref, ids, mask).hidden
+        query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t,
+                            ref_tokens=ref_tokens if self.model.config.reranker == "joint" else None)
+        index = self.candidate_index(b).to(self.device)
+        logits = self.model.candidate_logits(query, cand_tokens, index)  # (B, M), positive at column 0
+        loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))
+        return {"loss": loss}
+
+    def validate(self) -> dict[str, float]:
+        return self._validate()
+
+    def selection_metric(self, metrics: dict[str, float]) -> float:
+        return float(metrics[self.selection_key])
