@@ -1,0 +1,332 @@
+"""The workbook: notebook hygiene, parameters cells in step with the configs, the batch runner, the figures from the
+original's label files, and every notebook run end to end on a tiny synthetic world through `run_batch`."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import shutil
+import uuid
+
+import nbformat
+import numpy as np
+import papermill
+import pytest
+import torch
+import yaml
+
+from cirlib import analysis, batch, paths, synth
+from cirlib.config import AnalysisConfig, DataConfig, Stage1Config, Stage2Config
+
+NOTEBOOKS = {
+    "00_data_preview": DataConfig,
+    "01_stage1_train": Stage1Config,
+    "02_stage1_topk": Stage1Config,
+    "03_stage2_train": Stage2Config,
+    "04_stage2_evaluate": Stage2Config,
+    "05_cirr_submission": Stage2Config,
+    "06_figures": AnalysisConfig,
+    "07_explorer": AnalysisConfig,
+}
+
+
+def _read(stem: str) -> nbformat.NotebookNode:
+    return nbformat.read(paths.NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+
+
+def _parameters_cell(book: nbformat.NotebookNode) -> tuple[int, nbformat.NotebookNode]:
+    tagged = [(i, c) for i, c in enumerate(book.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected exactly one cell tagged 'parameters', found {len(tagged)}"
+    return tagged[0]
+
+
+# ------------------------------------------------------------------------------------------------ hygiene
+
+
+def test_the_workbook_is_exactly_the_numbered_notebooks():
+    assert [p.stem for p in batch.notebook_paths()] == list(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_notebook_is_clean_and_uses_the_python3_kernel(stem):
+    book = _read(stem)
+    nbformat.validate(book)
+    assert book.metadata["kernelspec"]["name"] == "python3"
+    for i, cell in enumerate(book.cells):
+        assert set(cell.metadata) <= {"tags"}, f"cell {i} carries metadata {dict(cell.metadata)}"
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"cell {i} has outputs or a count"
+    first = book.cells[0]
+    assert first.cell_type == "markdown" and "**Reads:**" in first.source and "**Writes:**" in first.source
+
+
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_notebook_is_a_thin_driver(stem):
+    book = _read(stem)
+    code = [c for c in book.cells if c.cell_type == "code"]
+    idx, _ = _parameters_cell(book)
+    # imports, then parameters, then the config, then 3-8 short calls
+    assert book.cells[idx - 1].source.startswith("%matplotlib inline\nfrom cirlib")
+    cfg_cell = book.cells[idx + 1].source
+    assert cfg_cell.splitlines()[0] == f"cfg = from_namespace({NOTEBOOKS[stem].__name__}, globals())"
+    assert 3 <= len(code) - 3 <= 8
+    for cell in code:
+        tree = ast.parse(cell.source.replace("%matplotlib inline", ""))
+        defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+        assert not defs, f"{stem}: notebooks define nothing; move {[d.name for d in defs]} into cirlib"
+        if "parameters" not in cell.metadata.get("tags", []):
+            assert len(cell.source.splitlines()) <= 15
+
+
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_parameters_cell_mirrors_its_config(stem):
+    cls = NOTEBOOKS[stem]
+    _, cell = _parameters_cell(_read(stem))
+    tree = ast.parse(cell.source)
+    names, defaults, annotations = [], {}, {}
+    for node in tree.body:
+        assert isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name), (
+            f"{stem}: the parameters cell holds only annotated assignments, found {ast.dump(node)[:80]}")
+        names.append(node.target.id)
+        defaults[node.target.id] = ast.literal_eval(node.value)  # plain literals only
+        annotations[node.target.id] = ast.unparse(node.annotation)
+    fields = dataclasses.fields(cls)
+    assert names == [f.name for f in fields]
+    assert defaults == {f.name: f.default for f in fields}
+    assert annotations == {f.name: str(f.type) for f in fields}
+    # every line documents itself, and papermill (--help-notebook, the batch) sees every name: it skips lines with
+    # a second "=", so the comments must not contain one
+    assert all("  # " in line for line in cell.source.splitlines())
+    assert cell.source == batch.parameters_cell_source(cls)  # what `--sync-parameters` writes
+    assert list(papermill.inspect_notebook(str(paths.NOTEBOOKS / f"{stem}.ipynb"))) == names
+
+
+# ------------------------------------------------------------------------------------------------ batch planning
+
+
+def _plan(params: dict) -> dict[str, dict]:
+    return {p.stem: v for p, v in batch.plan_batch(params, batch.notebook_paths()).items()}
+
+
+def test_plan_passes_each_notebook_only_what_it_declares():
+    plan = _plan({"dataset": "cirr", "image_size": 48, "topk_k": 10, "k": 5, "n_qualitative": 2,
+                  "run_name_stage1": "a", "run_name_stage2": "b",
+                  "notebooks": {1: {"epochs": 3}, "03_stage2_train": {"epochs": 7}}})
+    assert plan["00_data_preview"] == {"dataset": "cirr", "image_size": 48}
+    assert plan["01_stage1_train"] == {"dataset": "cirr", "topk_k": 10, "run_name": "a", "epochs": 3}
+    assert plan["02_stage1_topk"] == {"dataset": "cirr", "topk_k": 10, "run_name": "a"}
+    assert plan["03_stage2_train"] == {"dataset": "cirr", "k": 5, "run_name": "b", "stage1_run": "a", "epochs": 7}
+    assert plan["04_stage2_evaluate"] == {"dataset": "cirr", "k": 5, "run_name": "b", "stage1_run": "a"}
+    assert plan["06_figures"] == plan["07_explorer"] == {"dataset": "cirr", "n_qualitative": 2,
+                                                         "stage1_run": "a", "stage2_run": "b"}
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"epoch": 3}, "declared by no notebook"),
+    ({"notebooks": {"09_nothing": {}}}, "name no notebook"),
+    ({"notebooks": {"00_data_preview": {"epochs": 3}}}, "not parameters of 00_data_preview"),
+    ({"lr": "2e-5"}, "wrongly typed"),
+    ({"epochs": True}, "wrongly typed"),
+    ({"run_name": "x", "run_name_stage1": "y"}, "not both"),
+])
+def test_plan_rejects_bad_parameters(params, message):
+    with pytest.raises(batch.BatchError, match=message):
+        _plan(params)
+
+
+@pytest.mark.parametrize("name", ["demo", "cirr", "fashioniq"])
+def test_committed_parameter_files_plan_cleanly(name):
+    data, batch_name = batch.load_params(paths.REPO_ROOT / "params" / f"{name}.yaml")
+    assert batch_name == name
+    plan = _plan(data)
+    stage2 = plan["03_stage2_train"]
+    assert plan["01_stage1_train"]["run_name"] == stage2["stage1_run"] == plan["06_figures"]["stage1_run"]
+    assert stage2["run_name"] == plan["04_stage2_evaluate"]["run_name"] == plan["07_explorer"]["stage2_run"]
+    if name != "demo":  # the paper's settings
+        k = {"cirr": 50, "fashioniq": 100}[name]
+        assert (stage2["k"], stage2["batch_size"], stage2["lr"], plan["02_stage1_topk"]["topk_k"]) == (k, 16, 2e-5, 200)
+        assert (plan["01_stage1_train"]["batch_size"], plan["01_stage1_train"]["lr"]) == (512, 2e-5)
+
+
+def test_select_and_output_dir_guards(tmp_path):
+    sources = batch.notebook_paths()
+    assert [p.stem for p in batch._select(sources, ["02", "01_stage1_train"])] == ["01_stage1_train", "02_stage1_topk"]
+    assert [p.stem for p in batch._select(sources, ["7"])] == ["07_explorer"]
+    with pytest.raises(batch.BatchError, match="matches no notebook"):
+        batch._select(sources, ["99"])
+    with pytest.raises(batch.BatchError, match="must not overwrite the sources"):
+        batch.run_batch({}, ["00"], output_dir=paths.NOTEBOOKS)
+    bad = tmp_path / "p.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(batch.BatchError, match="expected a mapping"):
+        batch.load_params(bad)
+
+
+def test_sync_rewrites_only_stale_parameters_cells(tmp_path):
+    for stem in ("00_data_preview", "06_figures"):
+        shutil.copy(paths.NOTEBOOKS / f"{stem}.ipynb", tmp_path)
+    assert batch.sync_parameters_cells(tmp_path) == []
+    book = nbformat.read(tmp_path / "06_figures.ipynb", as_version=4)
+    idx, cell = _parameters_cell(book)
+    cell.source = cell.source.replace("n_qualitative: int = 4", "n_qualitative: int = 9")
+    nbformat.write(book, str(tmp_path / "06_figures.ipynb"))
+    assert batch.sync_parameters_cells(tmp_path) == [tmp_path / "06_figures.ipynb"]
+    synced = nbformat.read(tmp_path / "06_figures.ipynb", as_version=4)
+    assert synced.cells[idx].source == batch.parameters_cell_source(AnalysisConfig)
+    assert [c.source for c in synced.cells] == [c.source for c in _read("06_figures").cells]
+
+
+def test_cli_reports_bad_parameters_and_exits_nonzero(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("epoch: 3\n")
+    assert batch.main([str(tmp_path / "p.yaml"), "--only", "00"]) == 1
+    assert "['epoch'] are declared by no notebook" in capsys.readouterr().err
+
+
+def test_a_failing_notebook_stops_the_batch_naming_notebook_and_cell(tmp_path, capsys):
+    src = tmp_path / "nbs"
+    src.mkdir()
+    for stem, body in (("01_fails", 'raise ValueError("boom " + word)'), ("02_never", "print('unreachable')")):
+        book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                 "language": "python"}})
+        params = nbformat.v4.new_code_cell('word: str = "x"  # a word')
+        params.metadata["tags"] = ["parameters"]
+        book.cells = [params, nbformat.v4.new_code_cell(body)]
+        nbformat.write(book, str(src / f"{stem}.ipynb"))
+    (tmp_path / "p.yaml").write_text("word: hello\n")
+    with pytest.raises(batch.BatchError) as err:
+        batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
+    message = str(err.value)
+    assert "01_fails.ipynb" in message and "In [" in message and "ValueError: boom hello" in message
+    assert (tmp_path / "out" / "01_fails.ipynb").is_file()
+    assert not (tmp_path / "out" / "02_never.ipynb").exists()
+
+
+# ------------------------------------------------------------------------------------------------ original's labels
+
+
+def _fake_original_topk(stage2: torch.Tensor, k_gallery: int, seed: int) -> tuple[dict, np.ndarray]:
+    """A CIRR top-K dict in the original's layout whose stage-I labels put each hit at a random position."""
+    rng = np.random.default_rng(seed)
+    n, k = stage2.shape
+    gallery = np.array([f"dev-{i}-img0" for i in range(k_gallery)])
+    names = np.stack([gallery[rng.permutation(k_gallery)[:k + 1]] for _ in range(n)])  # (N, K + 1)
+    has_hit = stage2.any(dim=1).numpy()
+    rank1 = np.where(has_hit, rng.integers(0, k, size=n), k)  # column K holds the target of a miss
+    targets = names[np.arange(n), rank1]
+    labels = torch.from_numpy(names[:, :k] == targets[:, None])
+    return ({"sorted_index_names": names[:, :k], "target_names": targets.tolist(), "index_names": gallery.tolist(),
+             "labels": labels, "split": "val"}, np.where(has_hit, rank1, -1))
+
+
+def test_figures_from_the_original_label_files(shared_dir, tmp_path):
+    labels2 = torch.load(shared_dir / "data/original-artifacts/analysis_plot/cirr_stageII_labels_val.pt",
+                         weights_only=True)
+    assert labels2.shape == (4181, 200)
+    raw, rank1 = _fake_original_topk(labels2, 400, seed=0)
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    torch.save(raw, orig / "cirr_top_200_val.pt")
+    shutil.copy(shared_dir / "data/original-artifacts/analysis_plot/cirr_stageII_labels_val.pt", orig)
+    cfg = AnalysisConfig(dataset="cirr", original_dir=str(orig), figures_dir=str(tmp_path / "figs"))
+
+    table = analysis.check_inputs(cfg, "make_figures")
+    assert table["exists"].all() and len(table) == 2  # no models or images needed for the original's files
+    files = analysis.make_figures(cfg)
+    assert sorted(p.name for p in files) == sorted(f"{stem}.{ext}" for stem in ("fig8_rank_shift_cirr",
+                                                                                   "recall_curves_cirr")
+                                                     for ext in ("pdf", "png"))
+    assert all(p.stat().st_size > 1000 for p in files)
+    row = analysis.rank_shift_table(cfg).iloc[0]
+    # the stage-II mean rank of the released file (original-system.md section 6.4), and our stage-I construction
+    assert row["queries"] == 4181 and row["not in top-K"] == 23
+    assert row["mean rank, stage II"] == pytest.approx(4.0943, abs=1e-3)
+    assert row["mean rank, stage I"] == pytest.approx(rank1[rank1 >= 0].mean(), abs=1e-3)
+
+
+def test_missing_inputs_fail_early_naming_what_makes_them(tmp_path):
+    cfg = AnalysisConfig(dataset="fashioniq", original_dir=str(tmp_path))
+    expected = (r"(?s)6 input\(s\) missing.*"
+                r"stage-I top-K file \(fashioniq_dress, original\): \S*fiq_top_200_val_dress\.pt")
+    with pytest.raises(FileNotFoundError, match=expected):
+        analysis.check_inputs(cfg, "make_figures")
+    s2 = Stage2Config(stage1_run=f"pytest_absent_{uuid.uuid4().hex[:6]}", data_root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="(?s)stage-I model: .*(made by 01_stage1_train)"):
+        analysis.check_inputs(s2, "train_stage2")
+    with pytest.raises(TypeError, match="takes a Stage1Config"):
+        analysis.check_inputs(s2, "extract_topk")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def smoke_batch(tmp_path_factory):
+    """A tiny synthetic CIRR world and every notebook run on it with smoke=True; run folders removed afterwards."""
+    tmp = tmp_path_factory.mktemp("workbook")
+    world = synth.generate(synth.SynthConfig(layout="cirr", n_train=32, n_val=24, n_test=12, seed=3),
+                           root=tmp / "cirr_dataset")
+    tag = uuid.uuid4().hex[:8]
+    s1, s2 = f"pytest_smoke_{tag}_s1", f"pytest_smoke_{tag}_s2"
+    params = {
+        "batch_name": f"pytest_smoke_{tag}", "smoke": True, "dataset": "cirr", "data_root": str(world),
+        "preset": "tiny", "precision": "fp32", "run_name_stage1": s1, "run_name_stage2": s2,
+        "train_image_encoder": True, "reranker": "joint", "init": "scratch",
+        "topk_k": 50, "topk_splits": "val,test1", "k": 50, "figures_dir": str(tmp / "figures"),
+        "notebooks": {"00_data_preview": {"image_size": 48}},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    run_dirs = [paths.OUTPUTS / "stage1" / s1, paths.OUTPUTS / "stage2" / s2]
+    try:
+        executed = batch.run_batch(tmp / "params.yaml", output_dir=tmp / "executed")
+        yield {"tmp": tmp, "world": world, "executed": executed, "s1": run_dirs[0], "s2": run_dirs[1],
+               "params": params}
+    finally:
+        for d in run_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_every_notebook_runs_and_writes_its_artifacts(smoke_batch):
+    tmp, s1, s2 = smoke_batch["tmp"], smoke_batch["s1"], smoke_batch["s2"]
+    assert [p.name for p in smoke_batch["executed"]] == [f"{stem}.ipynb" for stem in NOTEBOOKS]
+    for p in smoke_batch["executed"]:
+        book = nbformat.read(p, as_version=4)
+        injected = [c for c in book.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and "smoke = True" in injected[0].source
+        errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors
+    # the sources stay clean
+    assert all(c.get("outputs", []) == [] for c in _read("01_stage1_train").cells)
+    for f in ("model/config.json", "metrics.json", "metrics.jsonl", "topk_val.pt", "topk_test1.pt"):
+        assert (s1 / f).is_file(), f
+    for f in ("model/config.json", "metrics.json", "stage2_labels_val.pt",
+              "submission/recall_submission_stage2.json", "submission/recall_subset_submission_stage2_stage1.json"):
+        assert (s2 / f).is_file(), f
+    metrics = json.loads((s2 / "metrics.json").read_text())
+    assert set(metrics["stage1"]) >= {"R@1", "R@5", "Rsubset@1"} and metrics["k"] == 50
+    for stem in ("fig8_rank_shift_cirr", "recall_curves_cirr", "qualitative_cirr"):
+        for ext in ("pdf", "png"):
+            assert (tmp / "figures" / f"{stem}.{ext}").stat().st_size > 1000
+    # the four submission files pass the server's checks (what notebook 05 shows)
+    files = {f.stem: f for f in sorted((s2 / "submission").glob("*.json"))}
+    report = analysis.submission_report(Stage2Config(data_root=str(smoke_batch["world"])), files)
+    assert len(report) == 4 and (report["problems"] == "none").all()
+    assert sorted(map(tuple, report["names per list"])) == [(3,), (3,), (50,), (50,)]
+
+
+def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
+    from cirlib.explorer import Explorer
+
+    p = smoke_batch["params"]
+    cfg = AnalysisConfig(stage1_run=smoke_batch["s1"].name, stage2_run=smoke_batch["s2"].name, dataset="cirr",
+                         data_root=p["data_root"])
+    labels2 = torch.load(smoke_batch["s2"] / "stage2_labels_val.pt", weights_only=True)
+    ex = Explorer(cfg)
+    k, w = ex.default_settings()
+    assert (k, w) == (50, 0.0)
+    for row in range(3):
+        ranking = ex.ranking(row, k)
+        saved = int(labels2[row].int().argmax()) + 1 if labels2[row].any() else None
+        assert ranking.rank_of_target()[1] == saved
+        assert sorted(ranking.final_names) == sorted(ranking.stage1_names)
+    fused = ex.ranking(0, 10, fusion_weight=1.0)  # stage I alone: the file's order back
+    assert list(fused.final_names) == list(fused.stage1_names)
