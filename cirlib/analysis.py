@@ -60,11 +60,11 @@ def _categories(cfg: Any) -> list[str | None]:
 
 
 def _topk_file(stage1_dir: Path, split: str, category: str | None) -> Path:
-    return stage1_dir / pipeline._topk_name(split, category)
+    return stage1_dir / pipeline.topk_name(split, category)
 
 
 def _label_file(stage2_dir: Path, split: str, category: str | None) -> Path:
-    return stage2_dir / pipeline._label_name(split, category)
+    return stage2_dir / pipeline.label_name(split, category)
 
 
 def _data_inputs(cfg: Any) -> list[Input]:
@@ -457,7 +457,7 @@ def load_models(cfg: AnalysisConfig) -> Models:
     if cfg.data_root:
         s2cfg = dataclasses.replace(s2cfg, data_root=cfg.data_root)
     dev = pipeline.device()
-    stage1, tok = pipeline._stage1_for(s2cfg)
+    stage1, tok = pipeline.stage1_for(s2cfg)
     stage2 = pipeline.load_stage2_run(run_dir)
     return Models(stage1.to(dev).eval(), stage2.to(dev).eval(), tok, s2cfg, dev)
 

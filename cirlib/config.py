@@ -109,6 +109,7 @@ class Stage2Config:
     max_val_queries: int = 0  # cap validation queries (0 = all)
     fusion_weight: float = 0.0  # final score = w * z(stage-I score) + (1 - w) * z(stage-II score), rows z-scored (0 = stage II alone, the original)
     max_pairs: int = 4096  # (query, candidate) pairs scored per chunk at evaluation (memory bound)
+    scoring: str = "shared"  # "shared": candidate keys/values computed once per image (fast at blip-base) | "pairs": one pass per pair (the original; faster for tiny models)
     submission_name: str = "stage2"  # CIRR test submission file suffix
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
     num_workers: int = 0  # DataLoader workers

@@ -155,11 +155,11 @@ def _finished(run_dir: Path, cfg, marker: str) -> bool:
     return saved.exists() and json.loads(saved.read_text()) == json.loads(to_json(cfg))
 
 
-def _topk_name(split: str, category: str | None) -> str:
+def topk_name(split: str, category: str | None) -> str:
     return f"topk_{split}" + (f"_{category}" if category else "") + ".pt"
 
 
-def _label_name(split: str, category: str | None) -> str:
+def label_name(split: str, category: str | None) -> str:
     return f"stage2_labels_{split}" + (f"_{category}" if category else "") + ".pt"
 
 
@@ -309,14 +309,14 @@ def extract_topk(cfg: Stage1Config) -> pd.DataFrame:
             sets = [limit_queries(s, cfg.max_val_queries) for s in sets]
         if split == "train":
             sets = [mining_subset(s, cfg.mining_queries) for s in sets]
-        todo = [s for s in sets if cfg.overwrite or not (run_dir / _topk_name(split, s.category)).exists()]
+        todo = [s for s in sets if cfg.overwrite or not (run_dir / topk_name(split, s.category)).exists()]
         if todo:
             _, topks = evaluate_stage1(model, tok, todo, image_size=model.config.vision.image_size,
                                        target_ratio=cfg.target_ratio, k=cfg.topk_k, stage1_run=cfg.run_name, dev=dev)
             for sd, tk in zip(todo, topks):
-                tk.save(run_dir / _topk_name(split, sd.category))
+                tk.save(run_dir / topk_name(split, sd.category))
         for sd in sets:
-            tk = TopK.load(run_dir / _topk_name(split, sd.category), dataset=cfg.dataset, split=split,
+            tk = TopK.load(run_dir / topk_name(split, sd.category), dataset=cfg.dataset, split=split,
                            category=sd.category)
             row = {"split": split, "category": sd.category or "-", "queries": tk.sorted_index_names.shape[0],
                    "K": tk.k}
@@ -355,7 +355,7 @@ def build_stage2(cfg: Stage2Config, tokenizer, stage1: Stage1Model | None) -> St
     return model
 
 
-def _stage1_for(cfg: Stage2Config):
+def stage1_for(cfg: Stage2Config):
     """The frozen stage-I model and tokenizer: our run, or an original checkpoint file with the run's tokenizer."""
     if cfg.stage1_checkpoint:
         root = data_root(cfg)
@@ -372,7 +372,7 @@ def _val_topks(cfg: Stage2Config, sets: Sequence["cdata.SplitData"], split: str)
         if cfg.topk_path:
             p = _abs(cfg.topk_path.replace("{category}", sd.category or ""))
         else:
-            p = cfg.stage1_dir / _topk_name(split, sd.category)
+            p = cfg.stage1_dir / topk_name(split, sd.category)
         if not p.exists():
             raise FileNotFoundError(f"no top-k file at {p}: run notebook 02 (extract_topk) with topk_splits "
                                     f"including '{split}', or set topk_path=")
@@ -394,13 +394,16 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, cfg: Stage2Config, *, dev=
     s2: dict[str, float] = {}
     per1, per2 = {}, {}
     results = []
+    if sets and sets[0].dataset == "fashioniq" and cfg.k < 50:
+        raise ValueError(f"FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be >= 50 "
+                         f"(got k={cfg.k}; the paper uses 100)")
     for sd, tk in zip(sets, topks):
         gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="stage-II gallery")
         zt_gallery = None
         if stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual":
             zt_gallery = encode_gallery(stage1_encoder(stage1), sd, transform, device=dev, desc="stage-I gallery")
         res = rerank(stage1, stage2, tok, sd, tk, gallery, k=cfg.k, fusion_weight=cfg.fusion_weight,
-                     zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, device=dev)
+                     zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev)
         results.append(res)
         ks = [x for x in (1, 5, 10, 50) if x <= cfg.k]
         r1 = M.recall_at_k(tk.labels[:, :cfg.k].numpy(), ks)
@@ -414,7 +417,7 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, cfg: Stage2Config, *, dev=
             s2.update(M.subset_recall_at_k(res.group_labels.numpy(), SUBSET_KS))
             s1["selection"], s2["selection"] = M.cirr_selection_score(s1), M.cirr_selection_score(s2)
         if save_dir is not None:
-            torch.save(res.labels.contiguous(), save_dir / _label_name(sd.split, sd.category))
+            torch.save(res.labels.contiguous(), save_dir / label_name(sd.split, sd.category))
     if per1:
         s1.update(M.fashioniq_summary(per1))
         s2.update(M.fashioniq_summary(per2))
@@ -432,7 +435,7 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
     seed_everything(cfg.seed)
     root = data_root(cfg)
     dev = device()
-    stage1, tok = _stage1_for(cfg)
+    stage1, tok = stage1_for(cfg)
     stage1.to(dev).eval()
     model = build_stage2(cfg, tok, stage1).to(dev)
     split = eval_split_name(cfg.dataset)
@@ -453,7 +456,7 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
         for sd in train_sets:
             names = None
             if cfg.hard_negatives > 0:
-                p = cfg.stage1_dir / _topk_name("train", sd.category)
+                p = cfg.stage1_dir / topk_name("train", sd.category)
                 if not p.exists():
                     raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including 'train'")
                 names = TopK.load(p, dataset=cfg.dataset, split="train", category=sd.category,
@@ -464,7 +467,7 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
         task = Stage2Task(model, stage1, tok, dataset, batch_size=cfg.batch_size, hard_negatives=cfg.hard_negatives,
                           inbatch_negatives=cfg.inbatch_negatives, stage1_train_mode=cfg.stage1_train_mode,
                           zt_from_stage1_vit=model.config.zt_source == "stage1_vit", validate_fn=validate,
-                          selection_key="selection", num_workers=cfg.num_workers, device=dev)
+                          selection_key="selection", scoring=cfg.scoring, num_workers=cfg.num_workers, device=dev)
         result = fit(task, _train_config(cfg), run_dir, overwrite=cfg.overwrite)
         result.load_best_into(model)
         best = result.best_metrics or {}
@@ -511,7 +514,7 @@ def evaluate(cfg: Stage2Config) -> Comparison:
             return Comparison(m["stage1"], m["stage2"], m["k"], run_dir)
     root = data_root(cfg)
     dev = device()
-    stage1, tok = _stage1_for(cfg)
+    stage1, tok = stage1_for(cfg)
     stage2 = load_stage2_run(run_dir)
     stage1.to(dev)
     stage2.to(dev)
@@ -534,19 +537,19 @@ def submit_cirr(cfg: Stage2Config) -> dict[str, Path]:
         raise ValueError("test submissions exist for CIRR only (FashionIQ reports on val)")
     root = data_root(cfg)
     dev = device()
-    stage1, tok = _stage1_for(cfg)
+    stage1, tok = stage1_for(cfg)
     stage2 = load_stage2_run(cfg.run_dir)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
     sd = cdata.load_split("cirr", root, "test1")
-    p = cfg.stage1_dir / _topk_name("test1", None)
+    p = cfg.stage1_dir / topk_name("test1", None)
     if not p.exists():
         raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
     tk = TopK.load(p, dataset="cirr", split="test1", index_names=sd.gallery)
     transform = cdata.targetpad_transform(cfg.target_ratio, stage2.config.vision.image_size)
     gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="test1 gallery")
     res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
-                 max_pairs=cfg.max_pairs, device=dev)
+                 max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev)
     if tk.k < SUBMISSION_LENGTH:
         raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
                          f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")

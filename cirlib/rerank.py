@@ -43,6 +43,7 @@ def rerank(
     batch_size: int = 16,
     max_pairs: int = 4096,
     queries: Sequence["cdata.Query"] | None = None,
+    scoring: str = "shared",
     device: torch.device | str = "cpu",
 ) -> RerankResult:
     """Score the first k stage-I candidates of every query with stage II and re-order them.
@@ -53,6 +54,8 @@ def rerank(
         fusion_weight: w in w * z(s1) + (1 - w) * z(s2), each score row z-scored (stage-I cosine from the top-k
             file, stage-II logit), 0 = stage II only (the original).
         queries: the rows of `topk` to score (default: all of the split's queries, which must match its rows).
+        scoring: "shared" (each gallery image's keys/values computed once for all queries that rank it) or "pairs"
+            (one full pass per pair, the original's algorithm); both give the same scores.
     """
     queries = list(split_data.queries if queries is None else queries)
     if len(queries) != topk.sorted_index_names.shape[0]:
@@ -71,11 +74,11 @@ def rerank(
         query = _rerank_query(stage1, stage2, tokenizer, texts[start:start + batch_size], chunk, gallery,
                               zt_gallery, device)
         idx = torch.stack([gallery.positions(list(row)) for row in cand_names[start:start + len(chunk)]])
-        stage2_scores.append(stage2.score_topk(query, gallery.tokens, idx.to(device), max_pairs=max_pairs).float().cpu())
+        stage2_scores.append(score_indexed(stage2, query, gallery.tokens, idx, max_pairs, scoring, device))
         if is_cirr_sets:
             members = [[m for m in q.members if m != q.reference] for q in chunk]
             midx = torch.stack([gallery.positions(m) for m in members])
-            subset_scores.append(stage2.score_topk(query, gallery.tokens, midx.to(device), max_pairs=max_pairs).float().cpu())
+            subset_scores.append(score_indexed(stage2, query, gallery.tokens, midx, max_pairs, scoring, device))
             subset_names.extend(members)
     s2 = torch.cat(stage2_scores)
     final = s2 if fusion_weight == 0 else torch.as_tensor(
@@ -94,6 +97,23 @@ def rerank(
             group_labels = torch.from_numpy(group_names == np.asarray([q.target for q in queries])[:, None])
     return RerankResult(stage2_scores=s2, final_scores=final, order=order, sorted_index_names=sorted_names,
                         labels=labels, group_names=group_names, group_labels=group_labels)
+
+
+def score_indexed(stage2, query: RerankQuery, gallery_tokens: torch.Tensor, index: torch.Tensor, max_pairs: int,
+                  scoring: str, device) -> torch.Tensor:
+    """(B, K) scores of each query against the gallery rows `index` (B, K), in chunks of at most max_pairs pairs."""
+    if scoring == "shared":
+        return stage2.score_topk(query, gallery_tokens, index.to(device), max_pairs=max_pairs).float().cpu()
+    if scoring != "pairs":
+        raise ValueError(f"unknown scoring {scoring!r}: 'shared' | 'pairs'")
+    b, k = index.shape
+    flat = index.reshape(-1)
+    rows = torch.arange(b).repeat_interleave(k)
+    out = []
+    for s in range(0, b * k, max_pairs):
+        cand = gallery_tokens[flat[s:s + max_pairs]].to(device, torch.float32)
+        out.append(stage2.score_pairs(query.select(rows[s:s + max_pairs].to(device)), cand).float().cpu())
+    return torch.cat(out).view(b, k)
 
 
 def _rerank_query(stage1, stage2, tokenizer, texts, chunk, gallery, zt_gallery, device) -> RerankQuery:

@@ -27,6 +27,25 @@ def _loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> D
                       num_workers=num_workers, collate_fn=cdata.collate)
 
 
+SCORING = ("shared", "pairs")
+
+
+def score_lists(model, query: RerankQuery, cand_tokens: torch.Tensor, index: torch.Tensor, scoring: str) -> torch.Tensor:
+    """(B, M) stage-II scores of each query against its candidates `cand_tokens[index[b]]`.
+
+    "shared" computes each candidate's cross-attention keys/values once (the fast path at blip-base size);
+    "pairs" runs one full pass per (query, candidate) pair, the original's algorithm, which has less bookkeeping and
+    is faster when the image tokens are few and narrow (the tiny preset).
+    """
+    if scoring == "shared":
+        return model.candidate_logits(query, cand_tokens, index)
+    if scoring != "pairs":
+        raise ValueError(f"unknown scoring {scoring!r}: one of {SCORING}")
+    b, m = index.shape
+    rows = torch.arange(b, device=index.device).repeat_interleave(m)
+    return model.score_pairs(query.select(rows), cand_tokens[index.reshape(-1)]).view(b, m)
+
+
 class Stage1Task:
     """Stage I: text encoder (and optionally the ViT) trained with in-batch cross-entropy on q . p / temp."""
 
@@ -129,8 +148,8 @@ class Stage2Task:
 
     def __init__(self, model, stage1, tokenizer, dataset: Dataset, *, batch_size: int, hard_negatives: int,
                  inbatch_negatives: int, stage1_train_mode: bool, zt_from_stage1_vit: bool,
-                 validate_fn: Callable[[], dict], selection_key: str, num_workers: int = 0,
-                 device: torch.device | str = "cpu"):
+                 validate_fn: Callable[[], dict], selection_key: str, scoring: str = "shared",
+                 num_workers: int = 0, device: torch.device | str = "cpu"):
         self.model = model
         self.stage1 = stage1
         self.tokenizer = tokenizer
@@ -140,6 +159,7 @@ class Stage2Task:
         self.inbatch_negatives = batch_size - 1 if inbatch_negatives < 0 else min(inbatch_negatives, batch_size - 1)
         self.stage1_train_mode = stage1_train_mode
         self.zt_from_stage1_vit = zt_from_stage1_vit
+        self.scoring = scoring
         self._validate = validate_fn
         self.selection_key = selection_key
         self.num_workers = num_workers
@@ -200,7 +220,7 @@ class Stage2Task:
         query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t,
                             ref_tokens=ref_tokens if self.model.config.reranker == "joint" else None)
         index = self.candidate_index(b).to(self.device)
-        logits = self.model.candidate_logits(query, cand_tokens, index)  # (B, M), positive at column 0
+        logits = score_lists(self.model, query, cand_tokens, index, self.scoring)  # (B, M), positive at column 0
         loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))
         return {"loss": loss}
 
