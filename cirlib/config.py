@@ -91,6 +91,7 @@ class Stage2Config:
     vision_from_stage1: bool = True  # stage-II ViT weights copied from stage I (equal to BLIP's with real weights)
     k: int = 50  # candidates re-ranked per query (original: 100 FashionIQ, 50 CIRR)
     hard_negatives: int = 0  # negatives per query drawn from its stage-I train top-K (original: 0)
+    set_negatives: int = 0  # negatives per query drawn from its own CIRR img_set, the target's near-duplicates (original: 0)
     inbatch_negatives: int = -1  # other targets of the batch used as negatives (-1 = all B-1, the original)
     mining_k: int = 50  # top-K of the train split from which hard negatives are drawn
     stage1_train_mode: bool = False  # original: True (dropout on z_t and drop-path in the frozen ViTs while training)
@@ -108,7 +109,7 @@ class Stage2Config:
     max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
     max_val_queries: int = 0  # cap validation queries (0 = all)
     fusion_weight: float = 0.0  # final score = w * z(stage-I score) + (1 - w) * z(stage-II score), rows z-scored (0 = stage II alone, the original)
-    max_pairs: int = 4096  # (query, candidate) pairs scored per chunk at evaluation (memory bound)
+    max_pairs: int = 512  # (query, candidate) pairs scored per chunk at evaluation (bounds activation memory)
     scoring: str = "shared"  # "shared": candidate keys/values computed once per image (fast at blip-base) | "pairs": one pass per pair (the original; faster for tiny models)
     submission_name: str = "stage2"  # CIRR test submission file suffix
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold

@@ -462,9 +462,11 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
                 names = TopK.load(p, dataset=cfg.dataset, split="train", category=sd.category,
                                   k=cfg.mining_k).sorted_index_names
                 sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
-            datasets.append(MinedTripletDataset(sd, transform, names, cfg.hard_negatives, seed=cfg.seed))
+            datasets.append(MinedTripletDataset(sd, transform, names, cfg.hard_negatives, seed=cfg.seed,
+                                                n_set=cfg.set_negatives))
         dataset = datasets[0] if len(datasets) == 1 else _ConcatMined(datasets)
-        task = Stage2Task(model, stage1, tok, dataset, batch_size=cfg.batch_size, hard_negatives=cfg.hard_negatives,
+        task = Stage2Task(model, stage1, tok, dataset, batch_size=cfg.batch_size,
+                          hard_negatives=cfg.hard_negatives + cfg.set_negatives,
                           inbatch_negatives=cfg.inbatch_negatives, stage1_train_mode=cfg.stage1_train_mode,
                           zt_from_stage1_vit=model.config.zt_source == "stage1_vit", validate_fn=validate,
                           selection_key="selection", scoring=cfg.scoring, num_workers=cfg.num_workers, device=dev)

@@ -100,27 +100,35 @@ class Stage1Task:
 
 
 class MinedTripletDataset(Dataset):
-    """Training triplets plus negatives drawn from each query's stage-I top-K of the train split.
+    """Training triplets plus negatives: drawn from the query's own CIRR img_set (the target's near-duplicates) and
+    from its stage-I top-K of the train split (the candidates stage II will have to re-rank).
 
     Negatives exclude the target and the reference; the draw depends only on (seed, epoch seed, index), so a resumed
-    run sees the same negatives.
+    run sees the same negatives. Item key "negative_images": (n_set + n_topk, 3, S, S), set negatives first.
     """
 
     def __init__(self, split_data: "cdata.SplitData", transform: Callable, topk_names: np.ndarray | None,
-                 n_hard: int, seed: int = 0):
+                 n_topk: int, seed: int = 0, n_set: int = 0):
         self.base = cdata.TripletDataset(split_data, transform, seed=seed)
         self.split_data = split_data
         self.transform = transform
         self.topk_names = topk_names
-        self.n_hard = n_hard
+        self.n_topk = n_topk
+        self.n_set = n_set
         self.seed = seed
         self.epoch_seed = 0
-        if n_hard > 0:
+        if n_topk > 0:
             if topk_names is None:
-                raise ValueError("hard negatives need the stage-I top-K of the train split (topk_splits must include 'train')")
+                raise ValueError("top-K negatives need the stage-I top-K of the train split (topk_splits must include 'train')")
             if len(topk_names) != len(split_data.queries):
                 raise ValueError(f"train top-K has {len(topk_names)} rows but the train split has "
                                  f"{len(split_data.queries)} queries; re-extract it")
+        if n_set > 0 and not all(q.members for q in split_data.queries):
+            raise ValueError("img_set negatives need CIRR-style image sets (members) on every training query")
+
+    @property
+    def n_negatives(self) -> int:
+        return self.n_set + self.n_topk
 
     def set_epoch_seed(self, seed: int) -> None:
         self.epoch_seed = seed
@@ -129,15 +137,25 @@ class MinedTripletDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def _draw(self, rng: random.Random, pool: list[str], n: int) -> list[str]:
+        if not pool:
+            raise ValueError("no negative candidates left for a training query (gallery too small?)")
+        picks = rng.sample(pool, min(n, len(pool)))
+        while len(picks) < n:  # a tiny pool: repeat rather than change the batch shape
+            picks.append(rng.choice(pool))
+        return picks
+
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
-        if self.n_hard > 0:
+        if self.n_negatives > 0:
             q = self.split_data.queries[i]
-            pool = [n for n in self.topk_names[i] if n != q.target and n != q.reference]
             rng = random.Random(f"neg:{self.seed}:{self.epoch_seed}:{i}")
-            picks = rng.sample(pool, min(self.n_hard, len(pool)))
-            while len(picks) < self.n_hard:  # a tiny gallery: repeat rather than change the batch shape
-                picks.append(rng.choice(pool))
+            picks: list[str] = []
+            if self.n_set > 0:
+                picks += self._draw(rng, [m for m in q.members if m not in (q.target, q.reference)], self.n_set)
+            if self.n_topk > 0:
+                pool = [n for n in self.topk_names[i] if n not in (q.target, q.reference) and n not in picks]
+                picks += self._draw(rng, pool, self.n_topk)
             item["negative_images"] = torch.stack(
                 [self.transform(cdata.load_image(self.split_data.image_path(n))) for n in picks])
         return item
