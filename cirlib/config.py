@@ -44,6 +44,7 @@ class Stage1Config:
     pretrained: str = ""  # BLIP pre-trained file (model_base.pth); "" = random initialisation
     init_checkpoint: str = ""  # an original stage-I checkpoint (BLIP_Retrieval .pt) or our run folder to start from
     train_image_encoder: bool = False  # the original freezes the ViT; a world with no pre-trained ViT must train it
+    symmetric_loss: bool = False  # add the target-to-query direction to the in-batch loss (original: query-to-target only)
     epochs: int = 20  # training epochs (0 = evaluate/extract only)
     max_epoch: int = 20  # cosine period in epochs (original: 20 FashionIQ, 10 CIRR)
     schedule: str = "cosine_per_epoch"  # "cosine_per_epoch" (original, rises past max_epoch) | "cosine_per_epoch_clamped" | "cosine_per_step"

@@ -276,7 +276,8 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     if cfg.epochs > 0:
         task = Stage1Task(model, tok, split_sets(cfg, root, "train"), transform, batch_size=cfg.batch_size,
                           train_image_encoder=cfg.train_image_encoder, validate_fn=validate,
-                          selection_key="selection", seed=cfg.seed, num_workers=cfg.num_workers, device=dev)
+                          selection_key="selection", symmetric_loss=cfg.symmetric_loss, seed=cfg.seed,
+                          num_workers=cfg.num_workers, device=dev)
         result = fit(task, _train_config(cfg), run_dir, overwrite=cfg.overwrite)
         result.load_best_into(model)
     loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
@@ -510,9 +511,10 @@ def evaluate(cfg: Stage2Config) -> Comparison:
     """Re-rank the validation top-K with the trained stage II; write metrics.json and the stage-II label tensors."""
     cfg = resolve(cfg)
     run_dir = cfg.run_dir
-    if (run_dir / "metrics.json").exists() and not cfg.overwrite:
-        m = read_json(run_dir / "metrics.json")
-        if m.get("k") == cfg.k and m.get("fusion_weight") == cfg.fusion_weight:
+    saved, weights = run_dir / "metrics.json", run_dir / "model" / "model.safetensors"
+    if saved.exists() and not cfg.overwrite and weights.exists() and saved.stat().st_mtime >= weights.stat().st_mtime:
+        m = read_json(saved)  # reused only when it evaluated these weights with the same K and fusion weight
+        if m.get("k") == cfg.k and m.get("fusion_weight") == cfg.fusion_weight and m.get("scoring") == cfg.scoring:
             return Comparison(m["stage1"], m["stage2"], m["k"], run_dir)
     root = data_root(cfg)
     dev = device()
@@ -525,7 +527,7 @@ def evaluate(cfg: Stage2Config) -> Comparison:
     topks = _val_topks(cfg, sets, split)
     s1, s2, _ = evaluate_stage2(stage1, stage2, tok, sets, topks, cfg, dev=dev, save_dir=run_dir)
     write_json(run_dir / "metrics.json", {"stage1": s1, "stage2": s2, "k": cfg.k, "split": split,
-                                          "fusion_weight": cfg.fusion_weight,
+                                          "fusion_weight": cfg.fusion_weight, "scoring": cfg.scoring,
                                           "queries": sum(len(s.queries) for s in sets)})
     return Comparison(s1, s2, cfg.k, run_dir)
 

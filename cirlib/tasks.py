@@ -51,8 +51,10 @@ class Stage1Task:
 
     def __init__(self, model, tokenizer, train_sets: Sequence["cdata.SplitData"], transform: Callable, *,
                  batch_size: int, train_image_encoder: bool, validate_fn: Callable[[], dict], selection_key: str,
-                 seed: int = 0, num_workers: int = 0, device: torch.device | str = "cpu"):
+                 symmetric_loss: bool = False, seed: int = 0, num_workers: int = 0,
+                 device: torch.device | str = "cpu"):
         self.model = model
+        self.symmetric_loss = symmetric_loss
         self.tokenizer = tokenizer
         self.train_image_encoder = train_image_encoder
         self.triplets = [cdata.TripletDataset(s, transform, seed=seed) for s in train_sets]
@@ -90,7 +92,11 @@ class Stage1Task:
             feats = self.model.encode_image(images)
         ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
         out = self.model(ref_tokens, ids, mask, target_embeds)
-        return {"loss": out.loss, "temp": self.model.temp.detach()}
+        loss = out.loss
+        if self.symmetric_loss:  # also each target against every query of the batch (CLIP-style InfoNCE)
+            labels = torch.arange(out.logits.shape[0], device=out.logits.device)
+            loss = (loss + F.cross_entropy(out.logits.T, labels)) / 2
+        return {"loss": loss, "temp": self.model.temp.detach()}
 
     def validate(self) -> dict[str, float]:
         return self._validate()

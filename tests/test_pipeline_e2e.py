@@ -66,7 +66,7 @@ def test_two_stage_pipeline(world, outputs):
     assert train_topk.sorted_index_names.shape[0] == 48
 
     cfg2 = Stage2Config(run_name="s2", stage1_run="s1", data_root=str(world), preset="tiny", reranker="joint",
-                        init="scratch", k=32, hard_negatives=3, inbatch_negatives=4, mining_k=20, epochs=1,
+                        init="scratch", k=32, hard_negatives=3, set_negatives=2, inbatch_negatives=4, mining_k=20, epochs=1,
                         max_epoch=1, lr=1e-3, batch_size=8, max_steps_per_epoch=3, submission_name="e2e")
     s2 = pipeline.train_stage2(cfg2)
     assert (s2.run_dir / "model" / "model.safetensors").exists()

@@ -48,3 +48,46 @@ def test_shared_and_per_pair_scoring_agree_with_gradients(reranker):
     assert max((ga[n] - gc[n]).abs().max().item() for n in ga) <= 1e-4
     with pytest.raises(ValueError, match="unknown scoring"):
         score_lists(model, query, cand, index, "fast")
+
+
+def test_mined_negatives_come_from_the_img_set_and_the_topk(tmp_path, monkeypatch):
+    import numpy as np
+
+    from cirlib import data as cdata
+    from cirlib import synth
+    from cirlib.tasks import MinedTripletDataset
+
+    root = synth.generate(synth.SynthConfig(layout="cirr", n_train=12, n_val=2, n_test=2, seed=1), root=tmp_path / "w")
+    sd = cdata.load_split("cirr", root, "train")
+    transform = cdata.targetpad_transform(1.25, 48)
+    # a "top-K" whose rows list 20 gallery images plus the query's own reference and target (both must be skipped)
+    topk = np.asarray([sd.gallery[:20] + [q.reference, q.target] for q in sd.queries])
+    ds = MinedTripletDataset(sd, transform, topk, n_topk=3, seed=0, n_set=2)
+    opened: list[str] = []
+    original = cdata.load_image
+
+    def spy(path):
+        opened.append(path.name.removesuffix(".png"))
+        return original(path)
+
+    monkeypatch.setattr(cdata, "load_image", spy)
+    for i, q in enumerate(sd.queries):
+        opened.clear()
+        item = ds[i]
+        assert item["negative_images"].shape == (5, 3, 48, 48)
+        negatives = opened[-5:]  # reference and target are opened first
+        assert set(negatives[:2]) <= set(q.members) - {q.reference, q.target}
+        assert not {q.reference, q.target} & set(negatives)
+        assert len(set(negatives)) == 5
+    opened.clear()
+    ds[3]
+    first = list(opened)
+    opened.clear()
+    ds[3]
+    assert opened == first  # the same (seed, epoch, index) draws the same negatives
+    ds.set_epoch_seed(1)
+    opened.clear()
+    ds[3]
+    assert opened[:2] == first[:2]  # reference and target stay; negatives are redrawn per epoch (may coincide)
+    with pytest.raises(ValueError, match="top-K"):
+        MinedTripletDataset(sd, transform, None, n_topk=1)
