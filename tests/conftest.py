@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, few threads, and the location of the shared reference data."""
+"""Shared test set-up: offline hub, no display, and the location of the shared reference data."""
 from __future__ import annotations
 
 import os
@@ -11,14 +11,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from cirlib.paths import REPO_ROOT  # noqa: E402
-
-SHARED = REPO_ROOT.parent / "shared"
+from cirlib import paths  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The shared reference folder laid beside the repository (CI clones the repo next to a copy of it)."""
-    if not SHARED.is_dir():
-        raise FileNotFoundError(f"shared reference data not found at {SHARED}; the tests need it beside the repo")
-    return SHARED
+    """The shared reference folder (beside the repo in CI; see cirlib.paths.shared_dir); missing is an error."""
+    return paths.shared_dir()

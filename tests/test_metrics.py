@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cirlib import metrics
-from cirlib.paths import REPO_ROOT
+from cirlib.paths import shared_dir
 
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = shared_dir()
 ANALYSIS = SHARED / "data" / "original-artifacts" / "analysis_plot"
 
 

@@ -8,9 +8,9 @@ from matplotlib.colors import to_rgba
 from PIL import Image
 
 from cirlib import metrics, plots
-from cirlib.paths import REPO_ROOT
+from cirlib.paths import shared_dir
 
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = shared_dir()
 ANALYSIS = SHARED / "data" / "original-artifacts" / "analysis_plot"
 
 

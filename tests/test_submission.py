@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cirlib.paths import REPO_ROOT
+from cirlib.paths import shared_dir
 from cirlib.submission import (
     SubmissionError,
     SubmissionQuery,
@@ -15,7 +15,7 @@ from cirlib.submission import (
     write_cirr_submission,
 )
 
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = shared_dir()
 CIRR = SHARED / "data" / "real-annotations" / "cirr"
 CAPTIONS = CIRR / "captions" / "cap.rc2.test1.json"
 SPLIT = CIRR / "image_splits" / "split.rc2.test1.json"
