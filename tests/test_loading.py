@@ -25,19 +25,6 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_dir):
-    path = shared_dir / "fixtures" / "original-tiny"
-    if not path.is_dir():
-        raise FileNotFoundError(f"public oracle fixture missing at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def fixture_config(fixture_dir):
-    return config_from_fixture(json.loads((fixture_dir / "config.json").read_text()))
-
-
-@pytest.fixture(scope="module")
 def pretrain_sd(fixture_dir):
     return torch.load(fixture_dir / "blip_pretrain_like.pt", map_location="cpu", weights_only=True)["model"]
 

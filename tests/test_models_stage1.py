@@ -23,19 +23,6 @@ STAGE2_PARAMS = 288_347_138  # + ViT (~288.35 M, section 5.4)
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_dir):
-    path = shared_dir / "fixtures" / "original-tiny"
-    if not path.is_dir():
-        raise FileNotFoundError(f"public oracle fixture missing at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def fixture_config(fixture_dir):
-    return config_from_fixture(json.loads((fixture_dir / "config.json").read_text()))
-
-
-@pytest.fixture(scope="module")
 def stage1_keys(fixture_dir):
     return list(torch.load(fixture_dir / "stage1_ckpt.pt", map_location="cpu", weights_only=True)["BLIP_Retrieval"])
 

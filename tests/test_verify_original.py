@@ -10,14 +10,6 @@ import torch
 from cirlib import verify_original as V
 
 
-@pytest.fixture(scope="module")
-def fixture_dir(shared_dir):
-    path = shared_dir / "fixtures" / "original-tiny"
-    if not path.is_dir():
-        raise FileNotFoundError(f"public oracle fixture missing at {path}")
-    return path
-
-
 @pytest.fixture
 def one_thread():
     """Run tiny models single-threaded: on a shared 2-core machine thread hand-offs dominate such small ops.
