@@ -1,7 +1,6 @@
 """Backbones and the stage-I model: names, shapes, BLIP's numerics conventions and the paper-size parameter counts."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from cirlib.models.stage1 import ImageFeatures, QueryFeatures, Stage1Model, Stag
 from cirlib.models.stage2 import Stage2Model
 from cirlib.models.text import MASK_VALUE, build_text_encoder, encode_text, extended_attention_mask
 from cirlib.models.vit import build_vit, interpolate_pos_embed
-from cirlib.verify_original import config_from_fixture
 
 # Exact parameter counts of the paper-size models (ViT-B/16 @ 384 + BERT-base with cross-attention, vocab 30524).
 BLIP_VIT_PARAMS = 86_090_496
