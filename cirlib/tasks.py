@@ -46,7 +46,24 @@ def score_lists(model, query: RerankQuery, cand_tokens: torch.Tensor, index: tor
     return model.score_pairs(query.select(rows), cand_tokens[index.reshape(-1)]).view(b, m)
 
 
-class Stage1Task:
+class _StageTask:
+    """What both stage tasks share: trainable = requires_grad, validation and checkpoint selection by a metric key."""
+
+    model: torch.nn.Module
+    selection_key: str
+    _validate: Callable[[], dict]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def validate(self) -> dict[str, float]:
+        return self._validate()
+
+    def selection_metric(self, metrics: dict[str, float]) -> float:
+        return float(metrics[self.selection_key])
+
+
+class Stage1Task(_StageTask):
     """Stage I: text encoder (and optionally the ViT) trained with in-batch cross-entropy on q . p / temp."""
 
     def __init__(self, model, tokenizer, train_sets: Sequence["cdata.SplitData"], transform: Callable, *,
@@ -69,9 +86,6 @@ class Stage1Task:
         # The original never updates vision_proj (targets are embedded under no_grad); keep that unless the ViT trains.
         for p in model.vision_proj.parameters():
             p.requires_grad_(train_image_encoder)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def train_mode(self) -> None:
         self.model.train()
@@ -98,11 +112,6 @@ class Stage1Task:
             loss = (loss + F.cross_entropy(out.logits.T, labels)) / 2
         return {"loss": loss, "temp": self.model.temp.detach()}
 
-    def validate(self) -> dict[str, float]:
-        return self._validate()
-
-    def selection_metric(self, metrics: dict[str, float]) -> float:
-        return float(metrics[self.selection_key])
 
 
 class MinedTripletDataset(Dataset):
@@ -167,7 +176,7 @@ class MinedTripletDataset(Dataset):
         return item
 
 
-class Stage2Task:
+class Stage2Task(_StageTask):
     """Stage II: re-ranker trained with softmax cross-entropy over each query's candidate list (positive first)."""
 
     def __init__(self, model, stage1, tokenizer, dataset: Dataset, *, batch_size: int, hard_negatives: int,
@@ -192,9 +201,6 @@ class Stage2Task:
             p.requires_grad_(False)
         for p in model.visual_encoder.parameters():
             p.requires_grad_(False)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def train_mode(self) -> None:
         self.model.train()
@@ -248,8 +254,3 @@ class Stage2Task:
         loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))
         return {"loss": loss}
 
-    def validate(self) -> dict[str, float]:
-        return self._validate()
-
-    def selection_metric(self, metrics: dict[str, float]) -> float:
-        return float(metrics[self.selection_key])
