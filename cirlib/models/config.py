@@ -49,6 +49,9 @@ class ModelConfig:
     stage2_drop_path_rate: float = 0.1  # stochastic depth of the stage-II ViT (original: 0.1)
     reranker: str = "dual"  # stage-II architecture: "dual" (the original's dual stream) | "joint" (text over [ref; cand])
     merge_threshold: int = 6  # dual stream: layers >= this merge cross-attention with merge_layer (original hard-codes 6)
+    # Joint re-ranker: add a third key segment, candidate minus reference tokens (+ type 2), so that what changed
+    # between the two images is an input, not something to learn. Off = [reference ; candidate] only.
+    joint_difference: bool = False
     zt_source: str = "stage2_vit"  # stage-II z_t from reference tokens of the "stage2_vit" (original) or "stage1_vit"
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,10 @@ image tokens:
   merged (average below `merge_threshold`, `merge_layer` from it on) and added to both streams; the FFN is shared;
   the head reads cat(h0[:, 0], h1[:, 0]). Module names reproduce the original state-dict keys exactly.
 - `reranker="joint"`: one BLIP text stream cross-attending to [reference tokens + type 0 ; candidate tokens + type 1]
-  (the design the synthetic-world prototype found necessary, and SPRC's re-ranking head).
+  (the design the synthetic-world prototype found necessary, and SPRC's re-ranking head). With
+  `joint_difference=True` a third segment, (candidate - reference) tokens + type 2, shows what changed between the
+  two images where it changed; on the synthetic world this is what lets a from-scratch re-ranker tell a target from
+  its near-duplicates within minutes (README, "The demo"). It is computed per pair, so only the per-pair path has it.
 
 Two code paths compute the same scores:
 
@@ -585,13 +588,16 @@ class Stage2Model(nn.Module):
         self.config = config
         text, width, hidden = config.text, config.vision.width, config.text.hidden_size
         self.visual_encoder = build_vit(config.vision, config.stage2_drop_path_rate)
+        if config.joint_difference and config.reranker != "joint":
+            raise ValueError("ModelConfig.joint_difference is an option of the joint re-ranker (reranker='joint')")
         if config.reranker == "dual":
             self.text_encoder = DualStreamEncoder(text, width, config.merge_threshold)
             head_in = 2 * hidden
         else:
             self.text_encoder = JointEncoder(text, width)
-            # Added to the image tokens before the keys/values: 0 marks the reference, 1 the candidate.
-            self.image_type_embeddings = nn.Embedding(2, width)
+            # Added to the image tokens before the keys/values: 0 marks the reference, 1 the candidate,
+            # 2 the difference tokens (joint_difference).
+            self.image_type_embeddings = nn.Embedding(3 if config.joint_difference else 2, width)
             head_in = hidden
         self.cls_head = nn.Sequential(nn.Linear(head_in, hidden), nn.ReLU(), nn.Linear(hidden, 2))
         _init_bert_(self.text_encoder)
@@ -640,7 +646,10 @@ class Stage2Model(nn.Module):
             feats = self.text_encoder.forward_pairs(query.z_t, query.input_ids, query.attention_mask, cand)
         else:
             ref = self._tokens(query.ref_tokens, query.input_ids.device, "ref_tokens")
-            image = torch.cat([self._typed(ref, 0), self._typed(cand, 1)], dim=1)  # (P, Tr + Tc, Dv)
+            parts = [self._typed(ref, 0), self._typed(cand, 1)]
+            if self.config.joint_difference:
+                parts.append(self._typed(cand - ref, 2))
+            image = torch.cat(parts, dim=1)  # (P, Tr + Tc [+ Tc], Dv)
             feats = self.text_encoder.forward_pairs(query.input_ids, query.attention_mask, image)
         return self.cls_head(feats)[:, 0]
 
@@ -666,6 +675,9 @@ class Stage2Model(nn.Module):
                       pair_cand: torch.Tensor) -> torch.Tensor:
         """Scores (P,) of pairs (pair_query[i], pair_cand[i]), every query/candidate encoded once per layer."""
         self._check_query(query)
+        if self.config.joint_difference:
+            raise ValueError("this joint re-ranker has joint_difference=True, whose (candidate - reference) tokens "
+                             "are per pair: score it with the per-pair path (scoring='pairs'), not the shared one")
         device = query.input_ids.device
         pair_query, pair_cand = pair_query.to(device), pair_cand.to(device)
         q_order, pq = _order_by_count(pair_query, query.batch_size)
