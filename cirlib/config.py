@@ -51,7 +51,7 @@ class Stage1Config:
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
-    batch_size: int = 512  # training triplets per optimiser step
+    batch_size: int = 512  # training triplets per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" (bf16/fp16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     validate_every: int = 1  # epochs between validations (0 = never; the final evaluation still runs)
@@ -59,6 +59,7 @@ class Stage1Config:
     max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
     max_val_queries: int = 0  # cap validation queries (0 = all)
     topk_k: int = 200  # candidates per query written to the top-k file
+    search: str = "exact"  # stage-I gallery search: "exact" (one query x gallery product, full ranks) | "faiss" (a FAISS index, for galleries too big for that product; pip install -e '.[faiss]')
     topk_splits: str = "val"  # splits to extract top-K for, comma-separated (add "train" to mine stage-II negatives, "test1" for CIRR submissions)
     mining_queries: int = 0  # train top-K for the first N train queries only, ranked among their img_set images (0 = all, full gallery)
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
@@ -93,7 +94,7 @@ class Stage2Config:
     k: int = 50  # candidates re-ranked per query (original: 100 FashionIQ, 50 CIRR)
     hard_negatives: int = 0  # negatives per query drawn from its stage-I train top-K (original: 0)
     set_negatives: int = 0  # negatives per query drawn from its own CIRR img_set, the target's near-duplicates (original: 0)
-    inbatch_negatives: int = -1  # other targets of the batch used as negatives (-1 = all B-1, the original)
+    inbatch_negatives: int = -1  # other targets of the global batch (all processes) used as negatives (-1 = all B-1, the original)
     mining_k: int = 50  # top-K of the train split from which hard negatives are drawn
     stage1_train_mode: bool = False  # original: True (dropout on z_t and drop-path in the frozen ViTs while training)
     epochs: int = 50  # training epochs (0 = evaluate only)
@@ -102,7 +103,7 @@ class Stage2Config:
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
-    batch_size: int = 16  # queries per optimiser step
+    batch_size: int = 16  # queries per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     validate_every: int = 1  # epochs between validations (0 = never; the final evaluation still runs)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from cirlib import data as cdata
+from cirlib import distributed as dist
 from cirlib import metrics as M
 from cirlib import paths
 from cirlib.config import Stage1Config, Stage2Config, split_list, to_json
@@ -27,8 +28,8 @@ from cirlib.models.config import ModelConfig, preset
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
 from cirlib.rerank import RerankResult, rerank
-from cirlib.retrieval import (GalleryFeatures, build_topk, encode_gallery, encode_queries, exclusion_mask, similarity,
-                              stage1_encoder, stage2_encoder, target_ranks)
+from cirlib.retrieval import (Ranking, encode_gallery, encode_queries, rank_gallery, stage1_encoder, stage2_encoder,
+                              topk_from_ranking)
 from cirlib.runtime import seed_everything
 from cirlib.tasks import MinedTripletDataset, Stage1Task, Stage2Task
 from cirlib.tokenizer import build_tokenizer
@@ -48,7 +49,8 @@ SMOKE_OVERRIDES = dict(epochs=1, max_epoch=1, max_steps_per_epoch=2, max_val_que
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its own GPU under a multi-process launch, else CUDA when available, else the CPU."""
+    return dist.device()
 
 
 def resolve(cfg):
@@ -148,7 +150,14 @@ def read_json(path: Path) -> Any:
 
 
 def _finished(run_dir: Path, cfg, marker: str) -> bool:
-    """A run is reused when it finished with this very config; a changed config (e.g. more epochs) resumes it."""
+    """A run is reused when it finished with this very config; a changed config (e.g. more epochs) resumes it.
+
+    Decided by the main process for all (collective): the others must not see files it writes meanwhile.
+    """
+    return dist.broadcast_object(_finished_here(run_dir, cfg, marker) if dist.is_main_process() else None)
+
+
+def _finished_here(run_dir: Path, cfg, marker: str) -> bool:
     if cfg.overwrite or not (run_dir / marker).exists() or not (run_dir / "model").is_dir():
         return False
     saved = run_dir / "config.json"
@@ -218,8 +227,14 @@ def _load_any_checkpoint(model, path: Path) -> None:
 
 def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, image_size: int, target_ratio: float,
                     k: int | None = None, stage1_run: str | None = None, batch_size: int = 64,
-                    dev: torch.device | None = None) -> tuple[dict[str, float], list[TopK]]:
-    """Rank each split's gallery for its queries: metrics over the full ranking, and (if k) the top-K artifacts."""
+                    dev: torch.device | None = None, search: str = "exact") -> tuple[dict[str, float], list[TopK]]:
+    """Rank each split's gallery for its queries: metrics over the full ranking, and (if k) the top-K artifacts.
+
+    Collective under several processes: the gallery and the queries are split into contiguous shares (whole
+    batches), each process ranks the gallery for its queries, and every process receives the same metrics and
+    top-K files as one process would compute. `search="faiss"` ranks with a FAISS index (see
+    `retrieval.rank_gallery`); recall is then computed within the searched head, which is at least 50 deep.
+    """
     dev = dev or device()
     model.eval()
     transform = cdata.targetpad_transform(target_ratio, image_size)
@@ -227,23 +242,25 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
     per_cat: dict[str, dict[str, float]] = {}
     topks: list[TopK] = []
     for sd in sets:
+        ks = FIQ_KS if sd.dataset == "fashioniq" else CIRR_KS
         gallery = encode_gallery(stage1_encoder(model), sd, transform, batch_size=batch_size, device=dev,
                                  desc=f"gallery {sd.category or sd.split}")
-        q_emb = encode_queries(model, tokenizer, sd, gallery, batch_size=batch_size, device=dev)
-        sim = similarity(q_emb, gallery.embeds, exclusion_mask(sd, sd.queries, gallery))
-        has_targets = all(q.target is not None for q in sd.queries)
+        share = dist.shard_range(len(sd.queries), batch_size)
+        mine = sd.queries[share.start:share.stop]
+        q_emb = encode_queries(model, tokenizer, sd, gallery, queries=mine, batch_size=batch_size, device=dev)
+        depth = max(k or 1, max(ks)) if search == "faiss" else (k or 1)
+        ranking = Ranking.cat(dist.gather_objects(rank_gallery(sd, mine, gallery, q_emb, depth, search=search)))
+        head = topk_from_ranking(sd, sd.queries, gallery, ranking, stage1_run=stage1_run)
         if k:
-            topks.append(build_topk(sd, sd.queries, gallery, sim, k, stage1_run=stage1_run))
-        if not has_targets:
+            topks.append(head.sliced(min(k, head.k)) if head.k > k else head)
+        if not all(q.target is not None for q in sd.queries):
             continue
-        ranks = target_ranks(sim, gallery.positions([q.target for q in sd.queries]))
-        rec = M.recall_from_ranks(ranks.numpy(), FIQ_KS if sd.dataset == "fashioniq" else CIRR_KS)
+        rec = M.recall_from_ranks(ranking.target_rank.numpy(), ks)
         if sd.dataset == "fashioniq":
             per_cat[sd.category] = rec
         else:
             metrics.update(rec)
-            top = topks[-1] if k else build_topk(sd, sd.queries, gallery, sim, 1, stage1_run=stage1_run)
-            metrics.update(M.subset_recall_at_k(top.group_labels.numpy(), SUBSET_KS))
+            metrics.update(M.subset_recall_at_k(head.group_labels.numpy(), SUBSET_KS))
             metrics["selection"] = M.cirr_selection_score(metrics)
     if per_cat:
         metrics.update(M.fashioniq_summary(per_cat))
@@ -266,11 +283,13 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     size = model.config.vision.image_size
     transform = cdata.targetpad_transform(cfg.target_ratio, size)
     val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg, root, eval_split_name(cfg.dataset))]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "config.json", to_json(cfg))
+    if dist.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.json", to_json(cfg))
 
     def validate() -> dict[str, float]:
-        m, _ = evaluate_stage1(model, tok, val_sets, image_size=size, target_ratio=cfg.target_ratio, dev=dev)
+        m, _ = evaluate_stage1(model, tok, val_sets, image_size=size, target_ratio=cfg.target_ratio, dev=dev,
+                               search=cfg.search)
         return m
 
     if cfg.epochs > 0:
@@ -280,9 +299,12 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
                           num_workers=cfg.num_workers, device=dev)
         result = fit(task, _train_config(cfg), run_dir, overwrite=cfg.overwrite)
         result.load_best_into(model)
-    loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
+    if dist.is_main_process():
+        loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
     final = validate()
-    write_json(run_dir / "metrics.json", {"final": final, "split": eval_split_name(cfg.dataset)})
+    if dist.is_main_process():
+        write_json(run_dir / "metrics.json", {"final": final, "split": eval_split_name(cfg.dataset)})
+    dist.barrier()
     return RunSummary(run_dir, final, False, time.time() - t0)
 
 
@@ -310,12 +332,16 @@ def extract_topk(cfg: Stage1Config) -> pd.DataFrame:
             sets = [limit_queries(s, cfg.max_val_queries) for s in sets]
         if split == "train":
             sets = [mining_subset(s, cfg.mining_queries) for s in sets]
-        todo = [s for s in sets if cfg.overwrite or not (run_dir / topk_name(split, s.category)).exists()]
+        missing = [i for i, s in enumerate(sets) if cfg.overwrite or not (run_dir / topk_name(split, s.category)).exists()]
+        todo = [sets[i] for i in dist.broadcast_object(missing)]  # the main process's view, for all
         if todo:
             _, topks = evaluate_stage1(model, tok, todo, image_size=model.config.vision.image_size,
-                                       target_ratio=cfg.target_ratio, k=cfg.topk_k, stage1_run=cfg.run_name, dev=dev)
-            for sd, tk in zip(todo, topks):
-                tk.save(run_dir / topk_name(split, sd.category))
+                                       target_ratio=cfg.target_ratio, k=cfg.topk_k, stage1_run=cfg.run_name, dev=dev,
+                                       search=cfg.search)
+            if dist.is_main_process():
+                for sd, tk in zip(todo, topks):
+                    tk.save(run_dir / topk_name(split, sd.category))
+            dist.barrier()
         for sd in sets:
             tk = TopK.load(run_dir / topk_name(split, sd.category), dataset=cfg.dataset, split=split,
                            category=sd.category)
@@ -326,7 +352,9 @@ def extract_topk(cfg: Stage1Config) -> pd.DataFrame:
                 row.update({f"cand@{x}": v for x, v in zip(ks, M.candidate_recall_at_k(tk.labels.numpy(), ks).values())})
             rows.append(row)
     report = pd.DataFrame(rows)
-    write_json(run_dir / "candidate_recall.json", report.to_dict(orient="records"))
+    if dist.is_main_process():
+        write_json(run_dir / "candidate_recall.json", report.to_dict(orient="records"))
+    dist.barrier()
     return report
 
 
@@ -417,7 +445,7 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, cfg: Stage2Config, *, dev=
             s1.update(M.subset_recall_at_k(tk.group_labels.numpy(), SUBSET_KS))
             s2.update(M.subset_recall_at_k(res.group_labels.numpy(), SUBSET_KS))
             s1["selection"], s2["selection"] = M.cirr_selection_score(s1), M.cirr_selection_score(s2)
-        if save_dir is not None:
+        if save_dir is not None and dist.is_main_process():
             torch.save(res.labels.contiguous(), save_dir / label_name(sd.split, sd.category))
     if per1:
         s1.update(M.fashioniq_summary(per1))
@@ -442,8 +470,9 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
     split = eval_split_name(cfg.dataset)
     val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg, root, split)]
     val_topks = _val_topks(cfg, val_sets, split)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "config.json", to_json(cfg))
+    if dist.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.json", to_json(cfg))
 
     def validate() -> dict[str, float]:
         _, m2, _ = evaluate_stage2(stage1, model, tok, val_sets, val_topks, cfg, dev=dev)
@@ -474,8 +503,10 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
         result = fit(task, _train_config(cfg), run_dir, overwrite=cfg.overwrite)
         result.load_best_into(model)
         best = result.best_metrics or {}
-    loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
-    write_json(run_dir / "train_done.json", {"best": best})
+    if dist.is_main_process():
+        loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
+        write_json(run_dir / "train_done.json", {"best": best})
+    dist.barrier()
     return RunSummary(run_dir, best, False, time.time() - t0)
 
 
@@ -511,11 +542,9 @@ def evaluate(cfg: Stage2Config) -> Comparison:
     """Re-rank the validation top-K with the trained stage II; write metrics.json and the stage-II label tensors."""
     cfg = resolve(cfg)
     run_dir = cfg.run_dir
-    saved, weights = run_dir / "metrics.json", run_dir / "model" / "model.safetensors"
-    if saved.exists() and not cfg.overwrite and weights.exists() and saved.stat().st_mtime >= weights.stat().st_mtime:
-        m = read_json(saved)  # reused only when it evaluated these weights with the same K and fusion weight
-        if m.get("k") == cfg.k and m.get("fusion_weight") == cfg.fusion_weight and m.get("scoring") == cfg.scoring:
-            return Comparison(m["stage1"], m["stage2"], m["k"], run_dir)
+    reused = dist.broadcast_object(_saved_evaluation(cfg) if dist.is_main_process() else None)
+    if reused is not None:
+        return Comparison(reused["stage1"], reused["stage2"], reused["k"], run_dir)
     root = data_root(cfg)
     dev = device()
     stage1, tok = stage1_for(cfg)
@@ -526,16 +555,26 @@ def evaluate(cfg: Stage2Config) -> Comparison:
     sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg, root, split)]
     topks = _val_topks(cfg, sets, split)
     s1, s2, _ = evaluate_stage2(stage1, stage2, tok, sets, topks, cfg, dev=dev, save_dir=run_dir)
-    write_json(run_dir / "metrics.json", {"stage1": s1, "stage2": s2, "k": cfg.k, "split": split,
-                                          "fusion_weight": cfg.fusion_weight, "scoring": cfg.scoring,
-                                          "queries": sum(len(s.queries) for s in sets)})
+    if dist.is_main_process():
+        write_json(run_dir / "metrics.json", {"stage1": s1, "stage2": s2, "k": cfg.k, "split": split,
+                                              "fusion_weight": cfg.fusion_weight, "scoring": cfg.scoring,
+                                              "queries": sum(len(s.queries) for s in sets)})
+    dist.barrier()
     return Comparison(s1, s2, cfg.k, run_dir)
+
+
+def _saved_evaluation(cfg: Stage2Config) -> dict[str, Any] | None:
+    """metrics.json when it evaluated the current weights with the same K, fusion weight and scoring, else None."""
+    saved, weights = cfg.run_dir / "metrics.json", cfg.run_dir / "model" / "model.safetensors"
+    if saved.exists() and not cfg.overwrite and weights.exists() and saved.stat().st_mtime >= weights.stat().st_mtime:
+        m = read_json(saved)
+        if m.get("k") == cfg.k and m.get("fusion_weight") == cfg.fusion_weight and m.get("scoring") == cfg.scoring:
+            return m
+    return None
 
 
 def submit_cirr(cfg: Stage2Config) -> dict[str, Path]:
     """Re-rank the CIRR test1 top-K and write both server files (stage I and stage II), validated before upload."""
-    from cirlib import submission
-
     cfg = resolve(dataclasses.replace(cfg, max_val_queries=0))
     if cfg.dataset != "cirr":
         raise ValueError("test submissions exist for CIRR only (FashionIQ reports on val)")
@@ -560,13 +599,23 @@ def submit_cirr(cfg: Stage2Config) -> dict[str, Path]:
     # Stage II re-orders the first k; the rest of the 50 keep their stage-I order (k = 50 is the original).
     stage2_lists = np.concatenate([res.sorted_index_names, tk.sorted_index_names[:, res.sorted_index_names.shape[1]:]],
                                   axis=1)[:, :SUBMISSION_LENGTH]
-    out_dir = cfg.run_dir / "submission"
+    lists = {
+        "stage1": (f"{cfg.submission_name}_stage1", tk.sorted_index_names[:, :SUBMISSION_LENGTH], tk.group_names[:, :3]),
+        "stage2": (cfg.submission_name, stage2_lists, res.group_names[:, :3]),
+    }
+    # The main process writes and checks the files; the others learn where they are.
+    written = _write_submissions(sd, lists, cfg.run_dir / "submission") if dist.is_main_process() else None
+    dist.barrier()
+    return dist.broadcast_object(written)
+
+
+def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
+                       out_dir: Path) -> dict[str, Path]:
+    from cirlib import submission
+
     pair_ids = [q.pair_id for q in sd.queries]
-    written = {}
-    for label, name, recall_lists, subset_lists in (
-        ("stage1", f"{cfg.submission_name}_stage1", tk.sorted_index_names[:, :SUBMISSION_LENGTH], tk.group_names[:, :3]),
-        ("stage2", cfg.submission_name, stage2_lists, res.group_names[:, :3]),
-    ):
+    written: dict[str, Path] = {}
+    for label, (name, recall_lists, subset_lists) in lists.items():
         pr, ps = submission.write_cirr_submission(pair_ids, recall_lists.tolist(), subset_lists.tolist(), out_dir, name)
         for path in (pr, ps):
             submission.check_cirr_submission(path, sd.queries, sd.gallery)

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cirlib import data as cdata
+from cirlib import distributed as dist
 from cirlib import metrics as M
 from cirlib.models.stage2 import RerankQuery
 from cirlib.retrieval import GalleryFeatures, query_texts
@@ -48,6 +49,9 @@ def rerank(
 ) -> RerankResult:
     """Score the first k stage-I candidates of every query with stage II and re-order them.
 
+    Collective under several processes: each scores a contiguous share of the queries and every process receives
+    the whole result, equal to one process's.
+
     Args:
         gallery: stage-II ViT tokens of the split's gallery (computed once; every candidate is looked up here).
         zt_gallery: gallery whose tokens feed stage I for z_t; None = `gallery` (the original: stage-II ViT tokens).
@@ -68,19 +72,21 @@ def rerank(
     texts = query_texts(split_data, queries)
     cand_names = topk.sorted_index_names[:, :k]
     is_cirr_sets = split_data.dataset == "cirr" and all(q.members for q in queries)
-    stage2_scores, subset_scores, subset_names = [], [], []
-    for start in tqdm(range(0, len(queries), batch_size), desc="re-rank", leave=False):
-        chunk = queries[start:start + batch_size]
-        query = _rerank_query(stage1, stage2, tokenizer, texts[start:start + batch_size], chunk, gallery,
-                              zt_gallery, device)
-        idx = torch.stack([gallery.positions(list(row)) for row in cand_names[start:start + len(chunk)]])
+    subset_names = [[m for m in q.members if m != q.reference] for q in queries] if is_cirr_sets else []
+    # Several processes: each scores a contiguous share of the queries (whole batches), then all gather the scores.
+    share = dist.shard_range(len(queries), batch_size)
+    stage2_scores, subset_scores = [torch.empty(0, k)], [torch.empty(0, len(subset_names[0]) if subset_names else 0)]
+    for start in tqdm(range(share.start, share.stop, batch_size), desc="re-rank", leave=False,
+                      disable=not dist.is_main_process()):
+        stop = min(start + batch_size, share.stop)
+        chunk = queries[start:stop]
+        query = _rerank_query(stage1, stage2, tokenizer, texts[start:stop], chunk, gallery, zt_gallery, device)
+        idx = torch.stack([gallery.positions(list(row)) for row in cand_names[start:stop]])
         stage2_scores.append(score_indexed(stage2, query, gallery.tokens, idx, max_pairs, scoring, device))
         if is_cirr_sets:
-            members = [[m for m in q.members if m != q.reference] for q in chunk]
-            midx = torch.stack([gallery.positions(m) for m in members])
+            midx = torch.stack([gallery.positions(m) for m in subset_names[start:stop]])
             subset_scores.append(score_indexed(stage2, query, gallery.tokens, midx, max_pairs, scoring, device))
-            subset_names.extend(members)
-    s2 = torch.cat(stage2_scores)
+    s2 = dist.all_gather_no_grad(torch.cat(stage2_scores))
     final = s2 if fusion_weight == 0 else torch.as_tensor(
         M.fuse_scores(topk.scores[:, :k].numpy(), s2.numpy(), fusion_weight, normalize=True), dtype=torch.float32)
     order = torch.sort(final, dim=1, descending=True, stable=True).indices
@@ -90,7 +96,7 @@ def rerank(
         labels = torch.take_along_dim(topk.labels[:, :k], order, dim=1)
     group_names = group_labels = None
     if is_cirr_sets:
-        sub = torch.cat(subset_scores)
+        sub = dist.all_gather_no_grad(torch.cat(subset_scores))
         sub_order = torch.sort(sub, dim=1, descending=True, stable=True).indices.numpy()
         group_names = np.take_along_axis(np.asarray(subset_names), sub_order, axis=1)
         if all(q.target is not None for q in queries):

@@ -6,10 +6,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from cirlib import data as cdata
+from cirlib import distributed as dist
 from cirlib.topk import TopK
 
 
@@ -47,22 +48,30 @@ def encode_gallery(
 ) -> GalleryFeatures:
     """Encode every gallery image once.
 
+    Collective under several processes: each encodes a contiguous share of the gallery (whole batches, so each
+    batch is the one a single process would encode) and every process receives the whole gallery, in order.
+
     Args:
         encode: images (B,3,S,S) -> (tokens (B,T,Dv) | None, embeds (B,P) | None).
         split_data: the split whose gallery is encoded.
         keep_tokens: keep the token sequences (needed for query fusion and stage II); stored on CPU in token_dtype.
     """
-    loader = DataLoader(cdata.GalleryDataset(split_data, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+    dataset = cdata.GalleryDataset(split_data, transform)
+    share = dist.shard_range(len(dataset), batch_size)
+    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     names: list[str] = []
     tokens, embeds = [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not dist.is_main_process()):
         tok, emb = encode(batch["image"].to(device))
         names.extend(batch["name"])
         if keep_tokens and tok is not None:
             tokens.append(tok.to("cpu", token_dtype))
         if emb is not None:
             embeds.append(emb.float().cpu())
+    if dist.is_distributed():
+        names = [n for part in dist.gather_objects(names) for n in part]
+        gathered = [dist.all_gather_no_grad(torch.cat(x) if x else torch.empty(0)) for x in (tokens, embeds)]
+        tokens, embeds = [[g] if g.shape[0] else [] for g in gathered]
     return GalleryFeatures(
         names=names,
         embeds=torch.cat(embeds) if embeds else None,
@@ -110,12 +119,14 @@ def encode_queries(
     queries = list(split_data.queries if queries is None else queries)
     texts = query_texts(split_data, queries)
     out = []
-    for start in tqdm(range(0, len(queries), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(queries), batch_size), desc=desc, leave=False, disable=not dist.is_main_process()):
         chunk = queries[start:start + batch_size]
         ref = gallery.tokens[gallery.positions([q.reference for q in chunk])].to(device, torch.float32)
         ids, mask = tokenizer(texts[start:start + batch_size])
         out.append(model.encode_query(ref, ids.to(device), mask.to(device)).embeds.float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+    if not out:
+        return torch.empty(0, gallery.embeds.shape[1] if gallery.embeds is not None else 0)
+    return torch.cat(out)
 
 
 def exclusion_mask(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"], gallery: GalleryFeatures) -> torch.Tensor | None:
@@ -143,6 +154,153 @@ def target_ranks(sim: torch.Tensor, target_pos: torch.Tensor) -> torch.Tensor:
     return above + ties_before
 
 
+SEARCH = ("exact", "faiss")
+
+
+@dataclass
+class Ranking:
+    """The head of each query's gallery ranking, as gallery rows (rows = queries, in the order given)."""
+
+    scores: torch.Tensor  # (N, k) float32 cosine similarities, best first
+    index: torch.Tensor  # (N, k) int64 gallery rows, best first
+    target_rank: torch.Tensor | None  # (N,) 0-based rank of the target (None without targets); `depth` when the
+    # target lies beyond the searched head (faiss search only: exact search ranks the whole gallery)
+    depth: int  # how far ranks are known: the gallery size (exact) or the searched head (faiss)
+    subset_index: torch.Tensor | None  # (N, 5) int64 gallery rows of the CIRR img_set members (reference excluded)
+    # in stage-I order; None without CIRR sets
+
+    @staticmethod
+    def cat(parts: Sequence["Ranking"]) -> "Ranking":
+        """Rankings of consecutive query blocks joined in order (empty blocks are skipped)."""
+        full = [p for p in parts if p.index.shape[0] > 0] or list(parts[:1])
+        if not full:
+            raise ValueError("Ranking.cat needs at least one part")
+        join = lambda name: None if getattr(full[0], name) is None else torch.cat([getattr(p, name) for p in full])  # noqa: E731
+        return Ranking(scores=join("scores"), index=join("index"), target_rank=join("target_rank"),
+                       depth=full[0].depth, subset_index=join("subset_index"))
+
+
+def rank_gallery(
+    split_data: "cdata.SplitData",
+    queries: Sequence["cdata.Query"],
+    gallery: GalleryFeatures,
+    query_embeds: torch.Tensor,
+    k: int,
+    *,
+    search: str = "exact",
+    chunk: int = 4096,
+) -> Ranking:
+    """Rank the gallery for each query and keep the best k (CIRR: never the query's own reference).
+
+    Args:
+        query_embeds: (N, P) stage-I query embeddings of `queries`.
+        k: candidates kept per query (at most the gallery size, less the reference for CIRR).
+        search: "exact" (default): one (N, G) product and a full sort, which also ranks every target however far
+            down. "faiss": an exact inner-product index (faiss.IndexFlatIP) searched `chunk` queries at a time, for
+            galleries whose (N, G) similarity matrix does not fit in memory; it returns the same candidates (ties
+            may order differently) but knows target ranks only within the top k. Needs `pip install -e '.[faiss]'`.
+    """
+    if search == "exact":
+        return _exact_ranking(split_data, queries, gallery,
+                              similarity(query_embeds, gallery.embeds, exclusion_mask(split_data, queries, gallery)), k)
+    if search == "faiss":
+        return _faiss_ranking(split_data, queries, gallery, query_embeds, k, chunk)
+    raise ValueError(f"unknown search {search!r}: one of {SEARCH}")
+
+
+def _exact_ranking(split_data, queries, gallery: GalleryFeatures, sim: torch.Tensor, k: int) -> Ranking:
+    removed = split_data.dataset == "cirr"
+    k_eff = min(k, sim.shape[1] - (1 if removed else 0))
+    scores, idx = torch.sort(sim, dim=1, descending=True, stable=True)
+    target_rank = None
+    if queries and all(q.target is not None for q in queries):
+        target_rank = target_ranks(sim, gallery.positions([q.target for q in queries]))
+    subset = None
+    if removed and queries and all(q.members for q in queries):
+        subset = _subset_index(queries, gallery, lambda i, pos: sim[i, pos])
+    return Ranking(scores=scores[:, :k_eff].float(), index=idx[:, :k_eff], target_rank=target_rank,
+                   depth=sim.shape[1], subset_index=subset)
+
+
+def _faiss_ranking(split_data, queries, gallery: GalleryFeatures, query_embeds: torch.Tensor, k: int,
+                   chunk: int) -> Ranking:
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("search='faiss' needs the faiss package: pip install -e '.[faiss]' (faiss-cpu), or use "
+                          "search='exact'") from e
+    g = gallery.embeds.float().contiguous()
+    removed = split_data.dataset == "cirr"
+    k_eff = min(k, g.shape[0] - (1 if removed else 0))
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g.numpy())
+    q_all = query_embeds.float().contiguous()
+    refs = gallery.positions([q.reference for q in queries]) if removed else None
+    scores, rows = [], []
+    for start in range(0, len(queries), chunk):
+        q = q_all[start:start + chunk]
+        d, i = index.search(q.numpy(), k_eff + (1 if removed else 0))
+        d, i = torch.from_numpy(d), torch.from_numpy(i).long()
+        if removed:  # drop the reference wherever it came; otherwise the last (k_eff + 1-th) hit
+            ref = refs[start:start + chunk, None]
+            hit = i == ref
+            drop = torch.where(hit.any(1), hit.float().argmax(1), torch.full((i.shape[0],), i.shape[1] - 1))
+            keep = torch.ones_like(i, dtype=torch.bool)
+            keep[torch.arange(i.shape[0]), drop] = False
+            d, i = d[keep].view(-1, k_eff), i[keep].view(-1, k_eff)
+        scores.append(d)
+        rows.append(i)
+    score_t = torch.cat(scores) if scores else torch.empty(0, k_eff)
+    index_t = torch.cat(rows) if rows else torch.empty(0, k_eff, dtype=torch.long)
+    target_rank = None
+    if queries and all(q.target is not None for q in queries):
+        hits = index_t == gallery.positions([q.target for q in queries])[:, None]
+        target_rank = torch.where(hits.any(1), hits.float().argmax(1), torch.full((len(queries),), k_eff))
+    subset = None
+    if removed and queries and all(q.members for q in queries):
+        subset = _subset_index(queries, gallery, lambda i, pos: g[pos] @ q_all[i])
+    return Ranking(scores=score_t.float(), index=index_t, target_rank=target_rank, depth=k_eff, subset_index=subset)
+
+
+def _subset_index(queries, gallery: GalleryFeatures, member_scores: Callable) -> torch.Tensor:
+    """The 5 non-reference img_set members of each CIRR query (gallery rows) in stage-I order."""
+    out = []
+    for i, q in enumerate(queries):
+        pos = gallery.positions([m for m in q.members if m != q.reference])
+        order = torch.sort(member_scores(i, pos), descending=True, stable=True).indices
+        out.append(pos[order])
+    return torch.stack(out)
+
+
+def topk_from_ranking(
+    split_data: "cdata.SplitData",
+    queries: Sequence["cdata.Query"],
+    gallery: GalleryFeatures,
+    ranking: Ranking,
+    *,
+    stage1_run: str | None = None,
+) -> TopK:
+    """The top-K artifact of a ranking, with labels (and CIRR group labels) when targets exist."""
+    names = np.asarray(gallery.names)
+    has_targets = all(q.target is not None for q in queries)
+    target_names = [q.target for q in queries] if has_targets else None
+    group_names = None
+    if ranking.subset_index is not None:
+        group_names = names[ranking.subset_index.numpy()]
+    return TopK(
+        dataset=split_data.dataset,
+        split=split_data.split,
+        category=split_data.category,
+        sorted_index_names=names[ranking.index.numpy()],
+        scores=ranking.scores.float(),
+        index_names=list(gallery.names),
+        target_names=target_names,
+        group_names=group_names,
+        reference_removed=split_data.dataset == "cirr",
+        stage1_run=stage1_run,
+    )
+
+
 def build_topk(
     split_data: "cdata.SplitData",
     queries: Sequence["cdata.Query"],
@@ -152,47 +310,7 @@ def build_topk(
     *,
     stage1_run: str | None = None,
 ) -> TopK:
-    """Rank the gallery for each query and keep the best k, with labels (and CIRR group labels) when targets exist."""
-    removed = split_data.dataset == "cirr"
-    k_eff = min(k, sim.shape[1] - (1 if removed else 0))
-    scores, idx = torch.sort(sim, dim=1, descending=True, stable=True)
-    scores, idx = scores[:, :k_eff], idx[:, :k_eff]
-    names = np.asarray(gallery.names)
-    sorted_names = names[idx.numpy()]
-    has_targets = all(q.target is not None for q in queries)
-    target_names = [q.target for q in queries] if has_targets else None
-    labels = None
-    if has_targets:
-        labels = torch.from_numpy(sorted_names == np.asarray(target_names)[:, None])
-    group_labels = group_names = None
-    if removed and all(q.members for q in queries):
-        group_names, group_labels = _subset_order(queries, gallery, sim)
-        if not has_targets:
-            group_labels = None
-    return TopK(
-        dataset=split_data.dataset,
-        split=split_data.split,
-        category=split_data.category,
-        sorted_index_names=sorted_names,
-        scores=scores.float(),
-        index_names=list(gallery.names),
-        target_names=target_names,
-        labels=labels,
-        group_labels=group_labels,
-        group_names=group_names,
-        reference_removed=removed,
-        stage1_run=stage1_run,
-    )
-
-
-def _subset_order(queries, gallery: GalleryFeatures, sim: torch.Tensor):
-    """The 5 non-reference img_set members of each CIRR query in stage-I order, and where the target is."""
-    group_names, group_labels = [], []
-    for i, q in enumerate(queries):
-        members = [m for m in q.members if m != q.reference]
-        pos = gallery.positions(members)
-        order = torch.sort(sim[i, pos], descending=True, stable=True).indices
-        ordered = [members[j] for j in order.tolist()]
-        group_names.append(ordered)
-        group_labels.append([m == q.target for m in ordered])
-    return np.asarray(group_names), torch.tensor(group_labels, dtype=torch.bool)
+    """Rank the gallery for each query by `sim` (N, G) and keep the best k, with labels (and CIRR group labels)
+    when targets exist."""
+    return topk_from_ranking(split_data, queries, gallery, _exact_ranking(split_data, queries, gallery, sim, k),
+                             stage1_run=stage1_run)

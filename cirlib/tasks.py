@@ -4,6 +4,11 @@ A task owns a model, says which parameters train, turns a batch into a loss and 
 CIR. Stage I: the in-batch contrastive loss of the original. Stage II: each query against its target, negatives from
 its own stage-I top-K (the setting it is tested in) and other targets of the batch (the original's B x B objective
 when there are no top-K negatives).
+
+With several processes (`cirlib.launch` under torchrun / accelerate launch) the batch of each process is its share of
+one global batch: stage I scores each query against the targets of every process (gathered with gradient), stage II
+takes its in-batch negatives from the targets of every process, and with the loop's gradient averaging N processes
+with batch b train exactly as one process with batch N*b.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cirlib import data as cdata
+from cirlib import distributed as dist
 from cirlib.models.stage2 import RerankQuery
 
 
@@ -25,6 +31,15 @@ def _loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> D
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
                       num_workers=num_workers, collate_fn=cdata.collate)
+
+
+def _global_batch(gathered: torch.Tensor, b: int) -> torch.Tensor:
+    # Labels and candidate rows are offset by rank * b: every process must hold a full batch (the loaders drop the
+    # last incomplete one).
+    if gathered.shape[0] != dist.world_size() * b:
+        raise ValueError(f"processes hold batches of different sizes ({gathered.shape[0]} rows gathered, expected "
+                         f"{dist.world_size()} x {b}); the training loader must use drop_last=True")
+    return gathered
 
 
 SCORING = ("shared", "pairs")
@@ -105,13 +120,19 @@ class Stage1Task(_StageTask):
         with torch.set_grad_enabled(self.train_image_encoder):
             feats = self.model.encode_image(images)
         ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
-        out = self.model(ref_tokens, ids, mask, target_embeds)
-        loss = out.loss
+        query = self.model.encode_query(ref_tokens, ids, mask).embeds  # (b, P)
+        # Several processes: each scores its own queries against the targets of ALL processes (gathered with
+        # gradient), labels offset by its rank; the loop averages gradients, so N x b trains as one process with N*b.
+        all_targets = _global_batch(dist.all_gather_with_grad(target_embeds), b)  # (N*b, P)
+        offset = dist.rank() * b
+        logits = query @ all_targets.t() / self.model.temp  # (b, N*b), as Stage1Model.forward with one process
+        labels = torch.arange(offset, offset + b, device=logits.device)
+        loss = F.cross_entropy(logits, labels)
         if self.symmetric_loss:  # also each target against every query of the batch (CLIP-style InfoNCE)
-            labels = torch.arange(out.logits.shape[0], device=out.logits.device)
-            loss = (loss + F.cross_entropy(out.logits.T, labels)) / 2
+            all_queries = dist.all_gather_with_grad(query)
+            logits_t = (all_queries @ target_embeds.t() / self.model.temp).t()  # (b, N*b)
+            loss = (loss + F.cross_entropy(logits_t, labels)) / 2
         return {"loss": loss, "temp": self.model.temp.detach()}
-
 
 
 class MinedTripletDataset(Dataset):
@@ -189,7 +210,7 @@ class Stage2Task(_StageTask):
         self.dataset = dataset
         self.batch_size = batch_size
         self.hard_negatives = hard_negatives
-        self.inbatch_negatives = batch_size - 1 if inbatch_negatives < 0 else min(inbatch_negatives, batch_size - 1)
+        self.inbatch_negatives = inbatch_negatives  # -1 = every other target of the (global) batch
         self.stage1_train_mode = stage1_train_mode
         self.zt_from_stage1_vit = zt_from_stage1_vit
         self.scoring = scoring
@@ -219,14 +240,20 @@ class Stage2Task(_StageTask):
             self.dataset.set_epoch_seed(seed)
         return _loader(self.dataset, self.batch_size, seed, self.num_workers)
 
-    def candidate_index(self, b: int) -> torch.Tensor:
-        """(B, M) rows into [targets (B) ; hard negatives (B*H)]: own target first, own hard negatives, then the
-        next `inbatch_negatives` targets of the batch (cyclically), so every row has the same length."""
-        h, n_in = self.hard_negatives, self.inbatch_negatives
+    def candidate_index(self, b: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """(b, M) rows into [targets of the global batch (world*b) ; this process's hard negatives (b*H)].
+
+        Row i is local query i, global query g = rank*b + i: its own target g first, its own hard negatives, then the
+        next `inbatch_negatives` targets of the global batch (cyclically; -1 = all others), so every row has the
+        same length and every process builds the rows one process with batch world*b would build.
+        """
+        h, n = self.hard_negatives, world * b
+        n_in = n - 1 if self.inbatch_negatives < 0 else min(self.inbatch_negatives, n - 1)
         rows = []
         for i in range(b):
-            own = [i] + [b + i * h + j for j in range(h)]
-            others = [(i + j) % b for j in range(1, n_in + 1)]
+            g = rank * b + i
+            own = [g] + [n + i * h + j for j in range(h)]
+            others = [(g + j) % n for j in range(1, n_in + 1)]
             rows.append(own + others)
         return torch.tensor(rows, dtype=torch.long)
 
@@ -240,7 +267,10 @@ class Stage2Task(_StageTask):
             images.append(batch["negative_images"].flatten(0, 1))
         with torch.no_grad():
             tokens = self.model.encode_image(torch.cat(images).to(self.device))  # (B + B + B*H, T, Dv)
-            ref_tokens, cand_tokens = tokens[:b], tokens[b:]
+            ref_tokens = tokens[:b]
+            # Several processes: the targets of every process are candidates (in-batch negatives of the global
+            # batch); hard negatives stay with their own query. One process: [targets (B); hard negatives (B*H)].
+            cand_tokens = torch.cat([_global_batch(dist.all_gather_no_grad(tokens[b:2 * b]), b), tokens[2 * b:]])
             z_t = None
             if self.model.config.reranker == "dual":
                 zt_ref = ref_tokens
@@ -249,7 +279,7 @@ class Stage2Task(_StageTask):
                 z_t = self.stage1.encode_query(zt_ref, ids, mask).hidden
         query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t,
                             ref_tokens=ref_tokens if self.model.config.reranker == "joint" else None)
-        index = self.candidate_index(b).to(self.device)
+        index = self.candidate_index(b, dist.rank(), dist.world_size()).to(self.device)
         logits = score_lists(self.model, query, cand_tokens, index, self.scoring)  # (B, M), positive at column 0
         loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))
         return {"loss": loss}

@@ -9,6 +9,9 @@ the best checkpoint); `fit(task, cfg, run_dir)` does the rest:
 - mixed precision and gradient accumulation through `accelerate.Accelerator`, on one process or several (data
   parallel: the model is not wrapped, its gradients are averaged over processes before each optimizer step, so a
   task may call any of its model's methods; only the main process writes files; logged numbers are reduced);
+  `cfg.batch_size` is per process: N processes take consecutive batches of one shuffled order (rank r: batches r,
+  r+N, ...), i.e. a global batch of N * batch_size, and a task whose loss couples a batch's samples (a contrastive
+  loss) gathers them with `cirlib.distributed.all_gather_with_grad` so that it trains as one process would;
 - `run_dir/metrics.jsonl` (append-only, one JSON object per logged step, epoch and validation) mirrored to
   `run_dir/metrics.csv`;
 - atomic checkpoints: `run_dir/checkpoints/last/` every epoch (and when a time budget stops the run) and
