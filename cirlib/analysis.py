@@ -495,7 +495,7 @@ def rerank_rows(models: Models, split_data: cdata.SplitData, topk: TopK, rows: S
                                     desc="stage-I images")
     return rerank(models.stage1, models.stage2, models.tokenizer, sub, sub_topk, gallery, k=k,
                   fusion_weight=fusion_weight, zt_gallery=zt_gallery, queries=queries,
-                  max_pairs=models.stage2_cfg.max_pairs, device=models.device)
+                  max_pairs=models.stage2_cfg.max_pairs, scoring=models.stage2_cfg.scoring, device=models.device)
 
 
 def evaluation_settings(cfg: AnalysisConfig, fallback_k: int) -> tuple[int, float]:

@@ -51,6 +51,7 @@ class Stage1Config:
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this (0 = off, the original)
     batch_size: int = 512  # training triplets per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" (bf16/fp16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
@@ -87,6 +88,7 @@ class Stage2Config:
     tokenizer: str = ""  # vocab.txt or local bert-base-uncased folder; "" = <data_root>/vocab.txt
     preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
     reranker: str = "dual"  # "dual" (the original's dual stream) | "joint" (text over [reference; candidate] tokens)
+    joint_difference: bool = False  # joint re-ranker: also attend to (candidate - reference) tokens, per pair (needs scoring "pairs")
     init: str = "pretrained"  # text encoder init: "pretrained" (BLIP file) | "scratch" | "stage1" (copy stage-I text encoder)
     pretrained: str = ""  # BLIP pre-trained file (model_base.pth) for init="pretrained"
     init_checkpoint: str = ""  # an original stage-II checkpoint (BLIP_NLVR .pt) or our run folder to start from
@@ -103,6 +105,7 @@ class Stage2Config:
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this (0 = off, the original)
     batch_size: int = 16  # queries per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"

@@ -176,6 +176,7 @@ def _train_config(cfg, time_budget: float | None = None) -> TrainConfig:
     return TrainConfig(
         epochs=cfg.epochs, max_epoch=cfg.max_epoch, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
         lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accumulation_steps=cfg.grad_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm or None,
         precision=cfg.precision, validate_every=cfg.validate_every or None, seed=cfg.seed,
         max_steps_per_epoch=cfg.max_steps_per_epoch or None,
         time_budget_s=(cfg.time_budget_s or None), num_workers=cfg.num_workers,
@@ -363,7 +364,9 @@ def extract_topk(cfg: Stage1Config) -> pd.DataFrame:
 
 def build_stage2(cfg: Stage2Config, tokenizer, stage1: Stage1Model | None) -> Stage2Model:
     """A stage-II model: preset + architecture, then its initialisation (BLIP file, scratch, or stage-I copy)."""
-    mc = model_config(cfg.preset, tokenizer, reranker=cfg.reranker)
+    if cfg.joint_difference and cfg.scoring != "pairs":
+        raise ValueError("joint_difference=True scores (candidate - reference) tokens per pair: set scoring='pairs'")
+    mc = model_config(cfg.preset, tokenizer, reranker=cfg.reranker, joint_difference=cfg.joint_difference)
     model = Stage2Model(mc)
     if cfg.init == "pretrained":
         if not cfg.pretrained:

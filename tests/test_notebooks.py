@@ -271,6 +271,7 @@ def smoke_batch(tmp_path_factory):
         "batch_name": f"pytest_smoke_{tag}", "smoke": True, "dataset": "cirr", "data_root": str(world),
         "preset": "tiny", "precision": "fp32", "run_name_stage1": s1, "run_name_stage2": s2,
         "train_image_encoder": True, "reranker": "joint", "init": "scratch",
+        "joint_difference": True, "scoring": "pairs",  # the demo's stage II, through every notebook that loads it
         "topk_k": 50, "topk_splits": "val,test1", "k": 50, "figures_dir": str(tmp / "figures"),
         "notebooks": {"00_data_preview": {"image_size": 48}},
     }
