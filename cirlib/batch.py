@@ -256,6 +256,7 @@ def run_batch(
     *,
     notebook_dir: str | os.PathLike | None = None,
     log_output: bool = False,
+    cell_timeout_s: float | None = None,
 ) -> list[Path]:
     """Execute the notebooks in order with papermill; returns the executed copies' paths.
 
@@ -265,10 +266,13 @@ def run_batch(
         output_dir: where executed copies go (default: outputs/runs/<batch name>/); never the source folder.
         notebook_dir: the source notebooks (default: <repo>/notebooks); also the kernel's working directory.
         log_output: stream cell output to this process's log (papermill --log-output).
+        cell_timeout_s: fail a cell that runs longer than this (None = no limit, for real training runs); turns a
+            kernel that stops answering into an error that names the notebook instead of a batch that never ends.
     Raises:
         BatchError: bad parameters, or the first failing notebook (named with its failing cell).
     """
     import papermill
+    from nbclient.exceptions import CellTimeoutError
     from papermill.exceptions import PapermillExecutionError
 
     data, name = load_params(params)
@@ -287,9 +291,13 @@ def run_batch(
         print(f"[batch] {nb.name} -> {target} with {nb_params}", flush=True)
         try:
             papermill.execute_notebook(str(nb), str(target), parameters=nb_params, kernel_name=KERNEL,
-                                       cwd=str(nb.parent), progress_bar=False, log_output=log_output)
+                                       cwd=str(nb.parent), progress_bar=False, log_output=log_output,
+                                       execution_timeout=cell_timeout_s)
         except PapermillExecutionError as e:
             raise BatchError(_describe_failure(nb, e) + f"; executed copy with the traceback: {target}") from e
+        except CellTimeoutError as e:
+            raise BatchError(f"{nb.name}: a cell ran longer than cell_timeout_s={cell_timeout_s} s ({e}); executed "
+                             f"copy up to that cell: {target}") from e
         written.append(target)
     return written
 
@@ -300,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated notebook numbers or stems, e.g. 01,02")
     parser.add_argument("--output-dir", type=Path, default=None, help="executed copies (default outputs/runs/<name>)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    parser.add_argument("--cell-timeout", type=float, default=None,
+                        help="fail any cell that runs longer than this many seconds (default: no limit)")
     parser.add_argument("--sync-parameters", action="store_true",
                         help="rewrite the notebooks' parameters cells from cirlib/config.py and exit")
     args = parser.parse_args(argv)
@@ -311,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a parameters file is required (or --sync-parameters)")
     only = [t for t in args.only.split(",") if t.strip()] or None
     try:
-        written = run_batch(args.params, only, args.output_dir, log_output=args.log_output)
+        written = run_batch(args.params, only, args.output_dir, log_output=args.log_output,
+                            cell_timeout_s=args.cell_timeout)
     except BatchError as e:
         print(f"batch failed: {e}", file=sys.stderr)
         return 1

@@ -201,6 +201,20 @@ def test_a_failing_notebook_stops_the_batch_naming_notebook_and_cell(tmp_path, c
     assert not (tmp_path / "out" / "02_never.ipynb").exists()
 
 
+def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
+    src = tmp_path / "nbs"
+    src.mkdir()
+    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+    params = nbformat.v4.new_code_cell('word: str = "x"  # a word')
+    params.metadata["tags"] = ["parameters"]
+    book.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(60)")]
+    nbformat.write(book, str(src / "01_sleeps.ipynb"))
+    (tmp_path / "p.yaml").write_text("word: hello\n")
+    with pytest.raises(batch.BatchError, match=r"01_sleeps.ipynb: a cell ran longer than cell_timeout_s=3"):
+        batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src, cell_timeout_s=3)
+
+
 # ------------------------------------------------------------------------------------------------ original's labels
 
 
@@ -278,7 +292,8 @@ def smoke_batch(tmp_path_factory):
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     run_dirs = [paths.OUTPUTS / "stage1" / s1, paths.OUTPUTS / "stage2" / s2]
     try:
-        executed = batch.run_batch(tmp / "params.yaml", output_dir=tmp / "executed")
+        # a kernel that stops answering fails the test (naming the notebook) instead of hanging the suite
+        executed = batch.run_batch(tmp / "params.yaml", output_dir=tmp / "executed", cell_timeout_s=600)
         yield {"tmp": tmp, "world": world, "executed": executed, "s1": run_dirs[0], "s2": run_dirs[1],
                "params": params}
     finally:
