@@ -22,13 +22,23 @@ def shared_dir() -> Path:
     return paths.shared_dir()
 
 
+def _shared_subdir(shared_dir: Path, relative: str, what: str) -> Path:
+    path = shared_dir / relative
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} missing at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def fixture_dir(shared_dir: Path) -> Path:
     """The public oracle fixture made by running the original code (fixtures/original-tiny)."""
-    path = shared_dir / "fixtures" / "original-tiny"
-    if not path.is_dir():
-        raise FileNotFoundError(f"public oracle fixture missing at {path}")
-    return path
+    return _shared_subdir(shared_dir, "fixtures/original-tiny", "public oracle fixture")
+
+
+@pytest.fixture(scope="session")
+def real(shared_dir: Path) -> Path:
+    """The real CIRR and FashionIQ annotation files (data/real-annotations; no images)."""
+    return _shared_subdir(shared_dir, "data/real-annotations", "real annotation files")
 
 
 @pytest.fixture(scope="session")

@@ -50,14 +50,6 @@ def _assemble(base: Path, real: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def real(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "real-annotations"
-    if not path.is_dir():
-        raise FileNotFoundError(f"real annotation files not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def roots(real: Path, tmp_path_factory) -> tuple[Path, Path]:
     return _assemble(tmp_path_factory.mktemp("real"), real)
 
