@@ -120,17 +120,15 @@ class Stage1Task(_StageTask):
         with torch.set_grad_enabled(self.train_image_encoder):
             feats = self.model.encode_image(images)
         ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
-        query = self.model.encode_query(ref_tokens, ids, mask).embeds  # (b, P)
         # Several processes: each scores its own queries against the targets of ALL processes (gathered with
         # gradient), labels offset by its rank; the loop averages gradients, so N x b trains as one process with N*b.
         all_targets = _global_batch(dist.all_gather_with_grad(target_embeds), b)  # (N*b, P)
-        offset = dist.rank() * b
-        logits = query @ all_targets.t() / self.model.temp  # (b, N*b), as Stage1Model.forward with one process
-        labels = torch.arange(offset, offset + b, device=logits.device)
-        loss = F.cross_entropy(logits, labels)
+        out = self.model(ref_tokens, ids, mask, all_targets, label_offset=dist.rank() * b)
+        loss = out.loss
         if self.symmetric_loss:  # also each target against every query of the batch (CLIP-style InfoNCE)
-            all_queries = dist.all_gather_with_grad(query)
+            all_queries = dist.all_gather_with_grad(out.query)
             logits_t = (all_queries @ target_embeds.t() / self.model.temp).t()  # (b, N*b)
+            labels = torch.arange(dist.rank() * b, dist.rank() * b + b, device=logits_t.device)
             loss = (loss + F.cross_entropy(logits_t, labels)) / 2
         return {"loss": loss, "temp": self.model.temp.detach()}
 

@@ -167,6 +167,9 @@ def test_stage1_batch_mismatch_is_refused():
     ids, mask = _ids(2, 5, cfg.text.vocab_size)
     with pytest.raises(ValueError, match="batch mismatch"):
         model.encode_query(torch.zeros(3, cfg.vision.num_tokens, cfg.vision.width), ids, mask)
+    tokens = torch.zeros(2, cfg.vision.num_tokens, cfg.vision.width)
+    with pytest.raises(ValueError, match="batch mismatch"):  # positives at rows 2, 3 of only 3 targets
+        model(tokens, ids, mask, torch.zeros(3, cfg.projection_dim), label_offset=2)
 
 
 def test_stage2_shapes_at_tiny_preset():

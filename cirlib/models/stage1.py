@@ -34,8 +34,9 @@ class QueryFeatures:
 
 @dataclass(frozen=True)
 class Stage1Output:
-    logits: torch.Tensor  # (B, B) q @ p.T / temp; row i = query i against every target of the batch
-    loss: torch.Tensor  # () cross-entropy of each row against its own target (arange(B))
+    logits: torch.Tensor  # (B, C) q @ p.T / temp; row i = query i against every target given (C = B in one process)
+    loss: torch.Tensor  # () cross-entropy of each row against its own target (column label_offset + i)
+    query: torch.Tensor  # (B, P) the normalised query embeddings the logits were computed from
 
 
 class Stage1Model(nn.Module):
@@ -92,21 +93,26 @@ class Stage1Model(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         target_embeds: torch.Tensor,
+        label_offset: int = 0,
     ) -> Stage1Output:
-        """In-batch contrastive logits and loss; target i is the positive of query i.
+        """In-batch contrastive logits and loss; target label_offset + i is the positive of query i.
 
         Args:
             ref_tokens: (B, T, Dv) reference tokens.
             input_ids, attention_mask: (B, L) the modification texts.
-            target_embeds: (B, P) unit-norm target embeddings (`encode_image(targets).embeds`).
+            target_embeds: (C, P) unit-norm target embeddings (`encode_image(targets).embeds`): the batch's own
+                (C = B, the original), or the targets of every process's batch gathered in rank order (C = N*B).
+            label_offset: row of query 0's target in target_embeds (0; rank * B with gathered targets).
         Returns:
-            Stage1Output with logits (B, B) and the scalar loss.
+            Stage1Output with logits (B, C), the scalar loss and the query embeddings.
         """
-        if target_embeds.shape[0] != input_ids.shape[0]:
+        b = input_ids.shape[0]
+        if label_offset < 0 or label_offset + b > target_embeds.shape[0]:
             raise ValueError(
-                f"batch mismatch: {target_embeds.shape[0]} targets for {input_ids.shape[0]} queries"
+                f"batch mismatch: {target_embeds.shape[0]} targets for {b} queries whose positives start at row "
+                f"{label_offset}"
             )
         query = self.encode_query(ref_tokens, input_ids, attention_mask).embeds  # (B, P)
-        logits = query @ target_embeds.t() / self.temp  # (B, B)
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return Stage1Output(logits=logits, loss=F.cross_entropy(logits, labels))
+        logits = query @ target_embeds.t() / self.temp  # (B, C)
+        labels = torch.arange(label_offset, label_offset + b, device=logits.device)
+        return Stage1Output(logits=logits, loss=F.cross_entropy(logits, labels), query=query)
