@@ -157,6 +157,14 @@ def target_ranks(sim: torch.Tensor, target_pos: torch.Tensor) -> torch.Tensor:
 SEARCH = ("exact", "faiss")
 
 
+def _has_targets(queries: Sequence["cdata.Query"]) -> bool:
+    return bool(queries) and all(q.target is not None for q in queries)
+
+
+def _has_cirr_sets(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"]) -> bool:
+    return split_data.dataset == "cirr" and bool(queries) and all(q.members for q in queries)
+
+
 @dataclass
 class Ranking:
     """The head of each query's gallery ranking, as gallery rows (rows = queries, in the order given)."""
@@ -213,10 +221,10 @@ def _exact_ranking(split_data, queries, gallery: GalleryFeatures, sim: torch.Ten
     k_eff = min(k, sim.shape[1] - (1 if removed else 0))
     scores, idx = torch.sort(sim, dim=1, descending=True, stable=True)
     target_rank = None
-    if queries and all(q.target is not None for q in queries):
+    if _has_targets(queries):
         target_rank = target_ranks(sim, gallery.positions([q.target for q in queries]))
     subset = None
-    if removed and queries and all(q.members for q in queries):
+    if _has_cirr_sets(split_data, queries):
         subset = _subset_index(queries, gallery, lambda i, pos: sim[i, pos])
     return Ranking(scores=scores[:, :k_eff].float(), index=idx[:, :k_eff], target_rank=target_rank,
                    depth=sim.shape[1], subset_index=subset)
@@ -253,11 +261,11 @@ def _faiss_ranking(split_data, queries, gallery: GalleryFeatures, query_embeds: 
     score_t = torch.cat(scores) if scores else torch.empty(0, k_eff)
     index_t = torch.cat(rows) if rows else torch.empty(0, k_eff, dtype=torch.long)
     target_rank = None
-    if queries and all(q.target is not None for q in queries):
+    if _has_targets(queries):
         hits = index_t == gallery.positions([q.target for q in queries])[:, None]
         target_rank = torch.where(hits.any(1), hits.float().argmax(1), torch.full((len(queries),), k_eff))
     subset = None
-    if removed and queries and all(q.members for q in queries):
+    if _has_cirr_sets(split_data, queries):
         subset = _subset_index(queries, gallery, lambda i, pos: g[pos] @ q_all[i])
     return Ranking(scores=score_t.float(), index=index_t, target_rank=target_rank, depth=k_eff, subset_index=subset)
 
