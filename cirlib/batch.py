@@ -70,7 +70,8 @@ def declared_parameters(notebook: Path) -> dict[str, str]:
 _ACCEPTS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
-def _check_types(nb: Path, declared: Mapping[str, str], chosen: Mapping[str, Any]) -> None:
+def check_types(nb: Path, declared: Mapping[str, str], chosen: Mapping[str, Any]) -> None:
+    """Refuse parameter values whose type does not match the notebook's annotation (e.g. YAML's string "2e-5")."""
     wrong = []
     for name, value in chosen.items():
         kinds = _ACCEPTS.get(declared.get(name, ""))
@@ -167,7 +168,7 @@ def plan_batch(params: Mapping[str, Any], notebooks: Sequence[Path]) -> dict[Pat
         chosen = {k: v for k, v in params.items() if k in declared and k not in BATCH_KEYS}
         chosen.update(_run_name_aliases(config_class(declared), params))
         chosen.update(section)
-        _check_types(nb, declared, chosen)
+        check_types(nb, declared, chosen)
         plan[nb] = chosen
     return plan
 

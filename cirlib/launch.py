@@ -113,7 +113,7 @@ def step_configs(params: Mapping[str, Any], steps: Sequence[str], overrides: Map
         mine = {k: v for k, v in fields_.items() if k in declared}
         used |= mine.keys()
         chosen.update(mine)
-        batch._check_types(nb, declared, chosen)
+        batch.check_types(nb, declared, chosen)
         configs.append(cls(**chosen))
     unused = sorted(set(fields_) - used)
     if unused:
