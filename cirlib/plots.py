@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 
-from cirlib import metrics
+from cirlib.eval import metrics
 from cirlib.paths import FIGURES
 
 TEXTWIDTH_PT = 496.85625  # the paper's LaTeX \textwidth; the original plots at half of it

@@ -20,9 +20,9 @@ from cirlib import distributed as dist
 from cirlib.models.config import preset
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
-from cirlib.tasks import MinedTripletDataset, Stage1Task, Stage2Task
-from cirlib.tokenizer import build_tokenizer
-from cirlib.train import TrainConfig, fit
+from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
+from cirlib.data.tokenizer import build_tokenizer
+from cirlib.train.loop import TrainConfig, fit
 
 
 def check_gathers(out: Path) -> None:

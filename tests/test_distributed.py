@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
-from cirlib import synth
-from cirlib.retrieval import GalleryFeatures, rank_gallery, topk_from_ranking
-from cirlib.topk import TopK
+from cirlib.data import synth
+from cirlib.retrieval.search import GalleryFeatures, rank_gallery, topk_from_ranking
+from cirlib.retrieval.topk import TopK
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_S = 300
@@ -201,7 +201,7 @@ def test_samplers_are_sharded_without_duplicates():
     step s is one process's step s with batch N*b, and no sample is seen twice."""
     from accelerate.data_loader import prepare_data_loader
 
-    from cirlib.tasks import _loader
+    from cirlib.train.tasks import _loader
 
     single = [b["i"].tolist() for b in _loader(_Items(), 8, seed=5, num_workers=0)]
     per_rank = [[b["i"].tolist() for b in prepare_data_loader(_loader(_Items(), 4, seed=5, num_workers=0),
@@ -237,7 +237,7 @@ def test_faiss_search_equals_exact_search(tmp_path):
 
 @pytest.mark.parametrize("inbatch", [-1, 2])
 def test_stage2_candidate_rows_of_a_share_are_the_global_batch_rows(inbatch):
-    from cirlib.tasks import Stage2Task
+    from cirlib.train.tasks import Stage2Task
 
     task = Stage2Task.__new__(Stage2Task)  # only candidate_index's arithmetic is used here
     task.hard_negatives, task.inbatch_negatives = 2, inbatch
@@ -253,8 +253,8 @@ def test_stage2_candidate_rows_of_a_share_are_the_global_batch_rows(inbatch):
 
 
 def test_launch_builds_each_step_config_as_the_batch_runner_would():
-    from cirlib import launch
-    from cirlib.config import Stage1Config, Stage2Config
+    from cirlib.run import launch
+    from cirlib.workbook.config import Stage1Config, Stage2Config
 
     params = {"dataset": "cirr", "preset": "tiny", "run_name_stage1": "a", "run_name_stage2": "b", "batch_size": 8,
               "notebooks": {"01_stage1_train": {"epochs": 3}, "03": {"batch_size": 4}}}

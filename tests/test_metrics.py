@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cirlib import metrics
+from cirlib.eval import metrics
 from cirlib.paths import shared_dir
 
 SHARED = shared_dir()

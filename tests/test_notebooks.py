@@ -15,8 +15,11 @@ import pytest
 import torch
 import yaml
 
-from cirlib import analysis, batch, paths, synth
-from cirlib.config import AnalysisConfig, DataConfig, Stage1Config, Stage2Config
+from cirlib.workbook import figures, inputs
+from cirlib.run import batch
+from cirlib import paths
+from cirlib.data import synth
+from cirlib.workbook.config import AnalysisConfig, DataConfig, Stage1Config, Stage2Config
 
 NOTEBOOKS = {
     "00_data_preview": DataConfig,
@@ -243,14 +246,14 @@ def test_figures_from_the_original_label_files(shared_dir, tmp_path):
     shutil.copy(shared_dir / "data/original-artifacts/analysis_plot/cirr_stageII_labels_val.pt", orig)
     cfg = AnalysisConfig(dataset="cirr", original_dir=str(orig), figures_dir=str(tmp_path / "figs"))
 
-    table = analysis.check_inputs(cfg, "make_figures")
+    table = inputs.check_inputs(cfg, "make_figures")
     assert table["exists"].all() and len(table) == 2  # no models or images needed for the original's files
-    files = analysis.make_figures(cfg)
+    files = figures.make_figures(cfg)
     assert sorted(p.name for p in files) == sorted(f"{stem}.{ext}" for stem in ("fig8_rank_shift_cirr",
                                                                                    "recall_curves_cirr")
                                                      for ext in ("pdf", "png"))
     assert all(p.stat().st_size > 1000 for p in files)
-    row = analysis.rank_shift_table(cfg).iloc[0]
+    row = figures.rank_shift_table(cfg).iloc[0]
     # the stage-II mean rank of the released file (original-system.md section 6.4), and our stage-I construction
     assert row["queries"] == 4181 and row["not in top-K"] == 23
     assert row["mean rank, stage II"] == pytest.approx(4.0943, abs=1e-3)
@@ -262,12 +265,12 @@ def test_missing_inputs_fail_early_naming_what_makes_them(tmp_path):
     expected = (r"(?s)6 input\(s\) missing.*"
                 r"stage-I top-K file \(fashioniq_dress, original\): \S*fiq_top_200_val_dress\.pt")
     with pytest.raises(FileNotFoundError, match=expected):
-        analysis.check_inputs(cfg, "make_figures")
+        inputs.check_inputs(cfg, "make_figures")
     s2 = Stage2Config(stage1_run=f"pytest_absent_{uuid.uuid4().hex[:6]}", data_root=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="(?s)stage-I model: .*(made by 01_stage1_train)"):
-        analysis.check_inputs(s2, "train_stage2")
+        inputs.check_inputs(s2, "train_stage2")
     with pytest.raises(TypeError, match="takes a Stage1Config"):
-        analysis.check_inputs(s2, "extract_topk")
+        inputs.check_inputs(s2, "extract_topk")
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -324,13 +327,13 @@ def test_every_notebook_runs_and_writes_its_artifacts(smoke_batch):
             assert (tmp / "figures" / f"{stem}.{ext}").stat().st_size > 1000
     # the four submission files pass the server's checks (what notebook 05 shows)
     files = {f.stem: f for f in sorted((s2 / "submission").glob("*.json"))}
-    report = analysis.submission_report(Stage2Config(data_root=str(smoke_batch["world"])), files)
+    report = figures.submission_report(Stage2Config(data_root=str(smoke_batch["world"])), files)
     assert len(report) == 4 and (report["problems"] == "none").all()
     assert sorted(map(tuple, report["names per list"])) == [(3,), (3,), (50,), (50,)]
 
 
 def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
-    from cirlib.explorer import Explorer
+    from cirlib.workbook.explorer import Explorer
 
     p = smoke_batch["params"]
     cfg = AnalysisConfig(stage1_run=smoke_batch["s1"].name, stage2_run=smoke_batch["s2"].name, dataset="cirr",

@@ -7,7 +7,8 @@ import torch
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from cirlib import metrics, plots
+from cirlib.eval import metrics
+from cirlib import plots
 from cirlib.paths import shared_dir
 
 SHARED = shared_dir()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cirlib.paths import shared_dir
-from cirlib.submission import (
+from cirlib.eval.submission import (
     SubmissionError,
     SubmissionQuery,
     check_cirr_submission,

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from transformers import BertTokenizer
 
-from cirlib import data, synth
+from cirlib import data
+from cirlib.data import synth
 
 SMALL = dict(n_train=24, n_val=12, n_test=9)
 

@@ -8,7 +8,7 @@ import torch
 
 from cirlib.models.config import preset
 from cirlib.models.stage2 import RerankQuery, Stage2Model
-from cirlib.tasks import Stage2Task, score_lists
+from cirlib.train.tasks import Stage2Task, score_lists
 
 
 def _tiny(reranker: str) -> Stage2Model:
@@ -54,8 +54,8 @@ def test_mined_negatives_come_from_the_img_set_and_the_topk(tmp_path, monkeypatc
     import numpy as np
 
     from cirlib import data as cdata
-    from cirlib import synth
-    from cirlib.tasks import MinedTripletDataset
+    from cirlib.data import synth
+    from cirlib.train.tasks import MinedTripletDataset
 
     root = synth.generate(synth.SynthConfig(layout="cirr", n_train=12, n_val=2, n_test=2, seed=1), root=tmp_path / "w")
     sd = cdata.load_split("cirr", root, "train")
@@ -70,7 +70,8 @@ def test_mined_negatives_come_from_the_img_set_and_the_topk(tmp_path, monkeypatc
         opened.append(path.name.removesuffix(".png"))
         return original(path)
 
-    monkeypatch.setattr(cdata, "load_image", spy)
+    monkeypatch.setattr(cdata, "load_image", spy)  # negatives (the task)
+    monkeypatch.setattr(cdata.datasets, "load_image", spy)  # reference and target (the triplet dataset)
     for i, q in enumerate(sd.queries):
         opened.clear()
         item = ds[i]

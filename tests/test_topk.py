@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cirlib.topk import TopK, TopKError, read_topk_dict
+from cirlib.retrieval.topk import TopK, TopKError, read_topk_dict
 
 ORIGINAL_FIQ_KEYS = {"sorted_index_names", "target_names", "index_names", "labels", "split", "dress_types"}
 ORIGINAL_CIRR_KEYS = {"sorted_index_names", "target_names", "index_names", "labels", "group_labels", "split"}

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cirlib.runtime import RuntimeInfo, resolve_precision, runtime_info, seed_everything
-from cirlib.train import (FitResult, Task, TrainConfig, checkpoint_dir, epoch_seed, fit, load_weights, lr_at,
+from cirlib.train.runtime import RuntimeInfo, resolve_precision, runtime_info, seed_everything
+from cirlib.train.loop import (FitResult, Task, TrainConfig, checkpoint_dir, epoch_seed, fit, load_weights, lr_at,
                           read_metrics)
 
 

@@ -17,7 +17,7 @@ from cirlib.data import (
     squarepad_transform,
     targetpad_transform,
 )
-from cirlib.tokenizer import build_tokenizer
+from cirlib.data.tokenizer import build_tokenizer
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SMALL_WORDS = ["a", "red", "dog", "blue", "is", "with", "##s", "sleeve", ",", "."]

@@ -1,7 +1,7 @@
-"""Workbook support: input checks, training curves, and the paper's figures from saved artifacts (notebook 06).
+"""The paper's figures and the recall views from saved artifacts (notebooks 02, 04, 05, 06; the explorer).
 
 Figures are built from files only: the stage-I top-K file (its label matrix) and the stage-II label tensors that
-`pipeline.evaluate` writes (`outputs/stage2/<run>/stage2_labels_val[_<category>].pt`), or the original's released
+`steps.evaluate` writes (`outputs/stage2/<run>/stage2_labels_val[_<category>].pt`), or the original's released
 files (`cirr_top_200_val.pt` / `fiq_top_200_val_<cat>.pt` and `*_stageII_labels_val*.pt`) when `original_dir` is
 set. The qualitative grids need the re-ranked *names*, which no saved file holds yet, so for those few queries only
 the two saved models are loaded and the re-ranking is recomputed (`rerank_rows`).
@@ -21,28 +21,23 @@ import torch
 from matplotlib.figure import Figure
 
 from cirlib import data as cdata
-from cirlib import metrics as M
-from cirlib import paths, pipeline, plots
-from cirlib.config import (FASHIONIQ_CATEGORIES, AnalysisConfig, DataConfig, Stage1Config, Stage2Config,
-                           split_list)
-from cirlib.rerank import RerankResult, rerank
-from cirlib.retrieval import encode_gallery, stage1_encoder, stage2_encoder
-from cirlib.topk import TopK, read_topk_dict
+from cirlib import paths, plots
+from cirlib.eval import metrics as M
+from cirlib.retrieval.rerank import RerankResult, rerank
+from cirlib.retrieval.search import encode_gallery, stage1_encoder, stage2_encoder
+from cirlib.retrieval.topk import TopK, read_topk_dict
+from cirlib.workbook import steps
+from cirlib.workbook.config import (
+    FASHIONIQ_CATEGORIES,
+    AnalysisConfig,
+    Stage1Config,
+    Stage2Config,
+    split_list,
+)
 
 QUALITATIVE_TOP = 5  # candidates per stage in a qualitative row
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100, 200)  # recall-curve points (those <= K are drawn)
 SMOKE_QUALITATIVE = 2  # grid rows when cfg.smoke
-
-# ------------------------------------------------------------------------------------------------ input checks
-
-
-@dataclass(frozen=True)
-class Input:
-    """A file or folder a notebook step reads."""
-
-    what: str  # e.g. "stage-I model"
-    path: Path
-    made_by: str  # the notebook (or person) that produces it
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -60,182 +55,11 @@ def _categories(cfg: Any) -> list[str | None]:
 
 
 def _topk_file(stage1_dir: Path, split: str, category: str | None) -> Path:
-    return stage1_dir / pipeline.topk_name(split, category)
+    return stage1_dir / steps.topk_name(split, category)
 
 
 def _label_file(stage2_dir: Path, split: str, category: str | None) -> Path:
-    return stage2_dir / pipeline.label_name(split, category)
-
-
-def _data_inputs(cfg: Any) -> list[Input]:
-    return [Input("dataset root", paths.data_root(cfg.data_root or None), "you (data_root= or $CIR_DATA)")]
-
-
-def _stage1_model_inputs(cfg: Stage2Config) -> list[Input]:
-    if cfg.stage1_checkpoint:
-        return [Input("original stage-I checkpoint", _abs(cfg.stage1_checkpoint), "you (stage1_checkpoint=)")]
-    return [Input("stage-I model", cfg.stage1_dir / "model", "01_stage1_train")]
-
-
-def _val_topk_inputs(cfg: Stage2Config) -> list[Input]:
-    out = []
-    for cat in _categories(cfg):
-        if cfg.topk_path:
-            out.append(Input("validation top-k file", _abs(cfg.topk_path.replace("{category}", cat or "")),
-                             "you (topk_path=)"))
-        else:
-            out.append(Input("validation top-k file", _topk_file(cfg.stage1_dir, "val", cat), "02_stage1_topk"))
-    return out
-
-
-def _tokenizer_input(cfg: Any) -> Input:
-    root = paths.data_root(cfg.data_root or None)
-    path = _abs(cfg.tokenizer) if cfg.tokenizer else root / "vocab.txt"
-    return Input("tokenizer (vocab.txt or bert-base-uncased folder)", path, "you (tokenizer=) or cirlib.synth")
-
-
-def _optional(what: str, value: str, made_by: str) -> list[Input]:
-    return [Input(what, _abs(value), made_by)] if value else []
-
-
-def required_inputs(cfg: Any, step: str) -> list[Input]:
-    """The files a pipeline step reads for this config (nothing is opened).
-
-    Args:
-        cfg: the step's config (DataConfig, Stage1Config, Stage2Config or AnalysisConfig).
-        step: "preview" | "train_stage1" | "extract_topk" | "train_stage2" | "evaluate" | "submit_cirr" |
-            "make_figures" | "explorer".
-    """
-    expected = {"preview": DataConfig, "train_stage1": Stage1Config, "extract_topk": Stage1Config,
-                "train_stage2": Stage2Config, "evaluate": Stage2Config, "submit_cirr": Stage2Config,
-                "make_figures": AnalysisConfig, "explorer": AnalysisConfig}
-    if step not in expected:
-        raise ValueError(f"unknown step {step!r}; one of {list(expected)}")
-    if not isinstance(cfg, expected[step]):
-        raise TypeError(f"step {step!r} takes a {expected[step].__name__}, got {type(cfg).__name__}")
-    if step == "preview":
-        return _data_inputs(cfg)
-    if step == "train_stage1":
-        return (_data_inputs(cfg) + [_tokenizer_input(cfg)]
-                + _optional("BLIP pre-trained weights", cfg.pretrained, "you (pretrained=)")
-                + _optional("checkpoint to start from", cfg.init_checkpoint, "you (init_checkpoint=)"))
-    if step == "extract_topk":
-        return _data_inputs(cfg) + [Input("stage-I model", cfg.run_dir / "model", "01_stage1_train")]
-    if step in ("train_stage2", "evaluate"):
-        found = _data_inputs(cfg) + _stage1_model_inputs(cfg) + _val_topk_inputs(cfg)
-        if cfg.stage1_checkpoint:
-            found.append(_tokenizer_input(cfg))
-        if step == "evaluate":
-            return found + [Input("stage-II model", cfg.run_dir / "model", "03_stage2_train")]
-        if cfg.init == "pretrained":
-            found.append(Input("BLIP pre-trained weights (init='pretrained')", _abs(cfg.pretrained) if cfg.pretrained
-                               else Path("<pretrained= is empty>"), "you (pretrained=, or init='scratch')"))
-        if cfg.hard_negatives > 0:
-            found += [Input("train top-k file (hard negatives)", _topk_file(cfg.stage1_dir, "train", c),
-                            "02_stage1_topk with topk_splits including 'train'") for c in _categories(cfg)]
-        return found + _optional("checkpoint to start from", cfg.init_checkpoint, "you (init_checkpoint=)")
-    if step == "submit_cirr":
-        return (_data_inputs(cfg) + _stage1_model_inputs(cfg)
-                + [Input("stage-II model", cfg.run_dir / "model", "03_stage2_train"),
-                   Input("test1 top-k file", _topk_file(cfg.stage1_dir, "test1", None),
-                         "02_stage1_topk with topk_splits including 'test1'")])
-    # make_figures / explorer (which re-ranks on demand, so needs no stage-II labels)
-    found = [Input(f"{what} ({s.name}, {s.what})", p, made_by) for s in label_sources(cfg)
-             for what, p, made_by in (("stage-I top-K file", s.stage1_path, s.stage1_made_by),
-                                      ("stage-II label tensor", s.stage2_path, s.stage2_made_by))
-             if step == "make_figures" or what == "stage-I top-K file"]
-    if step == "explorer" or not cfg.original_dir:  # the grids / explorer look at images through our models
-        found = (_data_inputs(cfg) + found
-                 + [Input("stage-I model", paths.OUTPUTS / "stage1" / cfg.stage1_run / "model", "01_stage1_train"),
-                    Input("stage-II model", paths.OUTPUTS / "stage2" / cfg.stage2_run / "model", "03_stage2_train")])
-    return found
-
-
-def check_inputs(cfg: Any, step: str) -> pd.DataFrame:
-    """A table of the step's inputs; raises FileNotFoundError naming every missing one and what produces it.
-
-    Args:
-        cfg: the step's config.
-        step: see `required_inputs`.
-    """
-    inputs = required_inputs(cfg, step)
-    table = pd.DataFrame([{"input": i.what, "path": str(i.path), "exists": i.path.exists(), "made by": i.made_by}
-                          for i in inputs])
-    missing = [i for i in inputs if not i.path.exists()]
-    if missing:
-        lines = "\n".join(f"  - {i.what}: {i.path} (made by {i.made_by})" for i in missing)
-        raise FileNotFoundError(f"{step}: {len(missing)} input(s) missing:\n{lines}")
-    return table
-
-
-# ------------------------------------------------------------------------------------------------ training log
-
-
-def read_training_log(run_dir: str | Path) -> pd.DataFrame:
-    """The run's `metrics.jsonl` as a table (one row per record; column "kind" is train / epoch / val).
-
-    Args:
-        run_dir: a run folder written by `pipeline.train_stage1` / `train_stage2`.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist: train the run first")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return pd.DataFrame(columns=["kind", "epoch", "step"])
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n} is not JSON ({e}); expected one JSON object per line") from e
-    return pd.DataFrame.from_records(records)
-
-
-def plot_training_log(run_dir: str | Path) -> Figure:
-    """Training loss (per logged step and per epoch), learning rate, and validation metrics of one run.
-
-    A run trained for 0 epochs has no log; the figure then says so instead of plotting.
-
-    Args:
-        run_dir: a run folder written by `pipeline.train_stage1` / `train_stage2`.
-    """
-    log = read_training_log(run_dir)
-    fig = Figure(figsize=(11, 3.2), layout="constrained")
-    ax_loss, ax_lr, ax_val = fig.subplots(1, 3)
-    fig.suptitle(f"training log of {Path(run_dir).name}", fontsize=10)
-    if log.empty:
-        for ax in (ax_loss, ax_lr, ax_val):
-            ax.axis("off")
-        ax_lr.text(0.5, 0.5, "no metrics.jsonl: this run was not trained (epochs=0)", ha="center", va="center")
-        return fig
-    kinds = log["kind"] if "kind" in log else pd.Series("train", index=log.index)
-    train, epochs, val = log[kinds == "train"], log[kinds == "epoch"], log[kinds == "val"]
-    loss_keys = [c for c in log.columns if c == "loss" or c.endswith("_loss")]
-    for key in loss_keys:
-        if key in train and train[key].notna().any():
-            ax_loss.plot(train["step"], train[key], linewidth=1, label=f"{key} (steps)")
-        if key in epochs and epochs[key].notna().any():
-            ax_loss.plot(epochs["step"], epochs[key], "o--", markersize=4, label=f"{key} (epoch mean)")
-    ax_loss.set_xlabel("optimiser step")
-    ax_loss.set_title("loss", fontsize=9)
-    ax_loss.legend(fontsize=7)
-    lr_rows = pd.concat([train, epochs]).sort_values("step") if "lr" in log else log.iloc[:0]
-    if not lr_rows.empty:
-        ax_lr.plot(lr_rows["step"], lr_rows["lr"], ".-", linewidth=1)
-    ax_lr.set_xlabel("optimiser step")
-    ax_lr.set_title("learning rate", fontsize=9)
-    val_keys = [c for c in log.columns if c.startswith("val/")]
-    for key in val_keys:
-        if val[key].notna().any():
-            ax_val.plot(val["epoch"], val[key], "o-", markersize=3, linewidth=1, label=key.removeprefix("val/"))
-    ax_val.set_xlabel("epoch")
-    ax_val.set_title("validation" if val_keys else "no validation records", fontsize=9)
-    if val_keys:
-        ax_val.legend(fontsize=6, ncol=2)
-    return fig
+    return stage2_dir / steps.label_name(split, category)
 
 
 # ------------------------------------------------------------------------------------------------ recall views
@@ -259,11 +83,11 @@ def plot_candidate_recall(cfg: Stage1Config) -> Figure:
                                     prefix="cand@")
 
 
-def plot_comparison(comparison: "pipeline.Comparison") -> Figure:
+def plot_comparison(comparison: "steps.Comparison") -> Figure:
     """Recall@K of stage I and stage II on the same queries (CIRR: R@K; FashionIQ: the category mean avg_R@K).
 
     Args:
-        comparison: from `pipeline.evaluate`.
+        comparison: from `steps.evaluate`.
     """
     prefix = "avg_R@" if any(key.startswith("avg_R@") for key in comparison.stage1) else "R@"
     ks = sorted(int(key[len(prefix):]) for key in comparison.stage1
@@ -285,9 +109,9 @@ def submission_report(cfg: Stage2Config, files: dict[str, Path]) -> pd.DataFrame
 
     Args:
         cfg: the stage-II config (its data_root locates the test1 annotation files).
-        files: label -> path, as returned by `pipeline.submit_cirr` (empty when skipped: an empty table).
+        files: label -> path, as returned by `steps.submit_cirr` (empty when skipped: an empty table).
     """
-    from cirlib import submission
+    from cirlib.eval import submission
 
     columns = ["file", "metric", "pair ids", "names per list", "problems"]
     if not files:
@@ -456,9 +280,9 @@ def load_models(cfg: AnalysisConfig) -> Models:
                          f"(its config.json), but stage1_run={cfg.stage1_run!r}: set stage1_run to match")
     if cfg.data_root:
         s2cfg = dataclasses.replace(s2cfg, data_root=cfg.data_root)
-    dev = pipeline.device()
-    stage1, tok = pipeline.stage1_for(s2cfg)
-    stage2 = pipeline.load_stage2_run(run_dir)
+    dev = steps.device()
+    stage1, tok = steps.stage1_for(s2cfg)
+    stage2 = steps.load_stage2_run(run_dir)
     return Models(stage1.to(dev).eval(), stage2.to(dev).eval(), tok, s2cfg, dev)
 
 

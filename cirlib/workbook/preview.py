@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from cirlib import data as cdata
 from cirlib import paths
-from cirlib.config import DataConfig
+from cirlib.workbook.config import DataConfig
 
 SMOKE_EXAMPLES = 2  # triplets drawn when cfg.smoke
 

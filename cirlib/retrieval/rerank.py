@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
-from cirlib import metrics as M
+from cirlib.eval import metrics as M
 from cirlib.models.stage2 import RerankQuery
-from cirlib.retrieval import GalleryFeatures, query_texts
-from cirlib.topk import TopK
+from cirlib.retrieval.search import GalleryFeatures, query_texts
+from cirlib.retrieval.topk import TopK
 
 
 @dataclass

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
-from cirlib.topk import TopK
+from cirlib.retrieval.topk import TopK
 
 
 @dataclass

@@ -13,7 +13,6 @@ with batch b train exactly as one process with batch N*b.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np

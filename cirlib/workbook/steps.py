@@ -20,21 +20,21 @@ import torch
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
-from cirlib import metrics as M
+from cirlib.eval import metrics as M
 from cirlib import paths
-from cirlib.config import Stage1Config, Stage2Config, split_list, to_json
+from cirlib.workbook.config import Stage1Config, Stage2Config, split_list, to_json
 from cirlib.models import loading
 from cirlib.models.config import ModelConfig, preset
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
-from cirlib.rerank import RerankResult, rerank
-from cirlib.retrieval import (Ranking, encode_gallery, encode_queries, rank_gallery, stage1_encoder, stage2_encoder,
+from cirlib.retrieval.rerank import RerankResult, rerank
+from cirlib.retrieval.search import (Ranking, encode_gallery, encode_queries, rank_gallery, stage1_encoder, stage2_encoder,
                               topk_from_ranking)
-from cirlib.runtime import seed_everything
-from cirlib.tasks import MinedTripletDataset, Stage1Task, Stage2Task
-from cirlib.tokenizer import build_tokenizer
-from cirlib.topk import TopK
-from cirlib.train import TrainConfig, fit
+from cirlib.train.runtime import seed_everything
+from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
+from cirlib.data.tokenizer import build_tokenizer
+from cirlib.retrieval.topk import TopK
+from cirlib.train.loop import TrainConfig, fit
 
 CIRR_KS = (1, 5, 10, 50)
 FIQ_KS = (1, 5, 10, 50)
@@ -614,7 +614,7 @@ def submit_cirr(cfg: Stage2Config) -> dict[str, Path]:
 
 def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
                        out_dir: Path) -> dict[str, Path]:
-    from cirlib import submission
+    from cirlib.eval import submission
 
     pair_ids = [q.pair_id for q in sd.queries]
     written: dict[str, Path] = {}

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 from tqdm.auto import tqdm
 
 from cirlib.paths import REPO_ROOT
-from cirlib.runtime import RuntimeInfo, accelerate_mixed_precision, resolve_precision, runtime_info, seed_everything
+from cirlib.train.runtime import RuntimeInfo, accelerate_mixed_precision, resolve_precision, runtime_info, seed_everything
 
 SCHEDULES = ("cosine_per_epoch", "cosine_per_epoch_clamped", "cosine_per_step", "constant")
 CHECKPOINT_FORMAT = "cirlib.train/1"

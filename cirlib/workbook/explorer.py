@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cirlib import analysis, plots
+from cirlib.workbook import figures
+from cirlib import plots
 from cirlib import data as cdata
-from cirlib import metrics as M
-from cirlib.config import AnalysisConfig
-from cirlib.topk import TopK, read_topk_dict
+from cirlib.eval import metrics as M
+from cirlib.workbook.config import AnalysisConfig
+from cirlib.retrieval.topk import TopK, read_topk_dict
 
 SHOWN = 8  # candidates drawn per stage in the explorer figure
 
@@ -61,7 +62,7 @@ class Explorer:
 
     def __init__(self, cfg: AnalysisConfig):
         self.cfg = cfg
-        sources = analysis.label_sources(cfg)
+        sources = figures.label_sources(cfg)
         self.sources = {s.category: s for s in sources if s.stage1_path.is_file()}
         if not self.sources:
             paths_ = ", ".join(str(s.stage1_path) for s in sources)
@@ -70,7 +71,7 @@ class Explorer:
         self._topk: dict[str | None, TopK] = {}
         self._split: dict[str | None, cdata.SplitData] = {}
         self._scores: dict[tuple[str | None, int], np.ndarray] = {}
-        self._models: analysis.Models | None = None
+        self._models: figures.Models | None = None
 
     # ---------------------------------------------------------------------------------------------- data
     @property
@@ -97,7 +98,7 @@ class Explorer:
         """The validation split the top-K rows belong to."""
         category = self._category(category)
         if category not in self._split:
-            sd = analysis.val_split(self.cfg, category)
+            sd = figures.val_split(self.cfg, category)
             if self.topk(category).num_queries > len(sd.queries):
                 raise ValueError(f"{self.sources[category].stage1_path} has {self.topk(category).num_queries} rows "
                                  f"but the split has {len(sd.queries)} queries: another split file?")
@@ -108,14 +109,14 @@ class Explorer:
         """The browsable queries: text, reference, target and the target's stage-I rank (1-based; 0 = not in top-K)."""
         tk, sd = self.topk(category), self.split(category)
         no_labels = np.zeros(tk.num_queries, int)
-        ranks = no_labels if tk.labels is None else M.ranks_from_labels(analysis.as_numpy(tk.labels)) + 1
+        ranks = no_labels if tk.labels is None else M.ranks_from_labels(figures.as_numpy(tk.labels)) + 1
         return pd.DataFrame([{"text": cdata.query_text(q, sd.dataset, sd.split), "reference": q.reference,
                               "target": q.target, "stage-I rank": int(r)}
                              for q, r in zip(sd.queries[:tk.num_queries], ranks)])
 
     def default_settings(self, category: str | None = None) -> tuple[int, float]:
         """K and fusion weight of the stage-II run's evaluation (else the top-K width and 0)."""
-        k, w = analysis.evaluation_settings(self.cfg, self.topk(category).k)
+        k, w = figures.evaluation_settings(self.cfg, self.topk(category).k)
         return min(k, self.topk(category).k), (w if self.topk(category).scores is not None else 0.0)
 
     def stage2_scores(self, row: int, category: str | None = None) -> np.ndarray:
@@ -124,9 +125,9 @@ class Explorer:
         key = (category, int(row))
         if key not in self._scores:
             if self._models is None:
-                self._models = analysis.load_models(self.cfg)
+                self._models = figures.load_models(self.cfg)
             tk = self.topk(category)
-            res = analysis.rerank_rows(self._models, self.split(category), tk, [row], k=tk.k)
+            res = figures.rerank_rows(self._models, self.split(category), tk, [row], k=tk.k)
             self._scores[key] = res.stage2_scores[0].numpy()
         return self._scores[key]
 
@@ -146,7 +147,7 @@ class Explorer:
         if fusion_weight > 0 and tk.scores is None:
             raise ValueError("fusion needs stage-I scores, which this top-k file (an original one) does not hold")
         s2 = self.stage2_scores(row, category)[:k]
-        s1 = None if tk.scores is None else analysis.as_numpy(tk.scores)[row, :k]
+        s1 = None if tk.scores is None else figures.as_numpy(tk.scores)[row, :k]
         # the same fusion as cirlib.rerank (rows z-scored: cosine and logit scales differ)
         final = s2 if fusion_weight == 0 else M.fuse_scores(s1[None], s2[None], fusion_weight, normalize=True)[0]
         order = np.argsort(-final, kind="stable")

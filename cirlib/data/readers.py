@@ -39,17 +39,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
-import torch
-import torchvision.transforms.functional as TF
-from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from cirlib.paths import data_root
 
@@ -62,9 +58,6 @@ FIQ_TRAIN_ORDER = ("dress", "toptee", "shirt")
 CIRR_SET_SIZE = 6  # img_set.members per CIRR record (reference + 5 candidates for Recall_subset)
 FIQ_NUM_CAPTIONS = 2
 
-# CLIP / BLIP normalisation constants (the original's `targetpad_transform`).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Characters stripped from both ends of each FashionIQ caption before joining (the original's `strip('.?, ')`).
 FIQ_STRIP_CHARS = ".?, "
@@ -473,7 +466,7 @@ def query_text(query: Query, dataset: str, split: str, rng: random.Random | None
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Images and transforms
+# Images
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
@@ -493,217 +486,3 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-class TargetPad:
-    """Pad to aspect ratio `target_ratio` with black borders, only if the image is more elongated than that."""
-
-    def __init__(self, target_ratio: float):
-        if not target_ratio >= 1.0:
-            raise ValueError(f"target_ratio must be >= 1, got {target_ratio}")
-        self.target_ratio = target_ratio
-
-    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        w, h = image.size
-        if max(w, h) / min(w, h) < self.target_ratio:
-            return image
-        scaled = max(w, h) / self.target_ratio
-        # int() truncates toward zero exactly as the original; padding is symmetric, so odd gaps lose a pixel.
-        hp = max(int((scaled - w) / 2), 0)
-        vp = max(int((scaled - h) / 2), 0)
-        return TF.pad(image, [hp, vp, hp, vp], fill=0, padding_mode="constant")
-
-    def __repr__(self) -> str:
-        return f"TargetPad(target_ratio={self.target_ratio})"
-
-
-class SquarePad:
-    """Pad to a square with black borders (the original's `SquarePad`)."""
-
-    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        w, h = image.size
-        side = max(w, h)
-        hp = int((side - w) / 2)
-        vp = int((side - h) / 2)
-        return TF.pad(image, [hp, vp, hp, vp], fill=0, padding_mode="constant")
-
-    def __repr__(self) -> str:
-        return "SquarePad()"
-
-
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    return image.convert("RGB")
-
-
-def _finish(pad: Callable[[PIL.Image.Image], PIL.Image.Image], image_size: int) -> T.Compose:
-    if not (isinstance(image_size, int) and image_size > 0):
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    return T.Compose(
-        [
-            pad,
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(image_size),
-            _to_rgb,
-            T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
-
-
-def targetpad_transform(target_ratio: float = 1.25, image_size: int = 384) -> T.Compose:
-    """The original preprocessing: TargetPad, bicubic resize of the short side, centre crop, RGB, CLIP normalise.
-
-    Args:
-        target_ratio: pad only images with max/min side >= this, up to this ratio.
-        image_size: output side S; the result maps a PIL image to a float tensor (3, S, S).
-    """
-    return _finish(TargetPad(target_ratio), image_size)
-
-
-def squarepad_transform(image_size: int = 384) -> T.Compose:
-    """SquarePad then the same resize, crop and normalisation as `targetpad_transform`.
-
-    Args:
-        image_size: output side S; PIL image -> float tensor (3, S, S).
-    """
-    return _finish(SquarePad(), image_size)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# torch Datasets
-
-
-def _split_label(data: SplitData) -> str:
-    return f"{data.dataset} {data.split}" + ("" if data.category is None else f" {data.category}")
-
-
-def _open(data: SplitData, name: str, transform: Callable, role: str) -> torch.Tensor:
-    try:
-        return transform(load_image(data.image_path(name)))
-    except DatasetError as e:
-        raise DatasetError(f"{e} (while loading {role} {name!r} of {_split_label(data)})") from e
-
-
-class GalleryDataset(Dataset):
-    """Gallery images in split-file order ("classic" mode): items {"name": str, "image": (3, S, S)}."""
-
-    def __init__(self, split_data: SplitData, transform: Callable[[PIL.Image.Image], torch.Tensor]):
-        self.data = split_data
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.data.gallery)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        name = self.data.gallery[i]
-        return {"name": name, "image": _open(self.data, name, self.transform, "gallery image")}
-
-
-class TripletDataset(Dataset):
-    """Training triplets: items {"reference", "target", "reference_image", "target_image", "text"}.
-
-    FashionIQ training text is drawn from a generator seeded by (seed, epoch, index), so an item's text does not
-    depend on worker count or visiting order; call `set_epoch` to draw fresh joins each epoch.
-    """
-
-    def __init__(self, split_data: SplitData, transform: Callable[[PIL.Image.Image], torch.Tensor], seed: int):
-        if not split_data.has_targets:
-            raise DatasetError(f"{_split_label(split_data)} has no targets; triplets need a train or val split")
-        if not split_data.queries:
-            raise DatasetError(
-                f"{_split_label(split_data)} has no queries (read with with_queries=False, or an empty caption file)"
-            )
-        self.data = split_data
-        self.transform = transform
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose caption draws `__getitem__` returns."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.data.queries)
-
-    def text(self, i: int) -> str:
-        """Query text of item i for the current seed and epoch (no image is opened)."""
-        # String seeds hash with SHA-512 inside `random`, so they are stable across processes (unlike hash()).
-        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
-        return query_text(self.data.queries[i], self.data.dataset, self.data.split, rng)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        q = self.data.queries[i]
-        assert q.target is not None  # guaranteed by has_targets and the reader
-        return {
-            "reference": q.reference,
-            "target": q.target,
-            "reference_image": _open(self.data, q.reference, self.transform, f"reference of query {q.index}"),
-            "target_image": _open(self.data, q.target, self.transform, f"target of query {q.index}"),
-            "text": self.text(i),
-        }
-
-
-class QueryDataset(Dataset):
-    """Queries without images ("relative" evaluation mode): items {"index", "pair_id", "reference", "target",
-    "text", "members"}. FashionIQ text is always the fixed "C1 and c2" join, also on the train split."""
-
-    def __init__(self, split_data: SplitData):
-        self.data = split_data
-
-    def __len__(self) -> int:
-        return len(self.data.queries)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        q = self.data.queries[i]
-        text = q.captions[0] if self.data.dataset == "cirr" else fiq_caption_join(q.captions)
-        return {
-            "index": q.index,
-            "pair_id": q.pair_id,
-            "reference": q.reference,
-            "target": q.target,
-            "text": text,
-            "members": None if q.members is None else list(q.members),
-        }
-
-
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collate dataset items: tensors are stacked (B, ...), every other field becomes a list of length B.
-
-    torch's default collate rejects None (FashionIQ pair_id, test targets) and transposes lists of names, so use this.
-
-    Args:
-        batch: items from one of the datasets above, all with the same keys.
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    out: dict[str, Any] = {}
-    for key in batch[0]:
-        values = [item[key] for item in batch]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
-
-
-__all__ = [
-    "CIRR_SPLITS",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "DATASETS",
-    "DatasetError",
-    "FIQ_CATEGORIES",
-    "FIQ_SPLITS",
-    "FIQ_TRAIN_ORDER",
-    "GalleryDataset",
-    "Query",
-    "QueryDataset",
-    "SplitData",
-    "SquarePad",
-    "TargetPad",
-    "TripletDataset",
-    "collate",
-    "fiq_caption_join",
-    "load_image",
-    "load_split",
-    "query_text",
-    "squarepad_transform",
-    "targetpad_transform",
-]

@@ -1,0 +1,2 @@
+"""The runners: papermill batches, multi-process launches, the demo. Nothing imports them.
+"""

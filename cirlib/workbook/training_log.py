@@ -1,0 +1,77 @@
+"""A run's training log (`metrics.jsonl`) as a table and as a figure (notebooks 01 and 03)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+# ------------------------------------------------------------------------------------------------ training log
+
+
+def read_training_log(run_dir: str | Path) -> pd.DataFrame:
+    """The run's `metrics.jsonl` as a table (one row per record; column "kind" is train / epoch / val).
+
+    Args:
+        run_dir: a run folder written by `steps.train_stage1` / `train_stage2`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist: train the run first")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return pd.DataFrame(columns=["kind", "epoch", "step"])
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n} is not JSON ({e}); expected one JSON object per line") from e
+    return pd.DataFrame.from_records(records)
+
+
+def plot_training_log(run_dir: str | Path) -> Figure:
+    """Training loss (per logged step and per epoch), learning rate, and validation metrics of one run.
+
+    A run trained for 0 epochs has no log; the figure then says so instead of plotting.
+
+    Args:
+        run_dir: a run folder written by `steps.train_stage1` / `train_stage2`.
+    """
+    log = read_training_log(run_dir)
+    fig = Figure(figsize=(11, 3.2), layout="constrained")
+    ax_loss, ax_lr, ax_val = fig.subplots(1, 3)
+    fig.suptitle(f"training log of {Path(run_dir).name}", fontsize=10)
+    if log.empty:
+        for ax in (ax_loss, ax_lr, ax_val):
+            ax.axis("off")
+        ax_lr.text(0.5, 0.5, "no metrics.jsonl: this run was not trained (epochs=0)", ha="center", va="center")
+        return fig
+    kinds = log["kind"] if "kind" in log else pd.Series("train", index=log.index)
+    train, epochs, val = log[kinds == "train"], log[kinds == "epoch"], log[kinds == "val"]
+    loss_keys = [c for c in log.columns if c == "loss" or c.endswith("_loss")]
+    for key in loss_keys:
+        if key in train and train[key].notna().any():
+            ax_loss.plot(train["step"], train[key], linewidth=1, label=f"{key} (steps)")
+        if key in epochs and epochs[key].notna().any():
+            ax_loss.plot(epochs["step"], epochs[key], "o--", markersize=4, label=f"{key} (epoch mean)")
+    ax_loss.set_xlabel("optimiser step")
+    ax_loss.set_title("loss", fontsize=9)
+    ax_loss.legend(fontsize=7)
+    lr_rows = pd.concat([train, epochs]).sort_values("step") if "lr" in log else log.iloc[:0]
+    if not lr_rows.empty:
+        ax_lr.plot(lr_rows["step"], lr_rows["lr"], ".-", linewidth=1)
+    ax_lr.set_xlabel("optimiser step")
+    ax_lr.set_title("learning rate", fontsize=9)
+    val_keys = [c for c in log.columns if c.startswith("val/")]
+    for key in val_keys:
+        if val[key].notna().any():
+            ax_val.plot(val["epoch"], val[key], "o-", markersize=3, linewidth=1, label=key.removeprefix("val/"))
+    ax_val.set_xlabel("epoch")
+    ax_val.set_title("validation" if val_keys else "no validation records", fontsize=9)
+    if val_keys:
+        ax_val.legend(fontsize=6, ncol=2)
+    return fig
