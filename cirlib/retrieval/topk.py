@@ -130,6 +130,8 @@ class TopK:
     group_names: np.ndarray | None = None  # (N, 5) str, CIRR non-reference img_set members in stage-I order
     reference_removed: bool | None = None  # None -> the original's convention: CIRR True, FashionIQ False
     stage1_run: str | None = None  # name of the stage-I run that produced the ranking
+    # what produced the file (JSON-able): e.g. the stage-I weights' sha256, the config hash; reuse decisions read it
+    provenance: dict[str, Any] | None = None
     # (N, K) int64 position of each candidate in index_names (derived, e.g. to gather gallery features)
     candidate_index: np.ndarray = dataclasses.field(init=False, repr=False)
 
@@ -326,6 +328,7 @@ class TopK:
             "k": self.k,
             "scores": None if self.scores is None else self.scores.contiguous().clone(),
             "stage1_run": self.stage1_run,
+            "provenance": None if self.provenance is None else dict(self.provenance),
             "reference_removed": bool(self.reference_removed),
             "group_names": None if self.group_names is None else np.ascontiguousarray(self.group_names, dtype=str),
             "cirlib_version": _cirlib_version(),
@@ -393,6 +396,7 @@ class TopK:
             group_names=meta.get("group_names"),
             reference_removed=meta.get("reference_removed"),
             stage1_run=meta.get("stage1_run"),
+            provenance=meta.get("provenance"),
         )
 
     @classmethod
