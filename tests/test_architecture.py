@@ -1,0 +1,146 @@
+"""The rooms of cirlib and the import rules between them (README "Architecture").
+
+Every module of the package belongs to exactly one room; each room may import only the rooms its rule allows. The
+graph is read from the source (every `import` and `from ... import`, also those inside functions), so a lazy import
+cannot slip past.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from cirlib import paths
+
+PACKAGE = paths.REPO_ROOT / "cirlib"
+
+# room -> module-name prefixes that belong to it (the longest matching prefix decides)
+ROOMS: dict[str, tuple[str, ...]] = {
+    "base": ("cirlib", "cirlib.paths", "cirlib.run_folder", "cirlib.distributed"),
+    "data": ("cirlib.data",),
+    "models": ("cirlib.models",),
+    "loop": ("cirlib.train", "cirlib.train.loop", "cirlib.train.schedules", "cirlib.train.checkpoints",
+             "cirlib.train.runtime"),
+    "tasks": ("cirlib.train.tasks",),
+    "retrieval": ("cirlib.retrieval",),
+    "eval": ("cirlib.eval",),
+    "plots": ("cirlib.plots",),
+    "workbook": ("cirlib.workbook",),
+    "runners": ("cirlib.run", "cirlib.batch", "cirlib.launch", "cirlib.demo", "cirlib.synth", "cirlib.submission",
+                "cirlib.circo"),
+    "tools": ("cirlib.verify_original", "cirlib.bench"),
+}
+
+# room -> the rooms it may import (besides itself)
+ALLOWED: dict[str, set[str]] = {
+    "base": set(),  # paths, run_folder, distributed: helpers every room above them uses (run_folder uses paths)
+    "models": set(),  # the model library imports nothing else from cirlib
+    "data": {"paths"},  # nothing but the path helpers (see PATH_HELPERS)
+    "eval": set(),  # metrics, rank shift, submissions: pure, nothing from cirlib
+    "loop": {"base"},  # the training loop knows no models, data or retrieval
+    "tasks": {"base", "loop", "models", "data", "retrieval"},
+    "retrieval": {"base", "models", "data", "eval"},
+    "plots": {"base", "eval"},
+    "workbook": {"base", "data", "models", "loop", "tasks", "retrieval", "eval", "plots"},
+    "runners": {"base", "data", "eval", "workbook", "loop"},
+    "tools": {"base", "data", "models", "eval"},
+}
+PATH_HELPERS = "cirlib.paths"
+
+
+def room_of(module: str) -> str:
+    best, best_len = None, -1
+    for room, prefixes in ROOMS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = room, len(prefix)
+    if best is None:
+        raise KeyError(f"module {module} belongs to no room: add it to ROOMS (and README's architecture section)")
+    return best
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The cirlib modules a source file imports (resolving `from cirlib.x import y` to cirlib.x.y when y is a module)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "cirlib"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "cirlib":
+                continue
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                is_module = (PACKAGE.parent / Path(*candidate.split("."))).with_suffix(".py").is_file() or \
+                    (PACKAGE.parent / Path(*candidate.split("."))).is_dir()
+                found.add(candidate if is_module else node.module)
+    return found
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that breaks a room's rule, as 'importer -> imported (room a may not import room b)'."""
+    bad = []
+    for importer, imported in sorted(graph.items()):
+        src = room_of(importer)
+        for target in sorted(imported):
+            dst = room_of(target)
+            if dst == src or (importer in ("cirlib",) and dst == "base"):
+                continue
+            if src == "data" and target == PATH_HELPERS:
+                continue
+            if src == "base" and importer == "cirlib.run_folder" and target == PATH_HELPERS:
+                continue
+            if dst not in ALLOWED[src]:
+                bad.append(f"{importer} -> {target} ({src} may not import {dst})")
+    return bad
+
+
+def package_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_belongs_to_a_room():
+    for module in package_graph():
+        room_of(module)  # raises naming the module
+
+
+def test_the_import_rules_hold():
+    bad = violations(package_graph())
+    assert not bad, "import rules broken:\n" + "\n".join(bad)
+
+
+def test_nothing_imports_the_runners_or_the_tools():
+    graph = package_graph()
+    for importer, imported in graph.items():
+        src = room_of(importer)
+        for target in imported:
+            if room_of(target) in ("runners", "tools") and src not in ("runners", "tools"):
+                pytest.fail(f"{importer} imports {target}: nothing imports the runners or the tools")
+
+
+@pytest.mark.parametrize("importer, target", [
+    ("cirlib.models.stage1", "cirlib.data.readers"),  # models import nothing else from cirlib
+    ("cirlib.eval.metrics", "cirlib.paths"),  # eval imports nothing from cirlib
+    ("cirlib.data.readers", "cirlib.run_folder"),  # data: the path helpers only
+    ("cirlib.train.loop", "cirlib.models.stage1"),  # the loop knows no models
+    ("cirlib.train.loop", "cirlib.retrieval.topk"),  # ... nor retrieval
+    ("cirlib.retrieval.rerank", "cirlib.workbook.steps"),  # workbook sits above retrieval
+    ("cirlib.workbook.steps", "cirlib.run.batch"),  # nothing imports the runners
+])
+def test_the_checker_catches_a_broken_rule(importer, target):
+    assert violations({importer: {target}}), f"{importer} -> {target} should break a rule"
+
+
+def test_the_checker_reads_lazy_imports(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from cirlib.workbook import steps\n    import cirlib.run.batch\n")
+    assert imports_of(src) == {"cirlib.workbook.steps", "cirlib.run.batch"}
