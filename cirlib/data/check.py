@@ -1,0 +1,325 @@
+"""Check a downloaded CIRR or FashionIQ folder in one pass: layout, annotation files, every image the splits name.
+
+    python -m cirlib.data check --dataset cirr|fashioniq ROOT [--workers N] [--problems-file FILE]
+
+The report gives, per split (and FashionIQ category), the queries and gallery images found against the public
+release's counts; whether each annotation file is byte-identical to the public release (sha256) or modified; and ALL
+missing or unreadable images (exists, opens, decodes fully, non-zero size), each with the number of queries whose
+reference or target it is, written in full to a tab-separated file. It ends with what to do. The exit code is 1 when
+anything would stop a run (an annotation file that does not parse, a missing or unreadable image), else 0.
+
+Images are checked by several worker processes (decoding 100k images is the slow part); annotation files are
+parsed by the same readers the pipeline uses, so a file the check accepts is a file the pipeline reads.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+
+from cirlib import paths
+from cirlib.data.readers import CIRR_SPLITS, FIQ_CATEGORIES, FIQ_SPLITS, DatasetError, SplitData, load_split
+
+# The public release (shared/data/real-annotations/README.md): sha256 of each annotation file, by its path under
+# the dataset root, and the (queries, gallery images) of each split. CIRR's train captions (28,225 queries) were not
+# in our reference copy, so their hash is unknown: such a file is reported as "not compared", never as identical.
+PUBLIC_SHA256 = {
+    "cirr": {
+        "cirr/image_splits/split.rc2.train.json": "7b3f2211ff67e527190754ab778321a3c83f0baa6150d1e6c19646ec25c3bcb9",
+        "cirr/image_splits/split.rc2.val.json": "de36f7a7219c8bb06347a67748cfc68405be7dad62853a1e31846c98e491235b",
+        "cirr/image_splits/split.rc2.test1.json": "bf2bb9ed0659c4aae35de72350652b9ab75d36a060211f826bec15c58ec12566",
+        "cirr/captions/cap.rc2.val.json": "a85c3a1aa464f1af7229918e8018d08b8b20ce5dab479ffdf39d61113140f919",
+        "cirr/captions/cap.rc2.test1.json": "26a2b2e7a5c96c903491aefc7d5f237f03d3cca97712e1b6bb3b231db5ff8001",
+        "cirr/captions/cap.rc2.train.json": None,
+    },
+    "fashioniq": {
+        "image_splits/split.dress.train.json": "dcb1c7329003e85e39a3010147a620cee4b7de6a5ddf2626f253bc9a2cdd78e5",
+        "image_splits/split.dress.val.json": "21ff91d53c23859da91bfd49f3acc139b7f3a3dc944fc4e4a80194468cf14bab",
+        "image_splits/split.dress.test.json": "1d1d3af24b9ec4ed3f7805c53a870148df9b51e232b32912505d8ae54718353d",
+        "image_splits/split.shirt.train.json": "1552c05d866d31b43321a719b2cb8a65f02c53e9a6bc355861fe1d62498b9983",
+        "image_splits/split.shirt.val.json": "b82effbf7352a6f828b38c45eb32e53d726bd4d6fd81d6290c81eeb2c68e3234",
+        "image_splits/split.shirt.test.json": "8d243830e80e77c23c8dc9a85db87813230d38da146f0706082db812f591968b",
+        "image_splits/split.toptee.train.json": "aa9b3a55332340f21360fb6a3fe174badd27ce389fe7d78d890bf2b9032ffe05",
+        "image_splits/split.toptee.val.json": "ee42b2505275dd7a19b11ddb88c9264aab2d77f4e59b075fb1c7c3095d02f412",
+        "image_splits/split.toptee.test.json": "25a30d4f4013a04026585399b10980db7cba39dfaad0d97a0671a62e2125ddbf",
+        "captions/cap.dress.train.json": "1691bd52e5bbda755b0c1f14d1024000be2c57a0cc29511a327af1372636a946",
+        "captions/cap.dress.val.json": "5e5117d45695df9c3ca91fac3e0bc49e6422ae9c8b3793f0ac9b3ab83adb7de9",
+        "captions/cap.dress.test.json": "190240b3b4d115cd4f80de65ab78ca18a3f8581c041cbeea6f5a1f57ee4f5a48",
+        "captions/cap.shirt.train.json": "0999ce5da01a38f0cef1547941b738f4c56e225fdd9b8e03e2a6edaf292f94c3",
+        "captions/cap.shirt.val.json": "7b7ca3797b85dddfd83e74cdb4454cb63e3e7c09acef2590155efbacea6d7feb",
+        "captions/cap.shirt.test.json": "27c7551b005d4befa53135a7ddee5e31c97821eafd3ceb3fec514e7ac0ad83a7",
+        "captions/cap.toptee.train.json": "6daa171a9e744823087780a3b69b8b697bd05526adb6dd55a38ee6c4904ab348",
+        "captions/cap.toptee.val.json": "b4e09f428e6c255cc4b4ec46e77908305ab83075d82840c960be81af15cdc5eb",
+        "captions/cap.toptee.test.json": "db822aa52340ce1f09c3000064f79b60b6c476b50b98bf34200dd2996c06e146",
+    },
+}
+PUBLIC_COUNTS: dict[str, dict[tuple[str, str | None], tuple[int, int]]] = {
+    "cirr": {("train", None): (28225, 16939), ("val", None): (4181, 2297), ("test1", None): (4148, 2315)},
+    "fashioniq": {
+        ("train", "dress"): (5985, 11452), ("val", "dress"): (2017, 3817), ("test", "dress"): (2024, 3818),
+        ("train", "shirt"): (5988, 19036), ("val", "shirt"): (2038, 6346), ("test", "shirt"): (2038, 6346),
+        ("train", "toptee"): (6027, 16121), ("val", "toptee"): (1961, 5373), ("test", "toptee"): (2056, 5374),
+    },
+}
+_CHUNK = 64  # images per task sent to a worker process
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    """A missing or unreadable image and what it breaks."""
+
+    split: str
+    category: str | None
+    name: str
+    path: Path
+    problem: str  # "missing" | "empty file" | "unreadable: <error>"
+    queries_affected: int  # queries of this split whose reference or target it is
+
+
+@dataclass
+class SplitCheck:
+    split: str
+    category: str | None
+    queries: int | None  # None when the caption file could not be read
+    expected_queries: int | None
+    images: int | None
+    expected_images: int | None
+    missing: int = 0
+    unreadable: int = 0
+    queries_affected: int = 0  # queries with a missing/unreadable reference or target
+    error: str | None = None  # an annotation problem that stops a run
+
+
+@dataclass
+class CheckReport:
+    """What `check_dataset` found; `blocking` is True when a run on this folder would stop."""
+
+    dataset: str
+    root: Path
+    annotation_files: list[dict]  # {"file", "status": identical|modified|missing|not compared, "sha256"}
+    splits: list[SplitCheck]
+    problems: list[ImageProblem]
+    notes: list[str] = field(default_factory=list)
+    problems_file: Path | None = None
+
+    @property
+    def blocking(self) -> bool:
+        return bool(self.problems) or any(s.error for s in self.splits)
+
+    def text(self) -> str:
+        """The report as a person reads it."""
+        lines = [f"{self.dataset} at {self.root}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append("annotation files:")
+        for f in self.annotation_files:
+            lines.append(f"  {f['status']:<14} {f['file']}")
+        lines.append("splits (found / public release):")
+        for s in self.splits:
+            where = s.split + (f" {s.category}" if s.category else "")
+            q = "?" if s.queries is None else f"{s.queries:,}"
+            g = "?" if s.images is None else f"{s.images:,}"
+            eq = "?" if s.expected_queries is None else f"{s.expected_queries:,}"
+            eg = "?" if s.expected_images is None else f"{s.expected_images:,}"
+            lines.append(f"  {where:<14} queries {q} / {eq}   images {g} / {eg}   missing {s.missing:,}   "
+                         f"unreadable {s.unreadable:,}   queries affected {s.queries_affected:,}")
+            if s.error:
+                lines.append(f"    ERROR: {s.error}")
+        if self.problems:
+            kinds = Counter(p.problem.split(":")[0] for p in self.problems)
+            lines.append(f"{len(self.problems):,} image problems ({', '.join(f'{n:,} {k}' for k, n in kinds.items())})"
+                         f"; the full list: {self.problems_file}")
+            for p in sorted(self.problems, key=lambda p: -p.queries_affected)[:10]:
+                lines.append(f"  {p.problem:<10.60} {p.path}  ({p.queries_affected} queries)")
+            if len(self.problems) > 10:
+                lines.append(f"  ... {len(self.problems) - 10:,} more in {self.problems_file}")
+        lines.append("what to do:")
+        lines += [f"  - {a}" for a in self.advice()]
+        return "\n".join(lines)
+
+    def advice(self) -> list[str]:
+        out = []
+        if any(s.error for s in self.splits):
+            out.append("fix or re-download the annotation files named above (the public copies: CIRR's "
+                       "`cirr_dataset` branch, FashionIQ's repository); a run stops at the first broken record")
+        modified = [f["file"] for f in self.annotation_files if f["status"] == "modified"]
+        if modified:
+            out.append(f"{len(modified)} annotation file(s) differ from the public release: numbers computed on "
+                       "them are not comparable with published ones")
+        if self.problems:
+            out.append(f"restore the {len(self.problems):,} images listed in {self.problems_file} (re-download, or "
+                       "re-extract the archive); a run stops at a missing or unreadable image")
+        if not out:
+            out.append("nothing: every annotation file parses and every image named by the splits opens")
+        return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _inspect(path: str) -> str | None:
+    """None when the image opens and decodes fully, else what is wrong with it (runs in a worker process)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable: {err}"
+    if size == 0:
+        return "empty file"
+    try:
+        with PIL.Image.open(p) as im:
+            im.load()  # decode every pixel: a truncated file opens but fails here
+            if im.width < 1 or im.height < 1:
+                return f"unreadable: size {im.width}x{im.height}"
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+        return f"unreadable: {type(err).__name__}: {err}"
+    return None
+
+
+def _inspect_chunk(chunk: list[str]) -> list[str | None]:
+    return [_inspect(p) for p in chunk]
+
+
+def _splits_of(dataset: str) -> list[tuple[str, str | None]]:
+    if dataset == "cirr":
+        return [(s, None) for s in CIRR_SPLITS]
+    return [(s, c) for c in FIQ_CATEGORIES for s in FIQ_SPLITS]
+
+
+def _read_split(dataset: str, root: Path, split: str, category: str | None) -> tuple[SplitData | None, str | None]:
+    """The split with its queries; else its gallery alone and why the queries could not be read."""
+    try:
+        return load_split(dataset, root, split, category), None
+    except DatasetError as err:
+        try:
+            return load_split(dataset, root, split, category, with_queries=False), str(err)
+        except DatasetError as err2:
+            return None, str(err2)
+
+
+def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None = None, progress: bool = True,
+                  problems_file: str | os.PathLike | None = None) -> CheckReport:
+    """Check a dataset folder; see the module docstring. Never raises for what it finds: it reports it.
+
+    Args:
+        dataset: "cirr" or "fashioniq".
+        root: the dataset root (cirr_dataset / fashionIQ_dataset folder).
+        workers: image-checking processes (default: the CPU count, at most 8; 0 checks in this process).
+        progress: show a progress bar over the images.
+        problems_file: where the full list of image problems goes (default
+            `outputs/data_check/<dataset>_image_problems.tsv`).
+    """
+    from tqdm.auto import tqdm
+
+    dataset = str(dataset).lower()
+    if dataset not in PUBLIC_SHA256:
+        raise ValueError(f"unknown dataset {dataset!r}; expected 'cirr' or 'fashioniq'")
+    root = paths.data_root(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist")
+    notes = []
+    if (root / "world.json").is_file():
+        notes.append("a synthetic world written by cirlib.synth: its annotation files are its own, not the public ones")
+    if dataset == "cirr" and (root / "img_raw").is_dir() and not (root / "dev").is_dir():
+        notes.append("images are under img_raw/ (the official download's layout); the split files name them as "
+                     "./train/..., ./dev/..., ./test1/... relative to the root: move or link img_raw/train, "
+                     "img_raw/dev and img_raw/test1 up one level")
+
+    annotation_files = []
+    for rel, want in PUBLIC_SHA256[dataset].items():
+        path = root / rel
+        if not path.is_file():
+            annotation_files.append({"file": rel, "status": "missing", "sha256": None})
+            continue
+        have = _sha256(path)
+        status = "not compared" if want is None else ("identical" if have == want else "modified")
+        annotation_files.append({"file": rel, "status": status, "sha256": have})
+
+    # every image file once; each (split, category, name) knows its file and how many queries use it as reference
+    # or target (FashionIQ shirt and toptee share some names, so one file may serve several galleries)
+    checks: list[SplitCheck] = []
+    path_of: dict[tuple[str, str | None, str], str] = {}
+    uses: dict[tuple[str, str | None, str], int] = {}
+    for split, category in _splits_of(dataset):
+        data, error = _read_split(dataset, root, split, category)
+        expected = PUBLIC_COUNTS[dataset].get((split, category), (None, None))
+        if data is None:
+            checks.append(SplitCheck(split, category, None, expected[0], None, expected[1], error=error))
+            continue
+        queries = None if error else len(data.queries)
+        checks.append(SplitCheck(split, category, queries, expected[0], len(data.gallery), expected[1], error=error))
+        counts = Counter(n for q in data.queries for n in (q.reference, q.target) if n is not None)
+        for name in data.gallery:
+            path_of[(split, category, name)] = str(data.image_path(name))
+            uses[(split, category, name)] = counts.get(name, 0)
+
+    all_paths = list(dict.fromkeys(path_of.values()))
+    chunks = [all_paths[i:i + _CHUNK] for i in range(0, len(all_paths), _CHUNK)]
+    n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    results: list[str | None] = []
+    with tqdm(total=len(all_paths), desc=f"{dataset} images", unit="img", disable=not progress) as bar:
+        if n_workers > 0 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                for out in pool.map(_inspect_chunk, chunks):
+                    results.extend(out)
+                    bar.update(len(out))
+        else:
+            for chunk in chunks:
+                results.extend(_inspect_chunk(chunk))
+                bar.update(len(chunk))
+    problem_of = {p: r for p, r in zip(all_paths, results) if r is not None}
+
+    problems: list[ImageProblem] = []
+    by_split = {(s.split, s.category): s for s in checks}
+    for key, path in path_of.items():
+        problem = problem_of.get(path)
+        if problem is None:
+            continue
+        split, category, name = key
+        s = by_split[(split, category)]
+        if problem == "missing":
+            s.missing += 1
+        else:
+            s.unreadable += 1
+        s.queries_affected += uses[key]
+        problems.append(ImageProblem(split, category, name, Path(path), problem, uses[key]))
+
+    report = CheckReport(dataset, root, annotation_files, checks, problems, notes)
+    if problems:
+        out = Path(problems_file) if problems_file else paths.OUTPUTS / "data_check" / f"{dataset}_image_problems.tsv"
+        rows = ["split\tcategory\tname\tpath\tproblem\tqueries_affected"]
+        rows += [f"{p.split}\t{p.category or '-'}\t{p.name}\t{p.path}\t{p.problem}\t{p.queries_affected}"
+                 for p in problems]
+        report.problems_file = paths.atomic_write_text(out, "\n".join(rows) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cirlib.data check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=sorted(PUBLIC_SHA256))
+    parser.add_argument("root", type=Path, help="the cirr_dataset or fashionIQ_dataset folder")
+    parser.add_argument("--workers", type=int, default=None, help="image-checking processes (default: CPU count)")
+    parser.add_argument("--problems-file", type=Path, default=None,
+                        help="where to write every image problem (default outputs/data_check/<dataset>_image_problems.tsv)")
+    args = parser.parse_args(argv)
+    try:
+        report = check_dataset(args.dataset, args.root, workers=args.workers, problems_file=args.problems_file)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"check failed: {err}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 1 if report.blocking else 0

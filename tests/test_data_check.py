@@ -1,0 +1,115 @@
+"""`python -m cirlib.data check`: every problem of a dataset folder in one run, against the public release."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cirlib import paths
+from cirlib.data import load_split, synth
+from cirlib.data.check import PUBLIC_COUNTS, check_dataset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return synth.generate(synth.SynthConfig(layout="cirr", n_train=12, n_val=6, n_test=4, seed=3),
+                          root=tmp_path_factory.mktemp("w") / "cirr")
+
+
+def _damaged_copy(world: Path, tmp: Path) -> tuple[Path, dict[str, str]]:
+    root = tmp / "cirr"
+    shutil.copytree(world, root)
+    val = load_split("cirr", root, "val")
+    q0, q1 = val.queries[0], val.queries[1]
+    damage = {q0.reference: "missing", q1.target: "unreadable", val.gallery[-1]: "empty file"}
+    val.image_path(q0.reference).unlink()
+    data = val.image_path(q1.target).read_bytes()
+    val.image_path(q1.target).write_bytes(data[: len(data) // 2])  # truncated: opens, fails to decode
+    val.image_path(val.gallery[-1]).write_bytes(b"")
+    train = load_split("cirr", root, "train")
+    train.image_path(train.gallery[0]).write_text("not an image")
+    damage[train.gallery[0]] = "unreadable"
+    return root, damage
+
+
+def test_every_problem_is_listed_in_one_run(world, tmp_path):
+    root, damage = _damaged_copy(world, tmp_path)
+    report = check_dataset("cirr", root, workers=2, progress=False, problems_file=tmp_path / "problems.tsv")
+    found = {p.name: p.problem for p in report.problems}
+    assert set(found) == set(damage)
+    for name, kind in damage.items():
+        assert found[name].startswith(kind), (name, found[name])
+    assert report.blocking
+    val = load_split("cirr", world, "val")
+    uses = lambda n: sum(n in (q.reference, q.target) for q in val.queries)  # noqa: E731
+    by_split = {s.split: s for s in report.splits}
+    assert by_split["val"].missing == 1 and by_split["val"].unreadable == 2
+    assert by_split["val"].queries_affected == sum(uses(n) for n in list(damage)[:3])
+    assert by_split["val"].queries == len(val.queries) and by_split["val"].images == len(val.gallery)
+    listed = (tmp_path / "problems.tsv").read_text().splitlines()
+    assert len(listed) == 1 + len(damage)  # header + every problem, not a sample
+    assert "restore the 4 images" in report.text()
+
+
+def test_the_command_exits_non_zero_on_problems_and_zero_on_a_clean_folder(world, tmp_path):
+    root, _ = _damaged_copy(world, tmp_path)
+    cmd = [sys.executable, "-m", "cirlib.data", "check", "--dataset", "cirr", "--workers", "2"]
+    bad = subprocess.run(cmd + [str(root), "--problems-file", str(tmp_path / "p.tsv")], capture_output=True,
+                         text=True, cwd=paths.REPO_ROOT, timeout=300)
+    assert bad.returncode == 1, bad.stderr
+    assert "4 image problems" in bad.stdout
+    good = subprocess.run(cmd + [str(world)], capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=300)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "image problems" not in good.stdout and "a synthetic world written by cirlib.synth" in good.stdout
+
+
+def _real_roots(real: Path, base: Path) -> tuple[Path, Path]:
+    cirr = base / "cirr_dataset"
+    (cirr / "cirr").mkdir(parents=True)
+    for sub in ("captions", "image_splits"):
+        shutil.copytree(real / "cirr" / sub, cirr / "cirr" / sub)
+    fiq = base / "fashionIQ_dataset"
+    fiq.mkdir()
+    for sub in ("captions", "image_splits"):
+        shutil.copytree(real / "fashioniq" / sub, fiq / sub)
+    return cirr, fiq
+
+
+def test_real_annotations_counts_and_identical_verdicts(real, tmp_path):
+    cirr, fiq = _real_roots(real, tmp_path)
+    # stand-in images for a sample of CIRR val; the rest are absent
+    val = load_split("cirr", cirr, "val")
+    from PIL import Image
+    for name in val.gallery[:5]:
+        val.image_path(name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(val.image_path(name))
+    report = check_dataset("cirr", cirr, workers=2, progress=False, problems_file=tmp_path / "cirr.tsv")
+    status = {f["file"]: f["status"] for f in report.annotation_files}
+    assert status["cirr/captions/cap.rc2.val.json"] == "identical"
+    assert status["cirr/image_splits/split.rc2.train.json"] == "identical"
+    assert status["cirr/captions/cap.rc2.train.json"] == "missing"  # not in the public reference copy
+    s = {x.split: x for x in report.splits}
+    assert (s["val"].queries, s["val"].images) == PUBLIC_COUNTS["cirr"][("val", None)]
+    assert (s["test1"].queries, s["test1"].images) == PUBLIC_COUNTS["cirr"][("test1", None)]
+    assert s["train"].images == 16939 and s["train"].queries is None and s["train"].error
+    assert s["val"].missing == 2297 - 5 and s["val"].queries_affected > 0
+    assert report.blocking
+
+    fiq_report = check_dataset("fashioniq", fiq, workers=0, progress=False, problems_file=tmp_path / "fiq.tsv")
+    assert all(f["status"] == "identical" for f in fiq_report.annotation_files)
+    for x in fiq_report.splits:
+        assert (x.queries, x.images) == PUBLIC_COUNTS["fashioniq"][(x.split, x.category)]
+
+
+def test_an_edited_caption_file_is_modified(real, tmp_path):
+    cirr, _ = _real_roots(real, tmp_path)
+    cap = cirr / "cirr/captions/cap.rc2.val.json"
+    cap.write_text(cap.read_text().replace('"caption": "', '"caption": "a ', 1))
+    report = check_dataset("cirr", cirr, workers=0, progress=False, problems_file=tmp_path / "x.tsv")
+    status = {f["file"]: f["status"] for f in report.annotation_files}
+    assert status["cirr/captions/cap.rc2.val.json"] == "modified"
+    assert status["cirr/captions/cap.rc2.test1.json"] == "identical"
+    assert "not comparable with published ones" in report.text()
