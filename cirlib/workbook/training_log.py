@@ -42,16 +42,19 @@ def plot_training_log(run_dir: str | Path) -> Figure:
         run_dir: a run folder written by `steps.train_stage1` / `train_stage2`.
     """
     log = read_training_log(run_dir)
-    fig = Figure(figsize=(11, 3.2), layout="constrained")
-    ax_loss, ax_lr, ax_val = fig.subplots(1, 3)
+    kinds = log["kind"] if "kind" in log else pd.Series("train", index=log.index)
+    train, epochs, val = log[kinds == "train"], log[kinds == "epoch"], log[kinds == "val"]
+    val_keys = [c for c in log.columns if c.startswith("val/") and val[c].notna().any()]
+    # a third panel only when there is validation to show (validate_every=0 runs have none)
+    fig = Figure(figsize=(11 if val_keys else 7.5, 3.2), layout="constrained")
+    axes = fig.subplots(1, 3 if val_keys else 2)
+    ax_loss, ax_lr = axes[0], axes[1]
     fig.suptitle(f"training log of {Path(run_dir).name}", fontsize=10)
     if log.empty:
-        for ax in (ax_loss, ax_lr, ax_val):
+        for ax in axes:
             ax.axis("off")
         ax_lr.text(0.5, 0.5, "no metrics.jsonl: this run was not trained (epochs=0)", ha="center", va="center")
         return fig
-    kinds = log["kind"] if "kind" in log else pd.Series("train", index=log.index)
-    train, epochs, val = log[kinds == "train"], log[kinds == "epoch"], log[kinds == "val"]
     loss_keys = [c for c in log.columns if c == "loss" or c.endswith("_loss")]
     for key in loss_keys:
         if key in train and train[key].notna().any():
@@ -66,12 +69,11 @@ def plot_training_log(run_dir: str | Path) -> Figure:
         ax_lr.plot(lr_rows["step"], lr_rows["lr"], ".-", linewidth=1)
     ax_lr.set_xlabel("optimiser step")
     ax_lr.set_title("learning rate", fontsize=9)
-    val_keys = [c for c in log.columns if c.startswith("val/")]
-    for key in val_keys:
-        if val[key].notna().any():
-            ax_val.plot(val["epoch"], val[key], "o-", markersize=3, linewidth=1, label=key.removeprefix("val/"))
-    ax_val.set_xlabel("epoch")
-    ax_val.set_title("validation" if val_keys else "no validation records", fontsize=9)
     if val_keys:
+        ax_val = axes[2]
+        for key in val_keys:
+            ax_val.plot(val["epoch"], val[key], "o-", markersize=3, linewidth=1, label=key.removeprefix("val/"))
+        ax_val.set_xlabel("epoch")
+        ax_val.set_title("validation", fontsize=9)
         ax_val.legend(fontsize=6, ncol=2)
     return fig
