@@ -9,11 +9,11 @@ peak activation memory of each path. Both paths use the same model, weights and 
 tokens come from the stage-II ViT once per image (not per pair), before either path runs.
 
 - "eval": B queries each re-rank the same G-image gallery as their top-G. Per-pair path: one query at a time, its G
-  pairs in one batch, each pair projecting its own candidate keys/values (`Stage2Model.score_pairs`, the original's
-  validate_stage2). Shared path: `Stage2Model.score_topk`. inference_mode.
+  pairs in one batch, each pair projecting its own candidate keys/values (`Stage2Model.score(..., scoring="pairs")`,
+  the original's validate_stage2). Shared path: `Stage2Model.score(..., max_pairs=...)`. inference_mode.
 - "train": one training step (forward + backward; the optimizer update is the same for both and left out) of the
-  original's in-batch objective at batch B. Per-pair path: for each query its B pairs through `score_pairs`, stacked
-  to (B, B) (the original's loop). Shared path: `Stage2Model.forward` (train_logits). Dropout is 0 in this benchmark
+  original's in-batch objective at batch B. Per-pair path: for each query its B pairs in one pass (`scoring="pairs"`,
+  max_pairs=B: the original's loop). Shared path: `Stage2Model.forward`. Dropout is 0 in this benchmark
   so that losses and gradients can be compared exactly.
 
 Peak activation memory: on CPU the process resident-set high-water mark (reset through /proc/self/clear_refs)
@@ -230,13 +230,13 @@ def _encode(model: Stage2Model, n: int, gen: torch.Generator, device: torch.devi
         return torch.cat([model.encode_image(images[i:i + 16]) for i in range(0, n, 16)]).float()
 
 
-def _unpadded(query: RerankQuery, i: int, length: int, repeat: int) -> RerankQuery:
-    """Query row i without padding, repeated for its pairs (the original validates one query at a time)."""
+def _unpadded(query: RerankQuery, i: int, length: int) -> RerankQuery:
+    """Query row i without padding (the original validates one query at a time)."""
     return RerankQuery(
-        input_ids=query.input_ids[i:i + 1, :length].expand(repeat, -1),
-        attention_mask=query.attention_mask[i:i + 1, :length].expand(repeat, -1),
-        z_t=None if query.z_t is None else query.z_t[i:i + 1, :length].expand(repeat, -1, -1),
-        ref_tokens=None if query.ref_tokens is None else query.ref_tokens[i:i + 1].expand(repeat, -1, -1),
+        input_ids=query.input_ids[i:i + 1, :length],
+        attention_mask=query.attention_mask[i:i + 1, :length],
+        z_t=None if query.z_t is None else query.z_t[i:i + 1, :length],
+        ref_tokens=None if query.ref_tokens is None else query.ref_tokens[i:i + 1],
     )
 
 
@@ -268,16 +268,16 @@ def bench_eval(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> di
     topk = torch.stack([torch.randperm(g, generator=gen) for _ in range(b)]).to(device)  # (B, G)
 
     def per_pair() -> torch.Tensor:
-        return torch.stack([model.score_pairs(_unpadded(query, i, lengths[i], g), gallery[topk[i]]).float()
-                            for i in range(b)])
+        return torch.cat([model.score(_unpadded(query, i, lengths[i]), gallery, topk[i:i + 1], scoring="pairs").float()
+                          for i in range(b)])
 
     def shared() -> torch.Tensor:
-        return model.score_topk(query, gallery, topk, max_pairs=cfg.max_pairs)
+        return model.score(query, gallery, topk, max_pairs=cfg.max_pairs)
 
     with torch.inference_mode(), _autocast(cfg, device):
         small = query.select([0])  # warm-up of both code paths (thread pools, kernels) on one tiny problem
-        model.score_pairs(_unpadded(small, 0, lengths[0], 2), gallery[:2])
-        model.score_topk(small, gallery, topk[:1, :2], max_pairs=cfg.max_pairs)
+        model.score(_unpadded(small, 0, lengths[0]), gallery, topk[:1, :2], scoring="pairs")
+        model.score(small, gallery, topk[:1, :2], max_pairs=cfg.max_pairs)
         with peak_memory(device) as mem_shared:  # shared first: any heap the first run leaves cached can only
             shared_scores, shared_s = _timed(shared, device)  # lower the per-pair figure
         with peak_memory(device) as mem_pp:
@@ -306,7 +306,7 @@ def bench_train(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> d
 
     def per_pair() -> tuple[torch.Tensor, torch.Tensor]:
         with _autocast(cfg, device):
-            logits = torch.stack([model.score_pairs(query.select([i] * b), targets) for i in range(b)])
+            logits = model.score(query, targets, scoring="pairs", max_pairs=b)  # one query's B pairs per pass
         loss = F.cross_entropy(logits.float(), labels)
         loss.backward()
         return logits.detach(), loss.detach()
@@ -319,7 +319,8 @@ def bench_train(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> d
 
     small = query.select([0, 1])  # warm-up of both paths, forward and backward, on 2 x 2 pairs
     with _autocast(cfg, device):
-        (model.score_pairs(small, targets[:2]).sum() + model(small, targets[:2]).loss).backward()
+        pairs = torch.arange(2, device=device)[:, None]  # query i against target i
+        (model.score(small, targets[:2], pairs, scoring="pairs").sum() + model(small, targets[:2]).loss).backward()
     results = {}
     for name, fn in (("shared", shared), ("per_pair", per_pair)):
         for p in params:

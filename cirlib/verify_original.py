@@ -348,8 +348,8 @@ def _per_query_scores(
     """validate_stage2: one query at a time (unpadded), z_t from `zt_ref_tokens`, every gallery item scored.
 
     Returns:
-        scores (Q, G) from score_candidates, logits2 (Q, G, 2) from the head, z_t per query [(L_i, H)], and (if
-        with_pairs) the scores (Q, G) of the per-pair path (score_pairs on the query repeated G times).
+        scores (Q, G) from the shared path, logits2 (Q, G, 2) from the head, z_t per query [(L_i, H)], and (if
+        with_pairs) the scores (Q, G) of the per-pair path (scoring='pairs').
     """
     from cirlib.models.stage2 import RerankQuery
 
@@ -361,15 +361,13 @@ def _per_query_scores(
         z_t = stage1.encode_query(zt_ref_tokens[i:i + 1], ids, mask).hidden  # (1, L, H)
         query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t, ref_tokens=None)
         with _capture([stage2.cls_head]) as head_out:
-            s = stage2.score_candidates(query, gallery_tokens)  # (1, G)
+            s = stage2.score(query, gallery_tokens)  # (1, G)
         scores.append(s.reshape(n_gal))
         logits2.append(torch.cat([h.reshape(-1, 2) for h in head_out[0]]).reshape(n_gal, 2))
         zts.append(z_t[0])
         if not with_pairs:
             continue
-        many = RerankQuery(input_ids=ids.expand(n_gal, -1), attention_mask=mask.expand(n_gal, -1),
-                           z_t=z_t.expand(n_gal, -1, -1), ref_tokens=None)
-        pair_scores.append(stage2.score_pairs(many, gallery_tokens))  # (G,)
+        pair_scores.append(stage2.score(query, gallery_tokens, scoring="pairs")[0])  # (G,)
     return torch.stack(scores), torch.stack(logits2), zts, torch.stack(pair_scores) if with_pairs else None
 
 
@@ -396,7 +394,7 @@ def _check_stage2(chk: _Checker, stage1: Stage1Model, stage2: nn.Module, inputs:
             chk.check("stage2", "z_t_per_query", zts, HIDDEN)
             # The per-pair reference path must give the same scores as the batched candidate path.
             if chk.has("stage2", "scores") and pair_scores is not None:
-                chk.add(compare("stage2.scores (score_pairs path)", pair_scores, chk.get("stage2", "scores"), HIDDEN))
+                chk.add(compare("stage2.scores (per-pair path)", pair_scores, chk.get("stage2", "scores"), HIDDEN))
     chk.check("stage2", "z_t_batched", lambda: stage1.encode_query(
         ref_tokens, inputs["input_ids"], inputs["attention_mask"]).hidden, HIDDEN)
 
@@ -406,7 +404,7 @@ def _check_stage2(chk: _Checker, stage1: Stage1Model, stage2: nn.Module, inputs:
         z_t = stage1.encode_query(ref_tokens[qi], ids, mask).hidden  # (B, L, H), padded batch as in training
         query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t, ref_tokens=None)
         with _capture([stage2.cls_head]) as head_out:
-            logits = stage2.score_candidates(query, gallery_tokens[ti])  # (B, B)
+            logits = stage2.score(query, gallery_tokens[ti])  # (B, B)
         b = logits.shape[0]
         chk.check("stage2", "train_logits", logits, HIDDEN)
         chk.check("stage2", "train_raw_logits2",
@@ -442,12 +440,11 @@ def _check_stage2_debug(
     mask = _ones_like_ids(ids)
     z_t = stage1.encode_query(ref_tokens[:1], ids, mask).hidden  # (1, L, H)
     chk.check("debug", "stage2_q0_stream0_input_z_t", z_t, HIDDEN)
-    query = RerankQuery(input_ids=ids.expand(n_gal, -1), attention_mask=mask.expand(n_gal, -1),
-                        z_t=z_t.expand(n_gal, -1, -1), ref_tokens=None)
+    query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t, ref_tokens=None)
     embeddings = getattr(stage2.text_encoder, "embeddings", None)
     hooked = [stage2.cls_head] + ([embeddings] if isinstance(embeddings, nn.Module) else [])
     with _capture(hooked, inputs=False) as outs, _capture([stage2.cls_head], inputs=True) as head_in:
-        stage2.score_pairs(query, gallery_tokens)
+        stage2.score(query, gallery_tokens, scoring="pairs")
     chk.check("debug", "stage2_q0_cls_head_input", lambda: head_in[0][0], HIDDEN)
     if len(hooked) > 1:
         chk.check("debug", "stage2_q0_text_embeddings_out_stream1_input",
@@ -455,9 +452,10 @@ def _check_stage2_debug(
     if chk.has("debug", "stage2_q0_layer_outputs_stream0") or chk.has("debug", "stage2_q0_layer_outputs_stream1"):
         # Layer outputs are (h0, h1) pairs returned by DualLayer.forward_pairs, not module outputs: step the
         # per-pair reference loop of DualStreamEncoder layer by layer.
-        h0 = query.z_t
-        h1 = stage2.text_encoder.embeddings(query.input_ids)
-        mask_add = (1.0 - query.attention_mask.to(h1.dtype)) * MASK_VALUE  # (P, L)
+        many = query.select([0] * n_gal)  # query 0 once per gallery item, as the per-pair path runs it
+        h0 = many.z_t
+        h1 = stage2.text_encoder.embeddings(many.input_ids)
+        mask_add = (1.0 - many.attention_mask.to(h1.dtype)) * MASK_VALUE  # (P, L)
         per_layer: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in stage2.text_encoder.encoder.layer:
             h0, h1 = layer.forward_pairs(h0, h1, mask_add, gallery_tokens)

@@ -435,3 +435,50 @@ def test_bad_cirr_split_paths(tmp_path, bad):
     _edit_json(root / "cirr/image_splits/split.rc2.val.json", lambda d: d.update({"dev-1-0-img0": bad}))
     with pytest.raises(DatasetError, match=r"split\.rc2\.val\.json: entry 'dev-1-0-img0'"):
         load_split("cirr", root, "val")
+
+
+def test_duplicate_name_in_a_cirr_split_file_is_refused(tmp_path):
+    """Reuse case: a JSON object naming an image twice used to be read with the last path winning."""
+    root = _copy(CIRR, tmp_path)
+    split = root / "cirr" / "image_splits" / "split.rc2.val.json"
+    names = json.loads(split.read_text())
+    first = next(iter(names))
+    # hand-written: the first image named a second time, with another path
+    text = split.read_text().rstrip()
+    assert text.endswith("}")
+    split.write_text(text[:-1] + f', "{first}": "./dev/elsewhere.png"}}')
+    with pytest.raises(DatasetError, match=rf"split\.rc2\.val\.json: the key '{first}' appears twice"):
+        load_split("cirr", root, "val")
+
+
+def test_duplicate_key_in_a_caption_record_is_refused(tmp_path):
+    root = _copy(CIRR, tmp_path)
+    cap = root / "cirr" / "captions" / "cap.rc2.val.json"
+    text = cap.read_text()
+    assert text.count('"caption":') >= 1
+    cap.write_text(text.replace('"caption":', '"caption": "first", "caption":', 1))
+    with pytest.raises(DatasetError, match=r"cap\.rc2\.val\.json: the key 'caption' appears twice"):
+        load_split("cirr", root, "val")
+
+
+def test_cirr_images_in_the_official_img_raw_layout_are_found(tmp_path, capfd):
+    from cirlib.data import synth
+
+    root = synth.generate(synth.SynthConfig(layout="cirr", n_train=6, n_val=3, n_test=3, seed=2), root=tmp_path / "c")
+    moved = load_split("cirr", root, "val")
+    expect = {n: moved.image_path(n).read_bytes() for n in moved.gallery[:3]}
+    (root / "img_raw").mkdir()
+    for folder in ("train", "dev", "test1"):
+        (root / folder).rename(root / "img_raw" / folder)
+    capfd.readouterr()
+    for split in ("val", "test1", "train"):
+        sd = load_split("cirr", root, split)
+        assert sd.image_path(sd.gallery[0]).is_file()
+        assert "img_raw" in sd.image_path(sd.gallery[0]).parts
+    said = capfd.readouterr().err
+    assert said.count("official download's layout") == 1  # said once, not per split or image
+    val = load_split("cirr", root, "val")
+    assert {n: val.image_path(n).read_bytes() for n in expect} == expect
+    # the moved layout keeps working: the root's own folder wins when it exists
+    (root / "img_raw" / "dev").rename(root / "dev")
+    assert "img_raw" not in load_split("cirr", root, "val").image_path(val.gallery[0]).parts

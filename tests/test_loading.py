@@ -84,7 +84,7 @@ def test_stage2_round_trip_gives_identical_scores(tmp_path, reranker):
         tokens = model.encode_image(images)
         z_t = torch.randn(3, ids.shape[1], cfg.text.hidden_size) if reranker == "dual" else None
         query = RerankQuery(ids, mask, z_t=z_t, ref_tokens=tokens if reranker == "joint" else None)
-        assert torch.equal(model.score_candidates(query, tokens), loaded.score_candidates(query, tokens))
+        assert torch.equal(model.score(query, tokens), loaded.score(query, tokens))
 
 
 def test_from_pretrained_refusals(tmp_path):
@@ -123,8 +123,79 @@ def test_missing_and_corrupt_files(tmp_path):
         loading.load_original_checkpoint(model, tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="bad.pt"):
+    with pytest.raises(CheckpointError, match="bad.pt") as info:
         loading.load_original_checkpoint(model, bad)
+    assert "unsafe" not in str(info.value) and "download or copy it again" in str(info.value)
+
+
+def test_truncated_original_checkpoint_names_the_file_and_what_to_do(tmp_path):
+    """Reuse case: torch's own message for a truncated zip (inline_container.cc) names no file."""
+    model = Stage1Model(preset("tiny"))
+    path = tmp_path / "blip_mean.pt"
+    torch.save({"epoch": 1, "BLIP_Retrieval": model.state_dict()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        loading.load_original_checkpoint(model, path)
+    assert str(path) in str(info.value) and "download or copy it again" in str(info.value)
+    with pytest.raises(CheckpointError, match="blip_mean.pt.*download or copy it again"):
+        loading.load_blip_pretrained(model, path)
+
+
+def test_damaged_model_folder_names_the_file_and_what_to_do(tmp_path):
+    model = Stage2Model(preset("tiny"))
+    loading.save_pretrained(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])  # truncated: the header promises more bytes than the file has
+    with pytest.raises(CheckpointError) as info:
+        loading.from_pretrained(tmp_path)
+    assert str(weights) in str(info.value) and "re-run the step that wrote it" in str(info.value)
+    weights.write_bytes(data)
+    config = tmp_path / "config.json"
+    for broken in (b'{"stage": 2, "vision": {', b"\xff\xfe\x00garbage"):  # cut short; not even text
+        config.write_bytes(broken)
+        with pytest.raises(CheckpointError) as info:
+            loading.from_pretrained(tmp_path)
+        assert str(config) in str(info.value) and "re-run the step that wrote it" in str(info.value)
+
+
+def test_save_pretrained_writes_only_into_the_folder_it_is_given(tmp_path):
+    """Atomic writing is the caller's (cirlib.paths.atomic_dir): no temporary files of its own beside the folder."""
+    from cirlib import paths
+
+    with paths.atomic_dir(tmp_path / "model") as tmp:
+        loading.save_pretrained(Stage1Model(preset("tiny")), tmp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert isinstance(loading.from_pretrained(tmp_path / "model"), Stage1Model)
+
+
+# ------------------------------------------------------------------------------------------- NaN / Inf weights
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, fixture_dir, fixture_config):
+    """Reuse case: a checkpoint whose tensors hold NaN/Inf used to load silently."""
+    key = "text_encoder.encoder.layer.1.attention.self.query.weight"
+    # the original's checkpoint format
+    ckpt = torch.load(fixture_dir / "stage1_ckpt.pt", map_location="cpu", weights_only=True)
+    ckpt["BLIP_Retrieval"][key][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=rf"nan.pt.*tensor {key} .* 1 NaN and 0 Inf"):
+        loading.load_original_checkpoint(Stage1Model(fixture_config), tmp_path / "nan.pt")
+    # BLIP pre-training file
+    pre = torch.load(fixture_dir / "blip_pretrain_like.pt", map_location="cpu", weights_only=True)
+    pre["model"]["vision_proj.bias"][1] = float("inf")
+    torch.save(pre, tmp_path / "inf.pth")
+    with pytest.raises(CheckpointError, match=r"inf.pth.*tensor vision_proj.bias .* 0 NaN and 1 Inf"):
+        loading.load_blip_pretrained(Stage1Model(fixture_config), tmp_path / "inf.pth")
+    # our own format
+    model = Stage1Model(preset("tiny"))
+    with torch.no_grad():
+        model.text_proj.weight[2, 3] = float("-inf")
+    loading.save_pretrained(model, tmp_path / "ours")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor text_proj.weight .* 1 Inf"):
+        loading.from_pretrained(tmp_path / "ours")
 
 
 # ------------------------------------------------------------------------------------------------- original code

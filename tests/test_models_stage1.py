@@ -186,8 +186,8 @@ def test_stage2_shapes_at_tiny_preset():
             tokens = model.encode_image(torch.randn(4, 3, s, s))
             query = RerankQuery(ids, mask, z_t=torch.randn(2, 5, h) if reranker == "dual" else None,
                                 ref_tokens=tokens[:2] if reranker == "joint" else None)
-            scores = model.score_candidates(query, tokens)
-            pairs = model.score_pairs(query, tokens[2:])
+            scores = model.score(query, tokens)
+            pairs = model.score(query, tokens, torch.tensor([[2], [3]]), scoring="pairs")[:, 0]
         assert tokens.shape == (4, t, w)
         assert scores.shape == (2, 4) and pairs.shape == (2,) and scores.dtype == torch.float32
         assert torch.allclose(pairs, scores[torch.arange(2), torch.arange(2, 4)], atol=1e-5)

@@ -7,10 +7,17 @@ import pytest
 import torch
 
 from cirlib.models.config import ModelConfig, TextConfig, VisionConfig, preset
-from cirlib.models.stage2 import RerankOutput, RerankQuery, Stage2Model, _group_pairs, _order_by_count
+from cirlib.models.shared_attention import group_pairs, order_by_count
+from cirlib.models.stage2 import RerankOutput, RerankQuery, Stage2Model
 
 ATOL_FIXTURE = 2e-5  # fixture README: atol 2e-5 on scores and logits in fp32
 ATOL_PATHS = 1e-4  # shared paths vs per-pair path
+
+
+def _per_query(model: Stage2Model, query: RerankQuery, cands: torch.Tensor, index: torch.Tensor | None = None):
+    """The original's algorithm: per-pair path, one query's candidates per pass."""
+    m = cands.shape[0] if index is None else index.shape[1]
+    return model.score(query, cands, index, scoring="pairs", max_pairs=m)
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -78,8 +85,7 @@ def test_validation_scores_match_original(original, path):
     with torch.no_grad():
         for i, ids in enumerate(inputs["per_query_input_ids"]):
             query = RerankQuery(ids[None], torch.ones_like(ids[None]), z_t=s2["z_t_per_query"][i][None])
-            fn = model.reference_logits if path == "per_pair" else model.score_candidates
-            scores.append(fn(query, gallery)[0])
+            scores.append(model.score(query, gallery, scoring="pairs" if path == "per_pair" else "shared")[0])
     tap.close()
     scores = torch.stack(scores)
     torch.testing.assert_close(scores, s2["scores"], atol=ATOL_FIXTURE, rtol=1e-4)
@@ -92,14 +98,14 @@ def test_validation_scores_match_original(original, path):
 
 
 def test_batched_padded_queries_match_original(original):
-    """All six queries at once, padded to 19, through score_candidates and a chunked score_topk."""
+    """All six queries at once, padded to 19, through the shared path: every candidate, and chunked top-k lists."""
     model, _, expected, inputs = original
     s2 = expected["stage2"]
     query = RerankQuery(inputs["input_ids"], inputs["attention_mask"], z_t=s2["z_t_batched"])
     with torch.no_grad():
-        all_scores = model.score_candidates(query, s2["gallery_tokens"])
+        all_scores = model.score(query, s2["gallery_tokens"])
         perm = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i)) for i in range(6)])
-        topk = model.score_topk(query, s2["gallery_tokens"], perm, max_pairs=16)
+        topk = model.score(query, s2["gallery_tokens"], perm, max_pairs=16)
     torch.testing.assert_close(all_scores, s2["scores"], atol=ATOL_FIXTURE, rtol=1e-4)
     torch.testing.assert_close(topk, torch.gather(s2["scores"], 1, perm), atol=ATOL_FIXTURE, rtol=1e-4)
 
@@ -121,7 +127,7 @@ def test_train_logits_and_loss_match_original(original):
     torch.testing.assert_close(tap.outputs[0].view(4, 4, 2), s2["train_raw_logits2"], atol=ATOL_FIXTURE, rtol=1e-4)
     torch.testing.assert_close(out.loss, s2["train_loss"], atol=ATOL_FIXTURE, rtol=1e-4)
     with torch.no_grad():
-        ref = model.reference_logits(query, targets)
+        ref = _per_query(model, query, targets)
     torch.testing.assert_close(ref, s2["train_logits"], atol=ATOL_FIXTURE, rtol=1e-4)
 
 
@@ -175,19 +181,22 @@ def test_shared_paths_equal_per_pair_in_eval(reranker):
     # Mixed lists: repeats, a popular candidate (bucket with padding), singletons, an unused candidate (5).
     index = torch.tensor([[0, 1, 2, 0], [0, 3, 3, 1], [0, 4, 1, 2], [0, 1, 3, 4], [0, 2, 2, 2]])
     with torch.inference_mode():
-        ref_all = model.reference_logits(query, cands)  # (5, 6)
+        ref_all = _per_query(model, query, cands)  # (5, 6)
         assert ref_all.std() > 0.05  # the comparison below is not between constants
-        torch.testing.assert_close(model.score_candidates(query, cands), ref_all, atol=ATOL_PATHS, rtol=0)
-        torch.testing.assert_close(model.candidate_logits(query, cands, index), torch.gather(ref_all, 1, index),
+        torch.testing.assert_close(model.score(query, cands), ref_all, atol=ATOL_PATHS, rtol=0)
+        torch.testing.assert_close(model.score(query, cands, index), torch.gather(ref_all, 1, index),
                                    atol=ATOL_PATHS, rtol=0)
-        torch.testing.assert_close(model.reference_logits(query, cands, index), torch.gather(ref_all, 1, index),
+        torch.testing.assert_close(_per_query(model, query, cands, index), torch.gather(ref_all, 1, index),
                                    atol=ATOL_PATHS, rtol=0)
         for max_pairs in (3, 4096):  # 3: cuts between runs and inside the 6-pair run of candidate 0
-            torch.testing.assert_close(model.score_topk(query, cands, index, max_pairs=max_pairs),
+            torch.testing.assert_close(model.score(query, cands, index, max_pairs=max_pairs),
                                        torch.gather(ref_all, 1, index), atol=ATOL_PATHS, rtol=0)
         pairs = torch.tensor([3, 0, 5, 1, 2])
-        torch.testing.assert_close(model.score_pairs(query, cands[pairs]), ref_all[torch.arange(5), pairs],
-                                   atol=ATOL_PATHS, rtol=0)
+        torch.testing.assert_close(model.score(query, cands, pairs[:, None], scoring="pairs")[:, 0],
+                                   ref_all[torch.arange(5), pairs], atol=ATOL_PATHS, rtol=0)
+        # The per-pair path cut anywhere (7 pairs per pass, across query boundaries) gives the same numbers.
+        torch.testing.assert_close(model.score(query, cands, index, scoring="pairs", max_pairs=7),
+                                   torch.gather(ref_all, 1, index), atol=ATOL_PATHS, rtol=0)
 
 
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
@@ -203,7 +212,7 @@ def test_training_step_equal_per_pair(reranker):
         if path == "shared":
             out = model(query, targets)
         else:
-            scores = model.reference_logits(query, targets)
+            scores = _per_query(model, query, targets)
             out = RerankOutput(scores=scores, loss=torch.nn.functional.cross_entropy(scores, torch.arange(b)))
         out.loss.backward()
         grads[path] = (out.scores.detach(), out.loss.detach(),
@@ -219,7 +228,7 @@ def test_training_step_equal_per_pair(reranker):
 
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
 def test_mixed_negatives_gradients_equal_per_pair(reranker):
-    """candidate_logits with a positive per row (hard + in-batch negatives), train mode, dropout 0."""
+    """Candidate lists with a positive per row (hard + in-batch negatives), train mode, dropout 0."""
     cfg = _tiny(reranker)
     query = _query(cfg, 3, [5, 9, 4])
     cands = _tokens(cfg, 7)
@@ -232,7 +241,7 @@ def test_mixed_negatives_gradients_equal_per_pair(reranker):
             out = model(query, cands, cand_index=index, positive=positive)
             scores, loss = out.scores, out.loss
         else:
-            scores = model.reference_logits(query, cands, index)
+            scores = _per_query(model, query, cands, index)
             loss = torch.nn.functional.cross_entropy(scores, positive)
         loss.backward()
         results.append((scores.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
@@ -245,10 +254,10 @@ def test_dropout_is_active_in_train_mode():
     cfg = _tiny("dual", dropout=0.5)
     model = _randomized(cfg).train()
     query, cands = _query(cfg, 2, [5, 7]), _tokens(cfg, 3)
-    a, b = model.score_candidates(query, cands), model.score_candidates(query, cands)
+    a, b = model.score(query, cands), model.score(query, cands)
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
     model.eval()
-    torch.testing.assert_close(model.score_candidates(query, cands), model.score_candidates(query, cands))
+    torch.testing.assert_close(model.score(query, cands), model.score(query, cands))
 
 
 # ------------------------------------------------------------------------------------------------- structure
@@ -277,9 +286,9 @@ def test_dual_merge_layers_follow_threshold():
 
 def test_grouping_covers_every_pair_once_with_bounded_padding():
     keys = torch.tensor([4, 1, 1, 0, 4, 4, 2, 4, 1, 3, 4, 0, 4, 4])
-    order, new_keys = _order_by_count(keys, 6)
+    order, new_keys = order_by_count(keys, 6)
     assert order.tolist() == [4, 1, 0, 2, 3]  # by count, ties by key; key 5 is unused
-    grouping = _group_pairs(new_keys, order.numel())
+    grouping = group_pairs(new_keys, order.numel())
     assert torch.equal(grouping.slot_pair[grouping.pair_slot], torch.arange(keys.numel()))
     for b in grouping.buckets:  # every slot of a key holds one of that key's pairs
         n = b.end - b.start
@@ -294,24 +303,26 @@ def test_bad_inputs_raise_clear_errors():
     model = Stage2Model(cfg).eval()
     query, cands = _query(cfg, 2, [4, 6]), _tokens(cfg, 3)
     with pytest.raises(ValueError, match="z_t"):
-        model.score_candidates(RerankQuery(query.input_ids, query.attention_mask), cands)
+        model.score(RerankQuery(query.input_ids, query.attention_mask), cands)
     with pytest.raises(ValueError, match="z_t must be"):
         RerankQuery(query.input_ids, query.attention_mask, z_t=query.z_t[:, :3])
     with pytest.raises(ValueError, match="attention_mask"):
         RerankQuery(query.input_ids, query.attention_mask[:, :2])
-    with pytest.raises(ValueError, match="topk_index holds rows outside"):
-        model.score_topk(query, cands, torch.tensor([[0, 3], [1, 2]]))
-    with pytest.raises(ValueError, match="cand_index must be"):
-        model.candidate_logits(query, cands, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="index holds rows outside"):
+        model.score(query, cands, torch.tensor([[0, 3], [1, 2]]), max_pairs=4)
+    with pytest.raises(ValueError, match="index must be"):
+        model.score(query, cands, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="cand_tokens must be"):
-        model.score_candidates(query, cands[..., :5])
-    with pytest.raises(ValueError, match="score_pairs"):
-        model.score_pairs(query, cands)
+        model.score(query, cands[..., :5])
+    with pytest.raises(ValueError, match="unknown scoring 'fast'"):
+        model.score(query, cands, scoring="fast")
+    with pytest.raises(ValueError, match="max_pairs must be >= 1"):
+        model.score(query, cands, max_pairs=0)
     with pytest.raises(ValueError, match="reranker must be one of"):
         Stage2Model(dataclasses.replace(cfg, reranker="triple"))
     joint = Stage2Model(_tiny("joint"))
     with pytest.raises(ValueError, match="ref_tokens"):
-        joint.score_candidates(query, cands)
+        joint.score(query, cands)
 
 
 # ------------------------------------------------------------------------------------- joint_difference option
@@ -324,7 +335,7 @@ def test_joint_difference_attends_to_candidate_minus_reference():
     q = _query(cfg, 3, [5, 7, 4])
     cand = _tokens(cfg, 3)
     with torch.no_grad():
-        got = model.score_pairs(q, cand)
+        got = model.score(q, cand, torch.arange(3)[:, None], scoring="pairs")[:, 0]
         e = model.image_type_embeddings.weight
         image = torch.cat([q.ref_tokens + e[0], cand + e[1], cand - q.ref_tokens + e[2]], dim=1)
         want = model.cls_head(model.text_encoder.forward_pairs(q.input_ids, q.attention_mask, image))[:, 0]
@@ -339,6 +350,22 @@ def test_joint_difference_errors_are_clear():
     cfg = dataclasses.replace(_tiny("joint"), joint_difference=True)
     model = _randomized(cfg).eval()
     with pytest.raises(ValueError, match="scoring='pairs'"):
-        model.score_candidates(_query(cfg, 2, [4, 5]), _tokens(cfg, 3))
+        model.score(_query(cfg, 2, [4, 5]), _tokens(cfg, 3))
     with pytest.raises(ValueError, match="joint re-ranker"):
         Stage2Model(dataclasses.replace(_tiny("dual"), joint_difference=True))
+
+
+def test_make_query_keeps_what_the_architecture_reads():
+    """One place builds the re-ranking query: z_t for the dual re-ranker, reference tokens for the joint one."""
+    base = _query(_tiny("dual"), 2, [4, 6])
+    ref = _tokens(_tiny("dual"), 2)
+    dual, joint = Stage2Model(_tiny("dual")), Stage2Model(_tiny("joint"))
+    assert dual.needs_z_t and not joint.needs_z_t
+    q = dual.make_query(base.input_ids, base.attention_mask, ref_tokens=ref, z_t=base.z_t)
+    assert q.z_t is base.z_t and q.ref_tokens is None
+    q = joint.make_query(base.input_ids, base.attention_mask, ref_tokens=ref, z_t=base.z_t)
+    assert q.z_t is None and q.ref_tokens is ref
+    with pytest.raises(ValueError, match="dual re-ranker needs z_t"):
+        dual.make_query(base.input_ids, base.attention_mask, ref_tokens=ref)
+    with pytest.raises(ValueError, match="joint re-ranker needs ref_tokens"):
+        joint.make_query(base.input_ids, base.attention_mask, ref_tokens=None)

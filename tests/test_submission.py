@@ -5,17 +5,24 @@ import json
 
 import pytest
 
-from cirlib.paths import shared_dir
+from cirlib.paths import atomic_write_text, shared_dir
 from cirlib.eval.submission import (
     SubmissionError,
     SubmissionQuery,
     check_cirr_submission,
+    cirr_submission_files,
+    main,
     read_test_queries,
     validate_cirr_submission,
-    write_cirr_submission,
 )
 
 SHARED = shared_dir()
+
+
+def write_cirr_submission(pair_ids, recall_lists, subset_lists, out_dir, name, **kw):
+    """Write both files the way the workbook does (cirlib.eval builds them, cirlib.paths writes them)."""
+    files = cirr_submission_files(pair_ids, recall_lists, subset_lists, name, **kw)
+    return tuple(atomic_write_text(out_dir / f.file_name, f.text()) for f in files)
 CIRR = SHARED / "data" / "real-annotations" / "cirr"
 CAPTIONS = CIRR / "captions" / "cap.rc2.test1.json"
 SPLIT = CIRR / "image_splits" / "split.rc2.test1.json"
@@ -212,3 +219,49 @@ def test_bad_annotations_raise_naming_the_file_and_record(tmp_path):
         read_test_queries(broken)
     with pytest.raises(SubmissionError, match="CIRR caption file not found"):
         read_test_queries(tmp_path / "nope.json")
+
+
+# --------------------------------------------------------------------------------------------------- command line
+def test_command_line_reports_each_file_and_fails_on_a_broken_one(tmp_path, tiny, capsys):
+    """Reuse case: `python -m cirlib.submission FILE...` used to do nothing."""
+    good = _write(tmp_path, {"version": "rc2", "metric": "recall", **GOOD_RECALL}, "good.json")
+    broken = {"version": "rc2", "metric": "recall", **GOOD_RECALL}
+    broken["7"] = ["t-0", "t-2", "t-9", "t-4"]  # lists its own reference
+    bad = _write(tmp_path, broken, "bad.json")
+    args = ["--captions", str(tiny[0]), "--split", str(tiny[1]), "--recall-length", "4"]
+    assert main([str(good), *args]) == 0
+    assert f"{good}: ok" in capsys.readouterr().out
+    assert main([str(good), str(bad), *args]) == 1
+    out = capsys.readouterr().out
+    assert f"{good}: ok" in out and f"{bad}: 1 problem(s)" in out and "[reference] 1 lists" in out
+    assert "1 of 2 file(s)" in out
+
+
+def test_command_line_finds_annotations_under_a_data_root(tmp_path, tiny, capsys):
+    root = tmp_path / "cirr_dataset"
+    (root / "cirr" / "captions").mkdir(parents=True)
+    (root / "cirr" / "image_splits").mkdir(parents=True)
+    tiny[0].rename(root / "cirr" / "captions" / "cap.rc2.test1.json")
+    tiny[1].rename(root / "cirr" / "image_splits" / "split.rc2.test1.json")
+    good = _write(tmp_path, {"version": "rc2", "metric": "recall_subset", **GOOD_SUBSET}, "subset.json")
+    assert main([str(good), "--data-root", str(root)]) == 0
+    assert main([str(good), "--data-root", str(tmp_path / "nowhere")]) == 2
+    assert "CIRR caption file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # neither annotations nor a root: a usage error
+        main([str(good)])
+    assert info.value.code == 2
+
+
+def test_command_line_module_runs(tmp_path, tiny):
+    import subprocess
+    import sys
+
+    from cirlib.paths import REPO_ROOT
+
+    good = _write(tmp_path, {"version": "rc2", "metric": "recall", **GOOD_RECALL}, "good.json")
+    missing = tmp_path / "missing.json"
+    done = subprocess.run([sys.executable, "-m", "cirlib.submission", str(good), str(missing), "--captions",
+                           str(tiny[0]), "--split", str(tiny[1]), "--recall-length", "4"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"{good}: ok" in done.stdout and "[missing-file]" in done.stdout

@@ -136,7 +136,7 @@ def _write_fixture_of_other_sizes(src, out) -> None:
         for i, q in enumerate(per_query):
             one = torch.ones(1, len(q), dtype=torch.long)
             z_t = s1.encode_query(ref2[i:i + 1], q[None], one).hidden
-            scores.append(s2.score_candidates(RerankQuery(q[None], one, z_t=z_t), gal2)[0])
+            scores.append(s2.score(RerankQuery(q[None], one, z_t=z_t), gal2)[0])
         fresh = Stage2Model(cfg)
         report = loading.load_blip_pretrained(fresh, out / "blip_pretrain_like.pt")
         torch.save(fresh.state_dict(), out / "stage2_from_pretrain_state.pt")
@@ -152,6 +152,6 @@ def test_verify_handles_other_sizes(fixture_dir, tmp_path, one_thread):
     _write_fixture_of_other_sizes(fixture_dir, tmp_path)
     results = {r.name: r for r in V.verify(tmp_path)}
     assert all(r.ok for r in results.values()), [r.line() for r in results.values() if not r.ok]
-    assert {"stage1.ranking", "stage2.scores", "stage2.scores (score_pairs path)",
+    assert {"stage1.ranking", "stage2.scores", "stage2.scores (per-pair path)",
             "pretrain_loaded.stage2 fresh keys (set)"} <= set(results)
     assert any(name.startswith("pretrain_loaded.stage2 key duplication") for name in results)

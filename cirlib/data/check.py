@@ -234,9 +234,7 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
     if (root / "world.json").is_file():
         notes.append("a synthetic world written by cirlib.synth: its annotation files are its own, not the public ones")
     if dataset == "cirr" and (root / "img_raw").is_dir() and not (root / "dev").is_dir():
-        notes.append("images are under img_raw/ (the official download's layout); the split files name them as "
-                     "./train/..., ./dev/..., ./test1/... relative to the root: move or link img_raw/train, "
-                     "img_raw/dev and img_raw/test1 up one level")
+        notes.append("images are read under img_raw/ (the official download's layout, used as it is)")
 
     annotation_files = []
     for rel, want in PUBLIC_SHA256[dataset].items():

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -67,8 +68,9 @@ _CIRR_LAYOUT = """expected CIRR layout under the root (the `cirr_dataset` folder
   <root>/cirr/image_splits/split.rc2.{train,val,test1}.json
   <root>/train/<n>/train-*.png, <root>/dev/dev-*.png, <root>/test1/test1-*.png
 The annotations come from the `cirr_dataset` branch of github.com/Cuberick-Orion/CIRR (its `captions/` and
-`image_splits/` folders go under <root>/cirr/). The official images come under `img_raw/` and must be laid out as
-`train/<n>/`, `dev/` and `test1/` directly under <root>, at the relative paths listed in the split files."""
+`image_splits/` folders go under <root>/cirr/). The official image download unpacks `img_raw/train/<n>/`,
+`img_raw/dev/` and `img_raw/test1/`: either leave them there (<root>/img_raw/...) or move them directly under <root>;
+the paths listed in the split files are read relative to whichever holds them."""
 
 _FIQ_LAYOUT = """expected FashionIQ layout under the root (the `fashionIQ_dataset` folder):
   <root>/captions/cap.{dress,shirt,toptee}.{train,val,test}.json
@@ -109,6 +111,8 @@ class SplitData:
     queries: list[Query]  # empty when read in gallery-only mode
     gallery: list[str]  # gallery image names, split-file order
     relpaths: Mapping[str, str] | None = field(default=None, repr=False, compare=False)  # CIRR: name -> split path
+    # CIRR: the folder the split paths are relative to: the root, or <root>/img_raw (the official download's layout)
+    image_root: Path | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def gallery_index(self) -> dict[str, int]:
@@ -132,7 +136,7 @@ class SplitData:
                 f"{'' if self.category is None else ' ' + self.category} gallery ({len(self.gallery)} images)"
             )
         if self.relpaths is not None:
-            return self.root / self.relpaths[name]
+            return (self.image_root or self.root) / self.relpaths[name]
         jpg = self.root / "images" / f"{name}.jpg"
         if not jpg.exists():
             png = jpg.with_suffix(".png")
@@ -199,14 +203,35 @@ def _resolve_root(root: str | os.PathLike | None, dataset: str) -> Path:
     return path
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a JSON object that names a key twice is refused (json.load keeps the last silently,
+    so a split file with a duplicated image name would map it to whichever path came last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_json(path: Path, expected: type, dataset: str, what: str) -> Any:
-    """Read a JSON file whose top level must be `expected` (list or dict)."""
+    """Read a JSON file whose top level must be `expected` (list or dict); no object in it may repeat a key."""
     if not path.is_file():
         layout = _CIRR_LAYOUT if dataset == "cirr" else _FIQ_LAYOUT
         raise DatasetError(f"missing {what} file {path}\n{layout}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DatasetError(
+            f"{path}: the key {e.key!r} appears twice in one JSON object ({what} file); each name must appear once: "
+            "fix or re-download the file") from e
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
     except (OSError, UnicodeDecodeError) as e:
@@ -274,6 +299,30 @@ def _safe_relpath(rel: str, name: str, split_file: Path) -> str:
             "(e.g. './dev/dev-244-0-img0.png')"
         )
     return rel
+
+
+CIRR_RAW_FOLDER = "img_raw"  # the official CIRR image download unpacks train/, dev/ and test1/ under this folder
+_ANNOUNCED_RAW: set[Path] = set()  # roots whose img_raw/ layout was already reported in this process
+
+
+def cirr_image_root(root: Path, relpaths: Mapping[str, str]) -> Path:
+    """The folder CIRR's split paths (`./dev/dev-...png`) are relative to: the root as the original arranges it, or
+    `<root>/img_raw` as the official download unpacks (used where it exists and the root's own folder does not).
+
+    Nothing is moved or linked; the first time a root is found in the download's layout, one line says so.
+    """
+    first = next(iter(relpaths.values()), None)
+    if first is None:
+        return root
+    top = first.replace("\\", "/").lstrip("./").split("/", 1)[0]
+    raw = root / CIRR_RAW_FOLDER
+    if (root / top).is_dir() or not (raw / top).is_dir():
+        return root
+    if root not in _ANNOUNCED_RAW:
+        _ANNOUNCED_RAW.add(root)
+        print(f"cirlib: CIRR images found in the official download's layout under {raw}/ (train/, dev/, test1/); "
+              "reading them there", file=sys.stderr)
+    return raw
 
 
 def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool) -> SplitData:
@@ -347,7 +396,8 @@ def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool)
                 )
             )
     return SplitData(
-        dataset="cirr", split=split, category=None, root=root, queries=queries, gallery=gallery, relpaths=relpaths
+        dataset="cirr", split=split, category=None, root=root, queries=queries, gallery=gallery, relpaths=relpaths,
+        image_root=cirr_image_root(root, relpaths),
     )
 
 

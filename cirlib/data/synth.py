@@ -1037,19 +1037,9 @@ def generate(
     # world.json last: its presence marks a finished world.
     (partial / "world.json").write_text(json.dumps(world, indent=2), encoding="ascii")
     marker.unlink()
-    # Swap by renames so the root is missing only for an instant; deleting ~100k old files comes after.
-    replaced = root.with_name(root.name + ".replaced")
-    if replaced.exists():
-        # A leftover of an interrupted overwrite (made by the lines below); anything else is not ours to delete.
-        if not (replaced / "world.json").is_file():
-            raise FileExistsError(f"{replaced} exists and is not a synthetic world; remove it to overwrite {root}")
-        shutil.rmtree(replaced)
-    if root.exists():
-        os.replace(root, replaced)
-    os.replace(partial, root)
-    if replaced.exists():
-        shutil.rmtree(replaced)
-    return root
+    # Swap by renames (the one implementation, in cirlib.paths) so the root is missing only for an instant; deleting
+    # ~100k old files comes after.
+    return paths.swap_in_dir(partial, root)
 
 
 def _pool(workers: int) -> "multiprocessing.pool.Pool | None":

@@ -23,6 +23,10 @@ A = TypeVar("A", np.ndarray, torch.Tensor)
 DEFAULT_KS = (1, 5, 10, 50)  # CIRR's reported R@k
 SUBSET_KS = (1, 2, 3)  # CIRR Recall_subset@k
 FASHIONIQ_KS = (10, 50)  # FashionIQ's reported R@k
+# The one list of K values each dataset's evaluation reports (R@k of stage I and stage II; values above the re-ranked
+# depth are left out), and the depths of the candidate-recall table of a stage-I top-K file (values above its K too).
+REPORTED_KS = {"cirr": (1, 5, 10, 50), "fashioniq": (1, 5, 10, 50)}
+CANDIDATE_RECALL_KS = (1, 5, 10, 20, 32, 50, 100, 200)
 
 
 def _to_numpy(x: ArrayLike | Sequence, name: str) -> np.ndarray:
@@ -202,50 +206,6 @@ def labels_from_ranking(sorted_names: ArrayLike | Sequence, targets: Sequence[st
     labels = names == tgt[:, None]  # (N, K)
     _check_at_most_one(labels, "labels_from_ranking (a target appears twice in a ranked row)")
     return labels
-
-
-def rerank_order(scores: A) -> A:
-    """Column order that sorts each row by descending score; ties keep the incoming (stage-I) order.
-
-    Args:
-        scores: (N, K) float. Returns (N, K) int64 of the same array kind.
-    """
-    if isinstance(scores, torch.Tensor):
-        if scores.ndim != 2:
-            raise ValueError(f"scores must be (N, K), got shape {tuple(scores.shape)}")
-        return torch.argsort(scores, dim=1, descending=True, stable=True)
-    arr = np.asarray(scores)
-    if arr.ndim != 2:
-        raise ValueError(f"scores must be (N, K), got shape {tuple(arr.shape)}")
-    # negate so the stable ascending sort gives descending scores with ties in column order
-    return np.argsort(-arr, axis=1, kind="stable")
-
-
-def rerank_labels(stage1_labels: A, order: ArrayLike) -> A:
-    """Labels after re-ordering each row's candidates: out[i, j] = stage1_labels[i, order[i, j]].
-
-    Args:
-        stage1_labels: (N, K) bool, stage-I label matrix of the re-ranked top-K.
-        order: (N, K) int, each row a permutation of 0..K-1 (e.g. from `rerank_order`).
-    Returns (N, K) bool of the same array kind as stage1_labels.
-    """
-    lab = _bool_matrix(stage1_labels, "stage1_labels")
-    idx = _to_numpy(order, "order")
-    if idx.shape != lab.shape:
-        raise ValueError(f"order must have the labels' shape {tuple(lab.shape)}, got {tuple(idx.shape)}")
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"order must be integer indices, got dtype {idx.dtype}")
-    expected = np.arange(lab.shape[1])
-    bad = np.flatnonzero((np.sort(idx, axis=1) != expected[None, :]).any(axis=1))
-    if bad.size:
-        raise ValueError(
-            f"order: row {int(bad[0])} is not a permutation of 0..{lab.shape[1] - 1} ({bad.size} such rows); "
-            "re-ranking must only reorder the top-K"
-        )
-    out = np.take_along_axis(lab, idx.astype(np.int64), axis=1)
-    if isinstance(stage1_labels, torch.Tensor):
-        return torch.from_numpy(out).to(stage1_labels.device)
-    return out
 
 
 def fuse_scores(stage1: A, stage2: A, weight: float, *, normalize: bool = False) -> A:

@@ -10,7 +10,11 @@ names come from the test1 gallery, the query's reference image is never listed, 
 query's img_set members other than the reference.
 
 The validator reads the CIRR annotation JSONs directly (`cap.rc2.test1.json`, `split.rc2.test1.json`) so that it
-does not depend on the dataset readers.
+does not depend on the dataset readers. This module builds the files' content but writes nothing (the caller writes
+with cirlib.paths); its command line checks files before an upload:
+
+    python -m cirlib.submission recall_submission_x.json recall_subset_submission_x.json \\
+        --captions cap.rc2.test1.json --split split.rc2.test1.json     # or: --data-root <cirr_dataset>
 """
 from __future__ import annotations
 
@@ -45,16 +49,18 @@ class SubmissionQuery:
     members: tuple[str, ...]  # the img_set's 6 names, reference included
 
 
-# -------------------------------------------------------------------------------------------------------- writing
-def _atomic_write_json(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, sort_keys=True)  # the original's call: sorted keys, default separators, no indent
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+# ------------------------------------------------------------------------------------------------------- building
+@dataclass(frozen=True)
+class SubmissionFile:
+    """One server file: its name and its JSON document (the caller writes it, e.g. `cirlib.paths.atomic_write_text`)."""
+
+    file_name: str  # recall_submission_<name>.json or recall_subset_submission_<name>.json
+    document: dict[str, Any]  # {"version", "metric", "<pairid>": [names]}
+
+    def text(self) -> str:
+        """The file's exact content: the original's `json.dump(..., sort_keys=True)`, no indent. Indenting would
+        push a 4,148-query recall file past the server's 5 MB."""
+        return json.dumps(self.document, sort_keys=True)
 
 
 def _prediction_dict(
@@ -76,38 +82,34 @@ def _prediction_dict(
     return out
 
 
-def write_cirr_submission(
+def cirr_submission_files(
     pair_ids: Sequence[int],
     recall_lists: Sequence[Sequence[str]],
     subset_lists: Sequence[Sequence[str]],
-    out_dir: str | os.PathLike,
     name: str,
     *,
     recall_length: int = RECALL_LENGTH,
-) -> tuple[Path, Path]:
-    """Write `recall_submission_<name>.json` and `recall_subset_submission_<name>.json` in the server's format.
+) -> tuple[SubmissionFile, SubmissionFile]:
+    """The two server files, `recall_submission_<name>.json` and `recall_subset_submission_<name>.json`.
 
     Args:
         pair_ids: (N,) CIRR test pair ids.
         recall_lists: (N, 50) ranked gallery names per query, best first, reference excluded.
         subset_lists: (N, 3) ranked img_set members per query, reference excluded.
-        out_dir: destination folder (created if needed).
         name: submission name used in both file names.
         recall_length: names per recall list; the server wants 50 (smaller only for synthetic galleries).
-    Returns (path_recall, path_subset).
+    Returns:
+        (recall file, subset file).
     """
     if not name or not _NAME_RE.match(name):
         raise SubmissionError(f"submission name must be letters, digits, '.', '_' or '-', got {name!r}")
     pair_ids = [int(p) for p in pair_ids]
-    recall = _prediction_dict(pair_ids, recall_lists, recall_length, METRIC_RECALL)
-    subset = _prediction_dict(pair_ids, subset_lists, SUBSET_LENGTH, METRIC_SUBSET)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path_recall = out / f"recall_submission_{name}.json"
-    path_subset = out / f"recall_subset_submission_{name}.json"
-    _atomic_write_json(recall, path_recall)
-    _atomic_write_json(subset, path_subset)
-    return path_recall, path_subset
+    return (
+        SubmissionFile(f"recall_submission_{name}.json",
+                       _prediction_dict(pair_ids, recall_lists, recall_length, METRIC_RECALL)),
+        SubmissionFile(f"recall_subset_submission_{name}.json",
+                       _prediction_dict(pair_ids, subset_lists, SUBSET_LENGTH, METRIC_SUBSET)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- reading queries
@@ -294,3 +296,51 @@ def check_cirr_submission(
     )
     if problems:
         raise SubmissionError(f"{path}: {len(problems)} problem(s) for the CIRR server:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------- command line
+CAPTIONS_IN_ROOT = ("cirr", "captions", "cap.rc2.test1.json")  # the CIRR layout under a dataset root
+SPLIT_IN_ROOT = ("cirr", "image_splits", "split.rc2.test1.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cirlib.submission FILE...`: validate submission files; exit 0 if all are fine, 1 if any has
+    problems, 2 if the annotations cannot be read."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cirlib.submission",
+        description="Check CIRR test-server submission files as the server would, before uploading them.")
+    parser.add_argument("files", nargs="+", type=Path, help="submission JSON files (recall and/or recall_subset)")
+    parser.add_argument("--captions", type=Path, help="cap.rc2.test1.json (default: from --data-root)")
+    parser.add_argument("--split", type=Path, help="split.rc2.test1.json (default: from --data-root)")
+    parser.add_argument("--data-root", type=Path,
+                        help="the CIRR dataset root holding cirr/captions and cirr/image_splits")
+    parser.add_argument("--recall-length", type=int, default=RECALL_LENGTH,
+                        help=f"names per recall list (the server: {RECALL_LENGTH})")
+    args = parser.parse_args(argv)
+    captions, split = args.captions, args.split
+    if args.data_root is not None:
+        captions = captions or args.data_root.joinpath(*CAPTIONS_IN_ROOT)
+        split = split or args.data_root.joinpath(*SPLIT_IN_ROOT)
+    if captions is None or split is None:
+        parser.error("give --captions and --split, or --data-root")
+    try:
+        queries = read_test_queries(captions)
+        gallery = read_gallery_names(split)
+    except SubmissionError as err:
+        print(f"cannot read the annotations: {err}", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.files:
+        problems = validate_cirr_submission(path, queries, gallery, recall_length=args.recall_length)
+        if problems:
+            failed += 1
+            print(f"{path}: {len(problems)} problem(s)")
+            print("\n".join(f"  {p}" for p in problems))
+        else:
+            print(f"{path}: ok")
+    if failed:
+        print(f"{failed} of {len(args.files)} file(s) would be rejected or mis-scored by the CIRR server")
+    return 1 if failed else 0

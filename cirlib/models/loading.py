@@ -6,7 +6,9 @@
 - `save_pretrained` / `from_pretrained`: `model.safetensors` + `config.json` (+ tokenizer files).
 
 Pickles are only ever opened with `torch.load(..., weights_only=True)`. Every refusal raises `CheckpointError`
-naming the file, what it holds, and the offending keys with their shapes.
+naming the file, what it holds, the offending keys with their shapes, and what to do; a file that cannot be read at
+all (truncated download, interrupted copy) says so instead of torch's or safetensors' bare message, and tensors that
+hold NaN or Inf are refused on load, naming the first such key.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ _DUAL_NAMES = {"self": ("self0", "self1"), "output.dense": ("output.dense0", "ou
                "output.LayerNorm": ("output.LayerNormA", "output.LayerNormB")}
 _POSITION_IDS = re.compile(r"(^|\.)embeddings\.position_ids$")
 _POS_EMBED = "visual_encoder.pos_embed"
+# What to do about a file that cannot be read, by who made it.
+FETCH_AGAIN = "the file is damaged or incomplete (an interrupted download or copy?): download or copy it again"
+RERUN_STEP = ("the model folder is damaged or incomplete: delete the folder and re-run the step that wrote it "
+              "(training writes <run>/model and <run>/checkpoints/*)")
 
 
 class CheckpointError(Exception):
@@ -75,11 +81,15 @@ class LoadReport:
 # ----------------------------------------------------------------------------------------------------- reading files
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike, remedy: str = FETCH_AGAIN) -> Any:
     """Open a torch pickle safely (tensors and plain containers only) on the CPU.
 
+    Args:
+        path: the file.
+        remedy: what the message tells the user to do when the file cannot be read (default: fetch it again).
     Raises:
-        CheckpointError: missing file, unreadable file, or a pickle that would need arbitrary code to load.
+        CheckpointError: missing file, unreadable (truncated, corrupted) file, or a pickle that would need arbitrary
+            code to load; the message names the file.
     """
     path = Path(path)
     if path.is_dir():
@@ -91,15 +101,25 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Unsupported global" not in str(err):  # not a refused class: bytes that are no pickle (damaged file)
+            raise CheckpointError(
+                f"cannot read {path} as a torch checkpoint ({_first_line(err)}): {remedy}") from err
+        first = _first_line(err)
         raise CheckpointError(
             f"refusing to load {path}: it is an unsafe pickle, i.e. it holds objects other than tensors and plain "
             f"containers, and unpickling it could run arbitrary code (torch.load(weights_only=True) said: {first}). "
             "If you trust its origin, open it once yourself with torch.load(path, weights_only=False) and re-save "
             "only the tensors, e.g. torch.save({'model': ckpt['model']}, new_path), then load new_path."
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {err}") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        # e.g. torch's "PytorchStreamReader failed reading zip archive" (inline_container.cc) for a truncated file
+        raise CheckpointError(
+            f"cannot read {path} as a torch checkpoint ({_first_line(err)}): {remedy}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else f"{type(err).__name__}, no message"
 
 
 def describe_checkpoint(obj: Any) -> str:
@@ -283,12 +303,17 @@ def load_original_checkpoint(model: nn.Module, path: str | os.PathLike) -> int:
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None) -> Path:
     """Write `model.safetensors` and `config.json` (ModelConfig + {"stage": 1|2}), plus the tokenizer if given.
 
-    Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
+    The files are written straight into `directory`. A crash can leave it half written, so callers write into a
+    temporary folder that replaces the final one only when complete (the one implementation of that is in
+    `cirlib.paths`, which models may not import):
+
+        with paths.atomic_dir(run_dir / "model") as tmp:
+            save_pretrained(model, tmp, tokenizer=tok)
 
     Args:
         model: Stage1Model or Stage2Model.
         directory: created if needed.
-        tokenizer: anything with `save(directory)` (a `cirlib.tokenizer.CIRTokenizer`).
+        tokenizer: anything with `save(directory)` (a `cirlib.data.tokenizer.CIRTokenizer`).
     Returns:
         The directory.
     """
@@ -306,15 +331,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
         seen.add(ptr)
         tensors[key] = value
     config = {**model.config.to_dict(), "stage": stage}
-
-    weights = directory / WEIGHTS_FILE
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "stage": str(stage)})
-    os.replace(tmp, weights)
-    cfg_path = directory / CONFIG_FILE
-    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, cfg_path)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "stage": str(stage)})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -324,7 +342,8 @@ def from_pretrained(directory: str | os.PathLike) -> "Stage1Model | Stage2Model"
     """Rebuild a model written by `save_pretrained` (in eval mode, on the CPU).
 
     Raises:
-        CheckpointError: missing or malformed files, or weights that do not fit the stored config.
+        CheckpointError: missing, unreadable or malformed files, weights that do not fit the stored config, or
+            weights that hold NaN/Inf; the message names the file and says what to do.
     """
     directory = Path(directory)
     cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -332,28 +351,54 @@ def from_pretrained(directory: str | os.PathLike) -> "Stage1Model | Stage2Model"
         if not f.is_file():
             raise CheckpointError(f"{f} not found: {directory} is not a folder written by save_pretrained")
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {err}") from err
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({err}): {RERUN_STEP}") from err
     if not isinstance(raw, dict) or raw.get("stage") not in (1, 2):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object with \"stage\": 1 or 2, found {raw!r:.200}")
+        raise CheckpointError(
+            f"{cfg_path}: expected a JSON object with \"stage\": 1 or 2, found {raw!r:.200}: {RERUN_STEP}")
     stage = raw.pop("stage")
     try:
         config = ModelConfig.from_dict(raw)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{cfg_path}: not a valid ModelConfig: {err}") from err
+        raise CheckpointError(f"{cfg_path}: not a valid ModelConfig ({err}): {RERUN_STEP}") from err
     if stage == 1:
         model: nn.Module = Stage1Model(config)
     else:
         from cirlib.models.stage2 import Stage2Model
 
         model = Stage2Model(config)
-    try:
-        sd = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read {weights} as safetensors: {err}") from err
+    sd = read_safetensors(weights, remedy=RERUN_STEP)
     _load_checked(model, sd, source=str(weights), may_be_fresh=lambda k: False)
     return model.eval()
+
+
+def read_safetensors(path: str | os.PathLike, remedy: str = RERUN_STEP) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on the CPU; an unreadable (truncated, corrupted) file raises CheckpointError
+    naming it and saying what to do (`remedy`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path} as safetensors ({_first_line(err)}): {remedy}") from err
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict whose floating-point tensors hold NaN or Inf, naming `source` and the first bad key.
+
+    A diverged training run saves such weights without complaint; loading them would only show up later as NaN
+    scores (or as a retrieval that ranks at random), far from the file that caused it.
+    """
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            n_nan = int(torch.isnan(value).sum())
+            n_inf = int(torch.isinf(value).sum())
+            raise CheckpointError(
+                f"{source}: tensor {key} {tuple(value.shape)} holds {n_nan} NaN and {n_inf} Inf value(s); the "
+                "weights are broken (a diverged run, or a damaged file): use an earlier checkpoint, or re-run the "
+                "step that wrote them with a lower learning rate")
 
 
 # --------------------------------------------------------------------------------------------------------- internals
@@ -412,6 +457,7 @@ def _load_checked(
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected key(s) (in the file, not in the model): {_show(unexpected)}")
         raise CheckpointError("\n".join(lines))
+    check_finite(sd, source)
     result = model.load_state_dict(sd, strict=False)
     # Everything was checked above; this guards against a model whose state_dict and load_state_dict disagree.
     if result.unexpected_keys or {k for k in result.missing_keys if not _POSITION_IDS.search(k)} - set(fresh):

@@ -1,0 +1,107 @@
+"""Model builders with plain arguments: a preset sized to the tokenizer, then the stage's initialisation.
+
+The workbook's configs name these things (preset, pretrained file, checkpoint, stage-II init mode); the workbook
+resolves its paths (relative to the repository) and passes plain values here, so the models room needs nothing
+else from cirlib.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cirlib.models import loading
+from cirlib.models.config import ModelConfig, preset
+from cirlib.models.stage1 import Stage1Model
+from cirlib.models.stage2 import Stage2Model
+
+STAGE2_INITS = ("pretrained", "scratch", "stage1")  # where a stage-II model's weights start from
+
+
+def model_config(preset_name: str, vocab_size: int, **overrides: Any) -> ModelConfig:
+    """A named preset with the text vocabulary set to `vocab_size` (the tokenizer's; 30524 for BLIP's BERT).
+
+    Args:
+        preset_name: a key of `cirlib.models.config.PRESETS` ("blip-base", "tiny").
+        vocab_size: the tokenizer's vocabulary size.
+        overrides: top-level ModelConfig fields (e.g. reranker="dual").
+    """
+    base = preset(preset_name)
+    return dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab_size), **overrides)
+
+
+def load_any_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Fill `model` from a folder written by `save_pretrained` (or a run folder holding `model/`), or from an original
+    checkpoint file; a folder holding the other stage's model is refused."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "model" if (path / "model").is_dir() else path
+        loaded = loading.from_pretrained(folder)
+        if type(loaded) is not type(model):
+            raise loading.CheckpointError(
+                f"{folder} holds a {type(loaded).__name__}, expected a {type(model).__name__}: point to the other "
+                "stage's run")
+        model.load_state_dict(loaded.state_dict())
+    else:
+        loading.load_original_checkpoint(model, path)
+
+
+def build_stage1(preset_name: str, vocab_size: int, *, pretrained: str | os.PathLike | None = None,
+                 init_checkpoint: str | os.PathLike | None = None) -> Stage1Model:
+    """A stage-I model: the preset, then BLIP pre-trained weights and/or a checkpoint to start from.
+
+    Args:
+        preset_name, vocab_size: as `model_config`.
+        pretrained: a BLIP pre-training file (`model_base.pth`), absolute; None = random init.
+        init_checkpoint: loaded after `pretrained` (`load_any_checkpoint`), absolute; None = none.
+    """
+    model = Stage1Model(model_config(preset_name, vocab_size))
+    if pretrained:
+        loading.load_blip_pretrained(model, pretrained)
+    if init_checkpoint:
+        load_any_checkpoint(model, init_checkpoint)
+    return model
+
+
+def build_stage2(preset_name: str, vocab_size: int, *, reranker: str, joint_difference: bool = False,
+                 init: str = "pretrained", pretrained: str | os.PathLike | None = None,
+                 stage1: Stage1Model | None = None, vision_from_stage1: bool = False,
+                 init_checkpoint: str | os.PathLike | None = None) -> Stage2Model:
+    """A stage-II model: the preset with its architecture, then its initialisation.
+
+    Args:
+        preset_name, vocab_size: as `model_config`.
+        reranker: "dual" (the original) or "joint".
+        joint_difference: the joint re-ranker's (candidate - reference) segment.
+        init: "pretrained" (BLIP file `pretrained`), "scratch" (BERT init), or "stage1" (text encoder copied from
+            `stage1`; the dual re-ranker takes what fits, the joint one must take all of it).
+        pretrained: the BLIP pre-training file for init="pretrained", absolute.
+        stage1: the stage-I model, for init="stage1" or vision_from_stage1.
+        vision_from_stage1: copy stage I's ViT into stage II after the init.
+        init_checkpoint: loaded last (`load_any_checkpoint`), absolute; None = none.
+    """
+    if init not in STAGE2_INITS:
+        raise ValueError(f"unknown stage-II init {init!r}: one of {STAGE2_INITS}")
+    model = Stage2Model(model_config(preset_name, vocab_size, reranker=reranker, joint_difference=joint_difference))
+    if init == "pretrained":
+        if not pretrained:
+            raise ValueError("init='pretrained' needs a BLIP pre-training file (model_base.pth); "
+                             "use init='scratch' without one")
+        loading.load_blip_pretrained(model, pretrained)
+    elif init == "stage1":
+        if stage1 is None:
+            raise ValueError("init='stage1' needs the stage-I model")
+        _, unexpected = model.text_encoder.load_state_dict(stage1.text_encoder.state_dict(), strict=False)
+        if reranker == "joint" and unexpected:
+            raise loading.CheckpointError(
+                f"stage-I text encoder keys not in the joint re-ranker: {unexpected[:10]}")
+    if vision_from_stage1:
+        if stage1 is None:
+            raise ValueError("vision_from_stage1=True needs the stage-I model")
+        model.visual_encoder.load_state_dict(stage1.visual_encoder.state_dict())
+    if init_checkpoint:
+        load_any_checkpoint(model, init_checkpoint)
+    return model
