@@ -243,7 +243,10 @@ def test_fit_trains_logs_and_applies_schedule(tmp_path):
     assert {"kind", "epoch", "step", "lr", "loss", "time", "mae", "val/mse", "selection"} <= set(rows[0])
     assert [row["kind"] for row in rows] == [r["kind"] for r in records]
     assert float(rows[-1]["val/mse"]) == pytest.approx(vals[-1]["val/mse"])
-    assert (tmp_path / "run" / "DONE").is_file()
+    # The last checkpoint records the run as finished: every epoch trained and validated, the whole log covered.
+    info = json.loads((checkpoint_dir(tmp_path / "run", "last") / "info.json").read_text())
+    assert info["epochs_completed"] == 6 and info["pending_validation"] is None
+    assert info["metrics_records"] == len(records)
     # The model left in the task holds the final weights, which are also the last checkpoint's.
     last_weights = load_file(str(checkpoint_dir(tmp_path / "run", "last") / "model.safetensors"))
     _assert_same_state(_weights(task.model), last_weights)
@@ -258,12 +261,13 @@ def test_checkpoint_files_are_safetensors_and_weights_only(tmp_path):
         assert set(f.keys()) == set(task.model.state_dict())
     state = torch.load(last / "state.pt", weights_only=True)
     assert state["epochs_completed"] == 2 and state["batches_done"] == 0 and state["global_step"] == 16
-    assert {"optimizer", "scaler", "processes", "best_metric", "metrics_records"} <= state.keys()
+    assert {"optimizer", "scaler", "processes", "task"} <= state.keys()
     rng = state["processes"][0]["rng"]
     assert {"python", "numpy", "torch", "cuda"} <= rng.keys()
     assert len(state["optimizer"]["state"]) == len(list(task.model.parameters()))
     info = json.loads((last / "info.json").read_text())
-    assert info["config"]["epochs"] == 2 and info["epochs_completed"] == 2
+    assert info["config"]["epochs"] == 2 and info["epochs_completed"] == 2 and info["global_step"] == 16
+    assert {"best_metric", "best_epoch", "last_val_metrics", "metrics_records", "pending_validation"} <= info.keys()
     # No temporary or displaced folders are left behind by the atomic swap.
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best", "last"]
 
@@ -330,7 +334,7 @@ def test_resume_after_epochs_is_bit_identical(tmp_path):
     r2 = fit(second, _cfg(epochs=4), tmp_path / "split")
     assert r2.status == "finished" and r2.epochs_completed == 4 and r2.global_step == 32
     assert second.calls == 16  # only epochs 2 and 3 were trained
-    assert json.loads((tmp_path / "split" / "DONE").read_text())["epochs_completed"] == 4
+    assert json.loads((checkpoint_dir(tmp_path / "split", "last") / "info.json").read_text())["epochs_completed"] == 4
 
     _assert_same_state(_weights(second.model), _weights(straight.model))
     _assert_same_optimizer(_optimizer_state(tmp_path / "split"), _optimizer_state(tmp_path / "straight"))
@@ -344,7 +348,6 @@ def test_resume_after_simulated_crash_is_bit_identical(tmp_path):
     crashing = ToyTask(fail_at_step=8 * 2 + 5)  # dies in the middle of epoch 2 (0-based)
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(crashing, _cfg(epochs=4), tmp_path / "crash")
-    assert not (tmp_path / "crash" / "DONE").exists()
     info = json.loads((checkpoint_dir(tmp_path / "crash", "last") / "info.json").read_text())
     assert info["epochs_completed"] == 2
     resumed = ToyTask()
@@ -365,7 +368,6 @@ def test_time_budget_stops_and_resumes_mid_epoch_exactly(tmp_path):
     assert result.status == "time_budget" and result.global_step == 1 and task.calls == 2  # one optimizer step
     state = torch.load(checkpoint_dir(run, "last") / "state.pt", weights_only=True)
     assert state["epochs_completed"] == 0 and state["batches_done"] == 2
-    assert not (run / "DONE").exists()
     calls = 1
     while result.status == "time_budget":
         task = ToyTask()
@@ -390,11 +392,6 @@ def test_finished_run_is_reused_unless_overwrite(tmp_path):
     assert result.epochs_completed == 2 and result.best_metric is not None
     _assert_same_state(_weights(again.model), _weights(trained.model))  # final weights loaded into the task
     assert len(read_metrics(run)) == n_records
-
-    # Without DONE the final epoch in the checkpoint still marks the run finished (and DONE is restored).
-    (run / "DONE").unlink()
-    assert fit(ToyTask(), _cfg(epochs=2), run).status == "reused"
-    assert (run / "DONE").is_file()
 
     redo = ToyTask(seed=1)
     result = fit(redo, _cfg(epochs=2), run, overwrite=True)
@@ -557,3 +554,136 @@ def test_task_must_define_one_data_source(tmp_path):
 
     with pytest.raises(TypeError, match="exactly one of train_loader"):
         fit(Both(), _cfg(epochs=1), tmp_path / "both")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run files: validation after the save, damaged or unwritable files named, one writer per run folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class FailingValidationTask(ToyTask):
+    """Validation raises on its `fail_at`-th call, like a validation image gone missing."""
+
+    def __init__(self, fail_at: int, **kw):
+        super().__init__(**kw)
+        self.fail_at = fail_at
+
+    def validate(self):
+        if self.val_calls + 1 == self.fail_at:
+            self.val_calls += 1
+            raise FileNotFoundError("validation image missing: dev-123-0-img0.png")
+        return super().validate()
+
+
+def test_failing_validation_keeps_the_epoch_just_trained(tmp_path):
+    cfg = _cfg(epochs=3, max_epoch=3)
+    straight = ToyTask()
+    straight_result = fit(straight, cfg, tmp_path / "straight")
+
+    run = tmp_path / "run"
+    failing = FailingValidationTask(fail_at=2)  # the validation after epoch 1 fails
+    with pytest.raises(FileNotFoundError, match="validation image missing"):
+        fit(failing, cfg, run)
+    info = json.loads((checkpoint_dir(run, "last") / "info.json").read_text())
+    assert info["epochs_completed"] == 2 and info["pending_validation"] == 1  # saved before validating
+    resumed = ToyTask()
+    result = fit(resumed, cfg, run)
+    assert result.status == "finished"
+    assert resumed.calls == 8 and resumed.val_calls == 2  # epoch 2 trained; the pending validation of epoch 1 ran
+    _assert_same_state(_weights(resumed.model), _weights(straight.model))
+    _assert_same_optimizer(_optimizer_state(run), _optimizer_state(tmp_path / "straight"))
+    assert _strip_time(read_metrics(run)) == _strip_time(read_metrics(tmp_path / "straight"))
+    assert (result.best_epoch, result.best_metric) == (straight_result.best_epoch, straight_result.best_metric)
+
+
+@pytest.mark.parametrize("damaged", ["state.pt", "model.safetensors", "info.json"])
+def test_damaged_checkpoint_file_is_named_with_what_to_do(tmp_path, damaged):
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(ToyTask(fail_at_step=12), _cfg(epochs=3), run)
+    path = checkpoint_dir(run, "last") / damaged
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a crash or a full disk while it was written
+    task = ToyTask()
+    with pytest.raises(Exception) as caught:
+        fit(task, _cfg(epochs=3), run)
+    message = str(caught.value)
+    assert str(path) in message and "overwrite=True" in message, message
+    assert task.calls == 0
+    from cirlib.train.checkpoints import CheckpointError
+
+    assert isinstance(caught.value, CheckpointError)
+    assert fit(ToyTask(), _cfg(epochs=3), run, overwrite=True).status == "finished"  # the advice works
+
+
+def test_partial_last_log_line_after_a_crash_does_not_block_resume(tmp_path):
+    straight = ToyTask()
+    fit(straight, _cfg(epochs=4), tmp_path / "straight")
+    run = tmp_path / "crash"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(ToyTask(fail_at_step=8 * 2 + 5), _cfg(epochs=4), run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "epoch": 2, "st')  # the crash cut the last line off
+    resumed = ToyTask()
+    fit(resumed, _cfg(epochs=4), run)
+    _assert_same_state(_weights(resumed.model), _weights(straight.model))
+    assert _strip_time(read_metrics(run)) == _strip_time(read_metrics(tmp_path / "straight"))
+
+
+def test_disk_full_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
+    def disk_full(obj, f, *args, **kwargs):  # what torch raises when the disk fills up mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="disk is full") as caught:
+        fit(ToyTask(), _cfg(epochs=1), run)
+    assert str(checkpoint_dir(run, "last") / "state.pt") in str(caught.value)
+    from cirlib.paths import FileWriteError
+
+    assert isinstance(caught.value, FileWriteError)
+    assert not (run / "checkpoints").exists() or list((run / "checkpoints").iterdir()) == []  # nothing half-written
+
+
+def test_unwritable_run_folder_is_refused_before_training(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from cirlib.paths import FileWriteError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    task = ToyTask()
+    with pytest.raises(FileWriteError, match=str(blocker / "run")):
+        fit(task, _cfg(epochs=1), blocker / "run")
+    assert task.calls == 0
+
+    # A read-only folder (simulated: tests run as root, where permissions do not stop writes).
+    real_write_bytes = Path.write_bytes
+
+    def read_only(self, data):
+        if self.parent == tmp_path / "ro":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(FileWriteError, match="read-only") as caught:
+        fit(task, _cfg(epochs=1), tmp_path / "ro")
+    assert str(tmp_path / "ro") in str(caught.value) and task.calls == 0
+
+
+def test_second_writer_of_a_run_folder_is_refused(tmp_path):
+    import os
+
+    from cirlib.run_folder import RunFolder, RunFolderError
+
+    run = tmp_path / "run"
+    task = ToyTask()
+    with RunFolder.at(run).lock():  # another process training this run folder
+        with pytest.raises(RunFolderError, match=rf"{run} is in use by another process \(pid {os.getpid()}\)"):
+            fit(task, _cfg(epochs=1), run)
+    assert task.calls == 0 and not (run / "metrics.jsonl").exists()
+    assert fit(task, _cfg(epochs=1), run).status == "finished"
+    with RunFolder.at(run).lock():  # fit let go of the lock when it returned
+        pass

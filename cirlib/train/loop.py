@@ -5,39 +5,37 @@ its training data, a `training_step` returning a loss dict, a `validate` returni
 the best checkpoint); `fit(task, cfg, run_dir)` does the rest:
 
 - AdamW over the task's trainable parameters in one group, as the original does, with the learning-rate schedule of
-  `cfg.schedule` (see `lr_at`; the default is the original's per-epoch cosine, including its rise past `max_epoch`);
-- mixed precision and gradient accumulation through `accelerate.Accelerator`, on one process or several (data
-  parallel: the model is not wrapped, its gradients are averaged over processes before each optimizer step, so a
-  task may call any of its model's methods; only the main process writes files; logged numbers are reduced);
-  `cfg.batch_size` is per process: N processes take consecutive batches of one shuffled order (rank r: batches r,
-  r+N, ...), i.e. a global batch of N * batch_size, and a task whose loss couples a batch's samples (a contrastive
-  loss) gathers them with `cirlib.distributed.all_gather_with_grad` so that it trains as one process would;
-- `run_dir/metrics.jsonl` (append-only, one JSON object per logged step, epoch and validation) mirrored to
-  `run_dir/metrics.csv`;
-- atomic checkpoints: `run_dir/checkpoints/last/` every epoch (and when a time budget stops the run) and
-  `run_dir/checkpoints/best/` whenever the selection metric improves; each holds `model.safetensors` and
-  `info.json`, and `last/` also `state.pt` (optimizer, AMP scaler, RNG states, counters; loadable with
-  `torch.load(..., weights_only=True)`);
-- exact resume: a run interrupted after any epoch (or after any step, when stopped by `time_budget_s`) and resumed
-  reaches bit-identical weights and optimizer state to an uninterrupted run;
-- `run_dir/DONE` once all epochs ran; a finished run is reused, not retrained, unless `overwrite=True`.
-
-Run folder layout:
-    run_dir/metrics.jsonl, metrics.csv, DONE
-    run_dir/checkpoints/last/{model.safetensors, state.pt, info.json, <task extra files>}
-    run_dir/checkpoints/best/{model.safetensors, info.json, <task extra files>}
+  `cfg.schedule` (`cirlib.train.schedules`: torch's LambdaLR over `lr_at`; the default is the original's per-epoch
+  cosine, including its rise past `max_epoch`);
+- data parallelism through `accelerate.Accelerator.prepare`: the task's training step runs as the forward of one
+  module holding `task.model` (`_TrainingStep`), which Accelerate wraps in DistributedDataParallel on several
+  processes, so DDP broadcasts the start weights and averages gradients. `cfg.batch_size` is per process: N processes
+  take consecutive batches of one shuffled order (rank r: batches r, r+N, ...), a global batch of N * batch_size; a
+  task whose loss couples a batch's samples (a contrastive loss) gathers them with
+  `cirlib.distributed.all_gather_with_grad`, so that it trains as one process would. Only the main process writes
+  files; logged numbers are reduced over processes;
+- gradient accumulation through Accelerate (`accumulate`, `backward`); mixed precision through torch's autocast and
+  GradScaler (see `_Precision` for why not Accelerate's);
+- the run folder's files, all named by `cirlib.run_folder.RunFolder`: the training log (`cirlib.train.metrics_log`)
+  and atomic checkpoints (`cirlib.train.checkpoints`): `checkpoints/last/` after every epoch (and when a time budget
+  stops the run), written BEFORE the epoch's validation so a failing validation never loses the epoch, and
+  `checkpoints/best/` whenever the selection metric improves;
+- exact resume: a run interrupted after any epoch (or after any step, when stopped by `time_budget_s`, or during a
+  validation) and resumed reaches bit-identical weights and optimizer state to an uninterrupted run;
+- one writer: the main process holds the run folder's lock (`RunFolder.lock`) for the whole call, after checking the
+  folder is writable, before any training;
+- a finished run (its last checkpoint covers `cfg.epochs` epochs and their validation) is reused, not retrained,
+  unless `overwrite=True`.
 
 Epochs are 0-based in logs and in the schedule (the original's `epoch` in its cosine), while `epochs_completed`
 counts finished epochs.
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
-import json
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sized
@@ -47,25 +45,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, default_collate
 from tqdm.auto import tqdm
 
-from cirlib.paths import REPO_ROOT
-from cirlib.train.runtime import RuntimeInfo, accelerate_mixed_precision, resolve_precision, runtime_info, seed_everything
+from cirlib import distributed as dist
+from cirlib import paths
+from cirlib.run_folder import RunFolder, RunFolderError
+from cirlib.train.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_dir, existing_checkpoint,
+                                      load_weights, read_info, read_state, rng_state, set_rng_state, update_info,
+                                      write_checkpoint)
+from cirlib.train.metrics_log import MetricsLog, read_metrics
+from cirlib.train.runtime import RuntimeInfo, resolve_precision, runtime_info, seed_everything
+from cirlib.train.schedules import SCHEDULES, lr_at, make_scheduler, warmup_steps_for
 
-SCHEDULES = ("cosine_per_epoch", "cosine_per_epoch_clamped", "cosine_per_step", "constant")
-CHECKPOINT_FORMAT = "cirlib.train/1"
+__all__ = ["TrainConfig", "Task", "FitResult", "fit", "lr_at", "warmup_steps_for", "epoch_seed", "checkpoint_dir",
+           "load_weights", "read_metrics", "CheckpointError", "SCHEDULES"]
+
 # Fields that may change between an interrupted run and its resumption without changing what is computed.
 RESUMABLE_FIELDS = ("epochs", "time_budget_s", "log_every", "num_workers", "progress")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Configuration and schedule
+# Configuration
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -160,38 +164,6 @@ class TrainConfig:
         return cls(**d)
 
 
-def warmup_steps_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Warm-up length in optimizer steps (warmup_epochs converted with `steps_per_epoch`)."""
-    return cfg.warmup_steps if cfg.warmup_steps else cfg.warmup_epochs * steps_per_epoch
-
-
-def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Learning rate used for the optimizer step `step` taken during `epoch`.
-
-    Args:
-        cfg: the training config (schedule, lr, min_lr, max_epoch, warm-up).
-        epoch: 0-based epoch index (per-epoch schedules read only this).
-        step: 0-based global optimizer-step index (cosine_per_step reads only this).
-        steps_per_epoch: optimizer steps per epoch (for the per-step horizon and warm-up in epochs).
-    """
-    lr0, lo = cfg.lr, cfg.min_lr
-    if cfg.schedule == "constant":
-        return lr0
-    if cfg.schedule in ("cosine_per_epoch", "cosine_per_epoch_clamped"):
-        e = epoch if cfg.schedule == "cosine_per_epoch" else min(epoch, cfg.cosine_epochs)
-        # The original's BLIP cosine_lr_schedule; unclamped, cos() passes pi and the lr climbs back (its quirk).
-        return lo + 0.5 * (lr0 - lo) * (1.0 + math.cos(math.pi * e / cfg.cosine_epochs))
-    # cosine_per_step
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    warm = warmup_steps_for(cfg, steps_per_epoch)
-    if step < warm:
-        return lr0 * (step + 1) / warm  # reaches lr0 on the last warm-up step
-    horizon = cfg.cosine_epochs * steps_per_epoch
-    if step >= horizon or horizon <= warm:
-        return lo
-    return lo + 0.5 * (lr0 - lo) * (1.0 + math.cos(math.pi * (step - warm) / (horizon - warm)))
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Task
@@ -207,11 +179,12 @@ class Task:
     that `fit` batches with `collate`, `cfg.batch_size` and its own per-epoch seeded shuffle). The other members have
     defaults here, and `fit` applies the same defaults to objects that do not subclass Task.
 
-    `self.model` is never wrapped: with several processes, gradients are averaged over processes just before each
-    optimizer step, so `training_step` may call any method of the model. `training_step` runs under the run's
-    autocast; batches from the loader arrive on the run's device. `validate` runs after `eval_mode()`, under
-    `torch.no_grad()`, on every process (its metrics are averaged over processes), with the training RNG streams saved
-    and restored around it: validating never changes the training trajectory.
+    `self.model` itself is never wrapped or patched: `fit` runs `training_step` as the forward of a module holding
+    the model, which Accelerate wraps in DDP on several processes, so `training_step` may call any method of the
+    model and its gradients are still averaged over processes. Every trainable parameter must belong to `model`.
+    `training_step` runs under the run's autocast; batches from the loader arrive on the run's device. `validate`
+    runs after `eval_mode()`, under `torch.no_grad()`, on every process (its metrics are averaged over processes),
+    with the training RNG streams saved and restored around it: validating never changes the training trajectory.
     """
 
     model: nn.Module
@@ -298,6 +271,12 @@ def _check_task(task: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class FitResult:
     run_dir: Path
@@ -328,116 +307,12 @@ class FitResult:
         return path
 
 
-def checkpoint_dir(run_dir: str | os.PathLike, which: str = "best") -> Path:
-    """Path of a run's "best" or "last" checkpoint folder (it may not exist yet)."""
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    return _anchor(run_dir) / "checkpoints" / which
-
-
-def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load `checkpoint/model.safetensors` (or a .safetensors file) into `model` in place; returns the model.
-
-    Raises:
-        FileNotFoundError: no weights file there. RuntimeError: missing/unexpected keys when `strict`.
-    """
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint weights at {path} (expected a model.safetensors from cirlib.train)")
-    missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            f"{path} does not match {type(model).__name__}: missing keys {sorted(missing)[:10]}, "
-            f"unexpected keys {sorted(unexpected)[:10]}"
-        )
-    return model
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of `run_dir/metrics.jsonl`, in order."""
-    path = _anchor(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics log at {path}")
-    return _read_jsonl(path)
-
-
-def _anchor(path: str | os.PathLike) -> Path:
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({err})") from err
-    return records
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _swap_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place. A folder cannot be os.replace'd onto a non-empty one, so the old
-    one steps aside first; a crash between the two renames leaves `.<name>.old`, which `_existing_dir` falls back to."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _existing_dir(final: Path) -> Path | None:
-    if final.is_dir():
-        return final
-    old = final.with_name(f".{final.name}.old")
-    return old if old.is_dir() else None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# RNG state capture (as tensors, ints and lists so that weights_only loading works)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": [s.cpu() for s in cuda],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
-    np_state = state["numpy"]
-    key = np_state["key"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        if len(state["cuda"]) != torch.cuda.device_count():
-            raise ValueError(
-                f"checkpoint holds CUDA RNG states for {len(state['cuda'])} devices, this machine has "
-                f"{torch.cuda.device_count()}; resume on the same device count (or overwrite=True)"
-            )
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _result(run: RunFolder, status: str, info: dict[str, Any], rt: RuntimeInfo | None) -> FitResult:
+    return FitResult(
+        run_dir=run.path, status=status, epochs_completed=info["epochs_completed"], global_step=info["global_step"],
+        best_metric=info["best_metric"], best_epoch=info["best_epoch"], best_metrics=info.get("best_metrics"),
+        last_val_metrics=dict(info.get("last_val_metrics", {})), elapsed_s=float(info["elapsed_s"]), runtime=rt,
+    )
 
 
 def _derive_seed(*parts: int) -> int:
@@ -500,76 +375,6 @@ class _RunningMeans:
         return {k: float(total[i]) / n for i, k in enumerate(keys)} if n > 0 else {}
 
 
-class _MetricsLog:
-    """metrics.jsonl (append-only) mirrored to metrics.csv; only the main process writes."""
-
-    BASE_COLUMNS = ("kind", "epoch", "step", "lr", "loss", "time")
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.jsonl, self.csv = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
-        self.enabled = enabled
-        self.records: list[dict[str, Any]] = []
-        self.columns: list[str] = list(self.BASE_COLUMNS)
-
-    def start(self, keep: int) -> None:
-        """Keep the first `keep` records of an existing log (those a checkpoint covers) and drop the rest."""
-        if not self.enabled:
-            return
-        old = _read_jsonl(self.jsonl) if self.jsonl.is_file() else []
-        if len(old) < keep:
-            raise ValueError(f"{self.jsonl} has {len(old)} records but the checkpoint expects at least {keep}")
-        self.records = old[:keep]
-        for r in self.records:
-            self.columns += [k for k in r if k not in self.columns]
-        _write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records))
-        self._rewrite_csv()
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if not self.enabled:
-            return
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        new = [k for k in record if k not in self.columns]
-        if new:  # a new column: rewrite the whole CSV with the wider header
-            self.columns += new
-            self._rewrite_csv()
-        else:
-            with self.csv.open("a", newline="") as f:
-                csv.writer(f).writerow(self._row(record))
-
-    def _row(self, record: dict[str, Any]) -> list[Any]:
-        return ["" if record.get(c) is None else record.get(c) for c in self.columns]
-
-    def _rewrite_csv(self) -> None:
-        tmp = self.csv.with_name(f".{self.csv.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.columns)
-            writer.writerows(self._row(r) for r in self.records)
-        os.replace(tmp, self.csv)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# fit
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
-    precision = resolve_precision(cfg.precision, PartialState().device)
-    mixed = accelerate_mixed_precision(precision)
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision", mixed) != mixed:
-        # Accelerate keeps one process-wide state and refuses a second precision; a notebook that trains stage I in
-        # fp32 and stage II in bf16 needs a fresh one. The distributed set-up (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=cfg.grad_accumulation_steps,
-        rng_types=[],  # our sampler is seeded per epoch; nothing for Accelerate to synchronise
-        step_scheduler_with_optimizer=False,
-    )
-    return accelerator, precision
 
 
 def _config_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
@@ -604,6 +409,13 @@ def _collect_parameters(task: Any) -> list[nn.Parameter]:
         if id(p) in seen:
             raise ValueError(f"{type(task).__name__}.trainable_parameters() lists parameter {i} twice")
         seen.add(id(p))
+    owned = {id(p) for p in task.model.parameters()}
+    outside = [i for i, p in enumerate(params) if id(p) not in owned]
+    if outside:
+        raise ValueError(
+            f"{type(task).__name__}.trainable_parameters() items {outside[:10]} are not parameters of its `model`: "
+            "only the model's gradients are averaged over processes; make the module that holds them part of `model`"
+        )
     return params
 
 
@@ -671,309 +483,454 @@ class _EpochData:
         return prepared, n_batches
 
 
-_GRAD_BUCKET_NUMEL = 2**25  # elements per all-reduce when averaging gradients (128 MiB of fp32)
-
-
-def _buckets(tensors: list[Tensor], limit: int) -> Iterator[list[Tensor]]:
-    bucket, size = [], 0
-    for t in tensors:
-        if bucket and size + t.numel() > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += t.numel()
-    if bucket:
-        yield bucket
-
-
-def _average_gradients(params: list[nn.Parameter], accelerator: Accelerator) -> None:
-    """Average `.grad` over processes in place: what DDP does, without wrapping the model (tasks call its methods)."""
-    if accelerator.num_processes == 1:
-        return
-    world = accelerator.num_processes
-    # A parameter unused on one process has grad None there; average it as zeros if any process used it.
-    present = torch.tensor([float(p.grad is not None) for p in params], device=accelerator.device)
-    torch.distributed.all_reduce(present)
-    live = [p for p, n in zip(params, present.tolist()) if n > 0]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for p in live:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        for bucket in _buckets(grads, _GRAD_BUCKET_NUMEL):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            torch.distributed.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-
-def _broadcast_model(model: nn.Module, accelerator: Accelerator) -> None:
-    # Every process starts from rank 0's weights (DDP does this when it wraps a model).
-    if accelerator.num_processes == 1:
-        return
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            torch.distributed.broadcast(t, src=0)
+# ----------------------------------------------------------------------------------------------------------------------
+# fit, and the parts it is made of
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = True,
         overwrite: bool = False) -> FitResult:
-    """Train `task` for `cfg.epochs` epochs, writing logs and checkpoints to `run_dir`.
+    """Train `task` for `cfg.epochs` epochs, writing the training log and checkpoints into the run folder `run_dir`.
 
     Args:
         task: the stage to train (a `Task`, or any object with its members).
         cfg: optimisation, schedule, precision, logging and stopping settings.
         run_dir: the run folder (relative paths are anchored at the repository root).
-        resume: continue from `run_dir/checkpoints/last` when it exists; False refuses to touch an existing run.
-        overwrite: delete this loop's files in `run_dir` (checkpoints, metrics, DONE) and train from scratch.
+        resume: continue from its last checkpoint when there is one; False refuses to touch an unfinished run.
+        overwrite: delete this loop's files in `run_dir` (checkpoints, training log) and train from scratch.
     Returns:
         FitResult; on return `task.model` holds the weights of the last step taken (`result.load_best_into(model)`
         loads the selected ones).
+    Raises:
+        RunFolderError: another process is training this run folder (the lock), or a checkpoint is damaged
+            (CheckpointError, naming the file). FileWriteError: the folder is not writable or the disk is full.
     """
     _check_task(task)
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"fit needs a TrainConfig, got {type(cfg).__name__}")
-    run_dir = _anchor(run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    accelerator, precision = _make_accelerator(cfg)
-    is_main = accelerator.is_main_process
-
-    if overwrite:
-        if is_main:
-            for name in ("metrics.jsonl", "metrics.csv", "DONE"):
-                (run_dir / name).unlink(missing_ok=True)
-            if ckpt_root.exists():
-                shutil.rmtree(ckpt_root)
-        accelerator.wait_for_everyone()
-
-    # ---- where does this run stand? ---------------------------------------------------------------------------------
-    last_dir = _existing_dir(ckpt_root / "last")
-    prior = json.loads((last_dir / "info.json").read_text()) if last_dir is not None else None
-    done_path = run_dir / "DONE"
-    if prior is None and done_path.exists():
-        raise FileNotFoundError(
-            f"{done_path} marks a finished run but {ckpt_root / 'last'} is missing; pass overwrite=True to retrain"
-        )
-    if prior is not None:
-        if prior.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{last_dir / 'info.json'}: format {prior.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
-            )
-        diffs = _config_mismatch(prior["config"], cfg)
-        if diffs:
-            raise ValueError(
-                f"{run_dir} was trained with a different TrainConfig ({'; '.join(diffs)}); pass overwrite=True to "
-                "retrain, or use another run_dir"
-            )
-        # A partly trained epoch beyond cfg.epochs (a budget stop, then fewer epochs asked) also counts as done.
-        if prior["epochs_completed"] >= cfg.epochs:
+    run = RunFolder.at(Path(run_dir).expanduser())
+    accelerator = _make_accelerator(cfg)
+    with _own_run_folder(run, accelerator):
+        if overwrite:
+            _on_main(accelerator, lambda: _clear_training_files(run))
+        last_dir, info = _where_run_stands(run, cfg, resume, accelerator)
+        if info is not None and _finished(info, cfg):
             load_weights(task.model, last_dir)
-            if is_main and not done_path.exists():
-                _write_text_atomic(done_path, json.dumps(prior, indent=2))
-            accelerator.wait_for_everyone()
-            return _result(run_dir, "reused", prior, None)
-        if not resume:
-            raise FileExistsError(
-                f"{run_dir} already holds an unfinished run (epoch {prior['epochs_completed']}, step "
-                f"{prior['global_step']}); pass resume=True to continue it or overwrite=True to restart"
-            )
-        if is_main:
-            done_path.unlink(missing_ok=True)  # a shorter earlier run's marker; rewritten when this one finishes
+            return _result(run, "reused", info, None)
+        return _Trainer(task, cfg, run, accelerator, last_dir, info).train()
 
-    # ---- model, optimizer, data -------------------------------------------------------------------------------
-    model = task.model
-    if prior is not None:
-        load_weights(model, last_dir)
-    model.to(accelerator.device)
-    _broadcast_model(model, accelerator)
-    params = _collect_parameters(task)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    # The model is not prepared (no DDP wrapper, see _average_gradients); the optimizer is, for AMP loss scaling and
-    # for skipping steps inside gradient accumulation.
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    data = _EpochData(task, cfg, accelerator)
-    info_rt = runtime_info(accelerator.device, precision, accelerator.num_processes)
 
-    window, epoch_means = _RunningMeans(accelerator.device), _RunningMeans(accelerator.device)
-    log = _MetricsLog(run_dir, enabled=is_main)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision="no",  # process-wide in Accelerate; each fit applies its own precision (see _Precision)
+        gradient_accumulation_steps=cfg.grad_accumulation_steps,
+        rng_types=[],  # our sampler is seeded per epoch; nothing for Accelerate to synchronise
+        step_scheduler_with_optimizer=False,
+        # A task may leave some of its model's trainable parameters unused in a step (e.g. a head only validation
+        # reads); DDP must not wait for their gradients.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
 
-    # ---- fresh start or resume --------------------------------------------------------------------------------------
-    if prior is None:
-        start_epoch, batches_done, global_step = 0, 0, 0
-        best_metric, best_epoch, best_metrics, last_val, elapsed_before = None, None, None, {}, 0.0
-        log.start(keep=0)
-        rng_to_restore = None
-    else:
-        state = torch.load(last_dir / "state.pt", map_location="cpu", weights_only=True)
-        start_epoch, batches_done, global_step = state["epochs_completed"], state["batches_done"], state["global_step"]
-        best_metric, best_epoch = state["best_metric"], state["best_epoch"]
-        best_metrics, last_val = prior.get("best_metrics"), dict(prior.get("last_val_metrics", {}))
-        elapsed_before = float(state["elapsed_s"])
-        optimizer.load_state_dict(state["optimizer"])
+
+class _Precision:
+    """Autocast and fp16 loss scaling for one `fit` call, with torch's own tools.
+
+    Accelerate's mixed precision is process-wide: the first Accelerator fixes it and a later one asking for another is
+    refused unless the private `AcceleratorState._reset_state` is called. A notebook trains stage I in fp32 and stage
+    II in bf16 in one kernel, so the Accelerator always runs at "no" and each fit applies its precision here:
+    torch.autocast around the training step and, for fp16, torch.amp.GradScaler (what Accelerate itself would use).
+    """
+
+    def __init__(self, precision: str, device: torch.device):
+        self.name = precision
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+
+class _TrainingStep(nn.Module):
+    """The task's training step as the forward of one module, for `accelerator.prepare`.
+
+    `task.model` is its submodule, so on several processes DDP (which wraps this module) broadcasts rank 0's weights
+    at the start and averages the gradients of every parameter of `task.model` however `training_step` reaches them
+    (`self.model.encode_image(...)`, a loss over gathered targets): DDP's hooks sit on the parameters, and calling
+    the step through the wrapper tells DDP that a backward follows. The task keeps its plain, unpatched model.
+    """
+
+    def __init__(self, task: Any):
+        super().__init__()
+        self.model = task.model
+        object.__setattr__(self, "_task", task)  # a plain reference, never registered as a submodule
+
+    def forward(self, batch: Any) -> Any:
+        return self._task.training_step(batch)
+
+
+def _on_main(accelerator: Accelerator, action: Any) -> None:
+    """Run `action()` on the main process only; if it fails there, every process raises (none waits forever at the
+    next collective for a main process that has stopped)."""
+    error: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except Exception as err:  # re-raised below on this process, reported to the others
+            error = err
+    failed = dist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RunFolderError(f"the main process stopped: {failed}")
+
+
+@contextlib.contextmanager
+def _own_run_folder(run: RunFolder, accelerator: Accelerator) -> Iterator[None]:
+    """Prove the run folder writable and hold its lock (main process) for the whole call, before any training."""
+    with contextlib.ExitStack() as stack:
+        def take() -> None:
+            paths.check_writable(run.path, f"run folder {run.path}")
+            stack.enter_context(run.lock())
+
+        _on_main(accelerator, take)
+        yield
+
+
+def _clear_training_files(run: RunFolder) -> None:
+    for path in (run.log_file, run.log_csv_file):
+        path.unlink(missing_ok=True)
+    if run.checkpoints_dir.exists():
+        shutil.rmtree(run.checkpoints_dir)
+
+
+def _where_run_stands(run: RunFolder, cfg: TrainConfig, resume: bool,
+                      accelerator: Accelerator) -> tuple[Path | None, dict[str, Any] | None]:
+    """The last checkpoint and its record (None, None for a fresh run), checked against `cfg`."""
+    final = run.checkpoint_dir("last")
+    found = existing_checkpoint(final)
+    if found is not None and found != final:  # a crash inside the folder swap left the previous one aside
+        _on_main(accelerator, lambda: found.replace(final))
+    if existing_checkpoint(final) is None:
+        return None, None
+    info = read_info(final)
+    diffs = _config_mismatch(info["config"], cfg)
+    if diffs:
+        raise ValueError(
+            f"{run.path} was trained with a different TrainConfig ({'; '.join(diffs)}); pass overwrite=True to "
+            "retrain, or use another run_dir"
+        )
+    if not _finished(info, cfg) and not resume:
+        raise FileExistsError(
+            f"{run.path} already holds an unfinished run (epoch {info['epochs_completed']}, step "
+            f"{info['global_step']}); pass resume=True to continue it or overwrite=True to restart"
+        )
+    return final, info
+
+
+def _finished(info: dict[str, Any], cfg: TrainConfig) -> bool:
+    # A partly trained epoch beyond cfg.epochs (a budget stop, then fewer epochs asked) also counts as done; an epoch
+    # whose validation has not run yet does not.
+    return info["epochs_completed"] >= cfg.epochs and info.get("pending_validation") is None
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: what checkpoints/last/info.json records, and where a resumed run starts."""
+
+    epochs_completed: int = 0  # finished epochs
+    batches_done: int = 0  # micro-batches of epoch `epochs_completed` trained already (a stop inside an epoch)
+    global_step: int = 0  # optimizer steps taken
+    steps_per_epoch: int | None = None  # optimizer steps per epoch (known once an epoch has started)
+    best_metric: float | None = None  # best selection metric so far
+    best_epoch: int | None = None  # its epoch
+    best_metrics: dict[str, float] | None = None  # that validation's metrics
+    last_val_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's metrics
+    pending_validation: int | None = None  # an epoch saved whose validation has not finished (it runs on resume)
+    elapsed_s: float = 0.0  # training wall time of earlier calls
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> "_Progress":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in info.items() if k in names})
+
+
+class _Trainer:
+    """One `fit` call that trains: set-up, restore, the epochs, their checkpoints and validations."""
+
+    def __init__(self, task: Any, cfg: TrainConfig, run: RunFolder, accelerator: Accelerator, last_dir: Path | None,
+                 info: dict[str, Any] | None):
+        self.task, self.cfg, self.run, self.acc = task, cfg, run, accelerator
+        self.is_main = accelerator.is_main_process
+        self.last_dir, self.info = run.checkpoint_dir("last"), info
+        self.progress = _Progress.from_info(info) if info is not None else _Progress()
+        precision = resolve_precision(cfg.precision, accelerator.device)
+        self.precision = _Precision(precision, accelerator.device)
+        self.runtime = runtime_info(accelerator.device, precision, accelerator.num_processes)
+        _collect_parameters(task)  # a task without trainable parameters fails before anything moves
+        if last_dir is not None:
+            load_weights(task.model, last_dir)
+        # On several processes: DDP around the step (rank 0's weights broadcast now, gradients averaged in backward).
+        self.step_module = accelerator.prepare_model(_TrainingStep(task))
+        self.params = _collect_parameters(task)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # made once the epoch length is known
+        self.data = _EpochData(task, cfg, accelerator)
+        self.window, self.epoch_means = _RunningMeans(accelerator.device), _RunningMeans(accelerator.device)
+        self.log = MetricsLog(run, enabled=self.is_main)
+        self.t_start = time.monotonic()
+
+    # ---- the run ------------------------------------------------------------------------------------------------
+    def train(self) -> FitResult:
+        try:
+            self._start()
+            status = self._epochs()
+        finally:
+            # Drop the DDP wrapper (its hooks on the task's parameters) and Accelerate's references to it.
+            self.step_module = None
+            self.acc.free_memory()
+        return _result(self.run, status, self._info(), self.runtime)
+
+    def _start(self) -> None:
+        """Fresh run or the state of checkpoints/last; the RNG streams are set last, after every set-up step that
+        might draw from them, so fresh and resumed runs agree."""
+        rng = None
+        if self.info is None:
+            self.log.start(keep=0)
+        else:
+            rng = self._restore(read_state(self.last_dir))
+        _hook(self.task, "on_fit_start")(self.acc)
+        self.t_start = time.monotonic()
+        if rng is None:
+            seed_everything(self.cfg.seed + self.acc.process_index)
+        else:
+            set_rng_state(rng)
+
+    def _restore(self, state: dict[str, Any]) -> dict[str, Any]:
+        p, path = self.progress, self.last_dir / "state.pt"
+        if (state.get("epochs_completed"), state.get("global_step")) != (p.epochs_completed, p.global_step):
+            raise CheckpointError(f"{path} (epoch {state.get('epochs_completed')}, step {state.get('global_step')}) "
+                                  f"does not belong to the record beside it (epoch {p.epochs_completed}, step "
+                                  f"{p.global_step}); train this run again with overwrite=True")
+        p.batches_done = state["batches_done"]
+        self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] is not None:
-            if accelerator.scaler is None:
-                raise ValueError(f"{last_dir}: the checkpoint has an fp16 loss-scaler state; precision is {precision}")
-            accelerator.scaler.load_state_dict(state["scaler"])
-        _hook(task, "load_state_from_checkpoint")(state["task"])
-        log.start(keep=state["metrics_records"])
+            if self.precision.scaler is None:
+                raise ValueError(f"{path}: the checkpoint has an fp16 loss-scaler state; precision is "
+                                 f"{self.precision.name}")
+            self.precision.scaler.load_state_dict(state["scaler"])
+        _hook(self.task, "load_state_from_checkpoint")(state["task"])
+        # Format 1 kept the log's length in state.pt.
+        self.log.start(keep=self.info.get("metrics_records", state.get("metrics_records", 0)))
         per_process = state["processes"]
-        if len(per_process) != accelerator.num_processes:
+        if len(per_process) != self.acc.num_processes:
             raise ValueError(
-                f"{last_dir} was written by {len(per_process)} process(es), this run has {accelerator.num_processes}; "
+                f"{path} was written by {len(per_process)} process(es), this run has {self.acc.num_processes}; "
                 "resume with the same number of processes (or overwrite=True)"
             )
-        mine = per_process[accelerator.process_index]
-        window.load(mine["window"])
-        epoch_means.load(mine["epoch"])
-        rng_to_restore = mine["rng"]
+        mine = per_process[self.acc.process_index]
+        self.window.load(mine["window"])
+        self.epoch_means.load(mine["epoch"])
+        return mine["rng"]
 
-    _hook(task, "on_fit_start")(accelerator)
-    t_start = time.monotonic()
-    status = "finished"
+    def _epochs(self) -> str:
+        """Train the remaining epochs; returns "finished" or "time_budget"."""
+        p, cfg = self.progress, self.cfg
+        if p.pending_validation is not None:  # the last call stopped inside this validation; its epoch is saved
+            self._validate(p.pending_validation)
+        bar = tqdm(total=cfg.epochs, initial=min(p.epochs_completed, cfg.epochs), desc="epochs", unit="epoch",
+                   disable=not (self.is_main and cfg.progress))
+        try:
+            for epoch in range(p.epochs_completed, cfg.epochs):
+                stopped, complete = self._train_epoch(epoch)
+                if not complete:  # the time budget stopped the run inside the epoch (saved there)
+                    return "time_budget"
+                self._end_epoch(epoch)
+                bar.update(1)
+                if stopped and epoch + 1 < cfg.epochs:  # the budget ran out on an epoch's last step
+                    return "time_budget"
+        finally:
+            bar.close()
+        return "finished"
 
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - t_start
-
-    def save_last(epochs_completed: int, batches: int) -> None:
-        proc = {"rng": _rng_state(), "window": window.state(), "epoch": epoch_means.state()}
-        processes = gather_object([proc])  # every process's RNG streams, so each resumes its own
-        info = {
-            "format": CHECKPOINT_FORMAT, "epochs_completed": epochs_completed, "batches_done": batches,
-            "global_step": global_step, "best_metric": best_metric, "best_epoch": best_epoch,
-            "best_metrics": best_metrics, "last_val_metrics": last_val, "elapsed_s": elapsed(),
-            "config": cfg.to_dict(), "runtime": info_rt.to_dict(),
-        }
-        if is_main:
-            state = {
-                **{k: info[k] for k in ("format", "epochs_completed", "batches_done", "global_step", "best_metric",
-                                         "best_epoch", "elapsed_s")},
-                "metrics_records": len(log.records),
-                "optimizer": optimizer.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "task": _hook(task, "state_dict_for_checkpoint")(),
-                "processes": processes,
-            }
-            _write_checkpoint(ckpt_root / "last", model, task, info, state)
-        accelerator.wait_for_everyone()
-
-    epoch_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="epochs", unit="epoch",
-                     disable=not (is_main and cfg.progress))
-    # Last, after every set-up step that might draw random numbers, so fresh and resumed runs agree.
-    if rng_to_restore is None:
-        seed_everything(cfg.seed + accelerator.process_index)
-    else:
-        _set_rng_state(rng_to_restore)
-    for epoch in range(start_epoch, cfg.epochs):
-        if not (epoch == start_epoch and batches_done > 0):  # not resuming inside this epoch
-            batches_done = 0
-            epoch_means.reset()
+    # ---- one epoch ----------------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> tuple[bool, bool]:
+        """Train (the rest of) `epoch`; returns (the time budget says stop, the epoch is complete). A stop inside the
+        epoch is checkpointed here."""
+        p, cfg, acc = self.progress, self.cfg, self.acc
+        if p.batches_done == 0:
+            self.epoch_means.reset()
         # A resumed epoch skips the batches the interrupted run consumed (on the batch sampler: nothing is loaded).
-        batches, n_batches = data.loader(epoch, batches_done)
-        if n_batches == 0:
-            raise ValueError(
-                f"{type(task).__name__}'s training data gives no batch in epoch {epoch} (per process, over "
-                f"{accelerator.num_processes} process(es)); check its size against the batch size and drop_last"
-            )
-        steps_per_epoch = math.ceil(n_batches / cfg.grad_accumulation_steps)
-        if cfg.max_steps_per_epoch is not None:
-            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-        steps_in_epoch = math.ceil(batches_done / cfg.grad_accumulation_steps)
-        _hook(task, "train_mode")()
-        step_bar = tqdm(total=steps_per_epoch, initial=steps_in_epoch, desc=f"epoch {epoch}", unit="step",
-                        leave=False, disable=not (is_main and cfg.progress))
+        batches, n_batches = self.data.loader(epoch, p.batches_done)
+        steps_per_epoch = self._epoch_length(epoch, n_batches)
+        steps_in_epoch = math.ceil(p.batches_done / cfg.grad_accumulation_steps)
+        _hook(self.task, "train_mode")()
+        bar = tqdm(total=steps_per_epoch, initial=steps_in_epoch, desc=f"epoch {epoch}", unit="step", leave=False,
+                   disable=not (self.is_main and cfg.progress))
         stop = False
         if steps_in_epoch < steps_per_epoch:
             iterator = iter(batches)
             for batch in iterator:
-                lr = lr_at(cfg, epoch, global_step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        out = _check_step_output(task.training_step(batch), task, epoch, global_step)
-                    accelerator.backward(out["loss"])
-                    if accelerator.sync_gradients:
-                        _average_gradients(params, accelerator)
-                        if cfg.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()  # a no-op on micro-batches that only accumulate
-                    optimizer.zero_grad(set_to_none=True)
-                batches_done += 1
-                window.add(out)
-                epoch_means.add(out)
-                if not accelerator.sync_gradients:
+                out = self._forward_backward(batch, epoch)
+                p.batches_done += 1
+                self.window.add(out)
+                self.epoch_means.add(out)
+                if not acc.sync_gradients:
                     continue
-                global_step += 1
+                lr = self._optimizer_step()
+                p.global_step += 1
                 steps_in_epoch += 1
-                step_bar.update(1)
-                if global_step % cfg.log_every == 0:
-                    means = window.reduced_means(accelerator)
-                    window.reset()
-                    _check_finite(means, epoch, global_step)
-                    log.append({"kind": "train", "epoch": epoch, "step": global_step, "lr": lr, **means,
-                                "time": round(elapsed(), 3)})
-                    step_bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{lr:.3g}")
+                bar.update(1)
+                if p.global_step % cfg.log_every == 0:
+                    self._log_window(epoch, lr, bar)
                 if cfg.time_budget_s is not None:
-                    stop = _agreed(accelerator, time.monotonic() - t_start > cfg.time_budget_s)
+                    stop = _agreed(acc, time.monotonic() - self.t_start > cfg.time_budget_s)
                 if stop or steps_in_epoch >= steps_per_epoch:
                     break
             # We may leave before the loader's own end: close it and unregister it from Accelerate's state.
             iterator.close()
-            if batches in accelerator.gradient_state.dataloader_references:
+            if batches in acc.gradient_state.dataloader_references:
                 batches.end()
-        step_bar.close()
-        if stop and steps_in_epoch < steps_per_epoch:
-            status = "time_budget"
-            save_last(epoch, batches_done)
-            break
-        # ---- end of epoch ----
-        means = epoch_means.reduced_means(accelerator)
-        _check_finite(means, epoch, global_step)
-        lr_epoch = lr_at(cfg, epoch, max(global_step - 1, 0), steps_per_epoch)
-        log.append({"kind": "epoch", "epoch": epoch, "step": global_step, "lr": lr_epoch, **means,
-                    "time": round(elapsed(), 3)})
-        if _validation_due(cfg, epoch):
-            metrics = _run_validation(task, accelerator)
-            selection = float(task.selection_metric(metrics))
-            improved = best_metric is None or selection > best_metric
-            if improved:
-                best_metric, best_epoch, best_metrics = selection, epoch, metrics
-            last_val = metrics
-            log.append({"kind": "val", "epoch": epoch, "step": global_step, "lr": lr_epoch,
-                        **{f"val/{k}": v for k, v in metrics.items()}, "selection": selection,
-                        "is_best": improved, "time": round(elapsed(), 3)})
-            if is_main and cfg.progress:
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                tqdm.write(f"epoch {epoch}: {shown} | selection={selection:.4g}{' (best)' if improved else ''}")
-            if improved:
-                if is_main:
-                    _write_checkpoint(ckpt_root / "best", model, task, {
-                        "format": CHECKPOINT_FORMAT, "epoch": epoch, "epochs_completed": epoch + 1,
-                        "global_step": global_step, "selection_metric": selection, "val_metrics": metrics,
-                        "config": cfg.to_dict(),
-                    }, None)
-                accelerator.wait_for_everyone()
-        batches_done = 0
-        save_last(epoch + 1, 0)
-        epoch_bar.update(1)
-        if stop and epoch + 1 < cfg.epochs:  # the budget ran out on an epoch's last step: complete and saved
-            status = "time_budget"
-            break
-    epoch_bar.close()
+        bar.close()
+        complete = steps_in_epoch >= steps_per_epoch
+        if not complete:
+            self._save_last()
+        return stop, complete
 
-    final = json.loads((ckpt_root / "last" / "info.json").read_text())
-    if status == "finished":
-        if is_main:
-            _write_text_atomic(done_path, json.dumps(final, indent=2))
-        accelerator.wait_for_everyone()
-    return _result(run_dir, status, final, info_rt)
+    def _epoch_length(self, epoch: int, n_batches: int) -> int:
+        """Optimizer steps in `epoch`; the first call makes the lr scheduler, which needs every epoch equally long."""
+        cfg, p = self.cfg, self.progress
+        if n_batches == 0:
+            raise ValueError(
+                f"{type(self.task).__name__}'s training data gives no batch in epoch {epoch} (per process, over "
+                f"{self.acc.num_processes} process(es)); check its size against the batch size and drop_last"
+            )
+        steps = math.ceil(n_batches / cfg.grad_accumulation_steps)
+        if cfg.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        if p.steps_per_epoch is not None and steps != p.steps_per_epoch:
+            raise ValueError(
+                f"{type(self.task).__name__}'s training data gives {steps} optimizer steps in epoch {epoch} but "
+                f"{p.steps_per_epoch} in earlier epochs; the lr schedule counts steps per epoch, so every epoch must "
+                "have the same number of batches"
+            )
+        p.steps_per_epoch = steps
+        if self.scheduler is None:
+            self.scheduler = make_scheduler(self.optimizer, cfg, steps, p.global_step)
+        return steps
+
+    def _forward_backward(self, batch: Any, epoch: int) -> dict[str, Tensor]:
+        # Inside `accumulate`, DDP skips the gradient all-reduce on micro-batches that only accumulate; `backward`
+        # divides the loss by the accumulation steps.
+        with self.acc.accumulate(self.step_module):
+            with self.precision.autocast():
+                out = _check_step_output(self.step_module(batch), self.task, epoch, self.progress.global_step)
+            self.acc.backward(self.precision.scale(out["loss"]))
+        return out
+
+    def _optimizer_step(self) -> float:
+        """Clip, step, zero the gradients, advance the schedule; returns the lr the step used."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # clip (and compare) true gradients
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return lr
+
+    def _log_window(self, epoch: int, lr: float, bar: Any) -> None:
+        means = self.window.reduced_means(self.acc)
+        self.window.reset()
+        _check_finite(means, epoch, self.progress.global_step)
+        self.log.append({"kind": "train", "epoch": epoch, "step": self.progress.global_step, "lr": lr, **means,
+                         "time": round(self._elapsed(), 3)})
+        bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{lr:.3g}")
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Log the epoch, save checkpoints/last, THEN validate: a failing validation never loses the epoch."""
+        p = self.progress
+        means = self.epoch_means.reduced_means(self.acc)
+        _check_finite(means, epoch, p.global_step)
+        self.log.append({"kind": "epoch", "epoch": epoch, "step": p.global_step, "lr": self._epoch_lr(epoch),
+                         **means, "time": round(self._elapsed(), 3)})
+        p.epochs_completed, p.batches_done = epoch + 1, 0
+        p.pending_validation = epoch if _validation_due(self.cfg, epoch) else None
+        self._save_last()
+        if p.pending_validation is not None:
+            self._validate(epoch)
+
+    def _epoch_lr(self, epoch: int) -> float:
+        # The lr of the epoch's last step (per-epoch schedules: the epoch's lr).
+        return lr_at(self.cfg, epoch, max(self.progress.global_step - 1, 0), self.progress.steps_per_epoch or 1)
+
+    def _validate(self, epoch: int) -> None:
+        """Validate the weights of checkpoints/last, keep the best, and record the validation in last/info.json."""
+        p = self.progress
+        metrics = _run_validation(self.task, self.acc)
+        selection = float(self.task.selection_metric(metrics))
+        improved = p.best_metric is None or selection > p.best_metric
+        if improved:
+            p.best_metric, p.best_epoch, p.best_metrics = selection, epoch, metrics
+        p.last_val_metrics = metrics
+        self.log.append({"kind": "val", "epoch": epoch, "step": p.global_step, "lr": self._epoch_lr(epoch),
+                         **{f"val/{k}": v for k, v in metrics.items()}, "selection": selection,
+                         "is_best": improved, "time": round(self._elapsed(), 3)})
+        if self.is_main and self.cfg.progress:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            tqdm.write(f"epoch {epoch}: {shown} | selection={selection:.4g}{' (best)' if improved else ''}")
+        if improved:
+            best = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "epochs_completed": epoch + 1,
+                    "global_step": p.global_step, "selection_metric": selection, "val_metrics": metrics,
+                    "config": self.cfg.to_dict()}
+            _on_main(self.acc, lambda: write_checkpoint(self.run.checkpoint_dir("best"), self.task.model, best, None,
+                                                        _hook(self.task, "save_extra_files")))
+        p.pending_validation = None
+        _on_main(self.acc, lambda: update_info(self.last_dir, self._info()))
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self.progress.elapsed_s + time.monotonic() - self.t_start
+
+    def _info(self) -> dict[str, Any]:
+        """checkpoints/last/info.json: the progress, the log length it covers, the config and where it ran."""
+        p = dataclasses.asdict(self.progress)
+        p.pop("batches_done")  # state.pt's (with the RNG streams it goes with)
+        return {"format": CHECKPOINT_FORMAT, **p, "elapsed_s": self._elapsed(),
+                "metrics_records": len(self.log.records), "config": self.cfg.to_dict(),
+                "runtime": self.runtime.to_dict()}
+
+    def _save_last(self) -> None:
+        """checkpoints/last: weights, info.json and state.pt (optimizer, scaler, every process's RNG streams)."""
+        p = self.progress
+        proc = {"rng": rng_state(), "window": self.window.state(), "epoch": self.epoch_means.state()}
+        processes = gather_object([proc])  # every process's RNG streams, so each resumes its own
+        info = self._info()
+
+        def write() -> None:
+            state = {
+                "format": CHECKPOINT_FORMAT, "epochs_completed": p.epochs_completed, "batches_done": p.batches_done,
+                "global_step": p.global_step,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
+                "task": _hook(self.task, "state_dict_for_checkpoint")(),
+                "processes": processes,
+            }
+            write_checkpoint(self.last_dir, self.task.model, info, state, _hook(self.task, "save_extra_files"))
+
+        _on_main(self.acc, write)
 
 
 def _agreed(accelerator: Accelerator, flag: bool) -> bool:
@@ -991,13 +948,13 @@ def _validation_due(cfg: TrainConfig, epoch: int) -> bool:
 
 
 def _run_validation(task: Any, accelerator: Accelerator) -> dict[str, float]:
-    saved = _rng_state()
+    saved = rng_state()
     _hook(task, "eval_mode")()
     try:
         with torch.no_grad():
             metrics = task.validate()
     finally:
-        _set_rng_state(saved)
+        set_rng_state(saved)
         _hook(task, "train_mode")()
     if not isinstance(metrics, dict) or not metrics:
         raise TypeError(f"{type(task).__name__}.validate() must return a non-empty dict of floats, got {metrics!r}")
@@ -1012,25 +969,3 @@ def _check_finite(means: dict[str, float], epoch: int, step: int) -> None:
     if loss is not None and not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss} at epoch {epoch}, step {step}; stopping (the last "
                                  "checkpoint is from before this)")
-
-
-def _write_checkpoint(final: Path, model: nn.Module, task: Any, info: dict[str, Any],
-                      state: dict[str, Any] | None) -> None:
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if state is not None:
-        torch.save(state, tmp / "state.pt")
-    (tmp / "info.json").write_text(json.dumps(info, indent=2))
-    _hook(task, "save_extra_files")(tmp)
-    _swap_dir(tmp, final)
-
-
-def _result(run_dir: Path, status: str, info: dict[str, Any], rt: RuntimeInfo | None) -> FitResult:
-    return FitResult(
-        run_dir=run_dir, status=status, epochs_completed=info["epochs_completed"], global_step=info["global_step"],
-        best_metric=info["best_metric"], best_epoch=info["best_epoch"], best_metrics=info.get("best_metrics"),
-        last_val_metrics=dict(info.get("last_val_metrics", {})), elapsed_s=float(info["elapsed_s"]), runtime=rt,
-    )

@@ -35,11 +35,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_device() -> torch.device:
-    """The device a run uses when none is named: the current CUDA device if there is one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def resolve_precision(precision: str, device: str | torch.device) -> str:
     """Turn a precision request into a concrete precision for `device`.
 

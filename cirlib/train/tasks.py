@@ -51,13 +51,7 @@ def score_lists(model, query: RerankQuery, cand_tokens: torch.Tensor, index: tor
     "pairs" runs one full pass per (query, candidate) pair, the original's algorithm, which has less bookkeeping and
     is faster when the image tokens are few and narrow (the tiny preset).
     """
-    if scoring == "shared":
-        return model.candidate_logits(query, cand_tokens, index)
-    if scoring != "pairs":
-        raise ValueError(f"unknown scoring {scoring!r}: one of {SCORING}")
-    b, m = index.shape
-    rows = torch.arange(b, device=index.device).repeat_interleave(m)
-    return model.score_pairs(query.select(rows), cand_tokens[index.reshape(-1)]).view(b, m)
+    return model.score(query, cand_tokens, index, scoring=scoring)  # the model chooses the path (Stage2Model.score)
 
 
 class _StageTask:
@@ -269,13 +263,12 @@ class Stage2Task(_StageTask):
             # batch); hard negatives stay with their own query. One process: [targets (B); hard negatives (B*H)].
             cand_tokens = torch.cat([_global_batch(dist.all_gather_no_grad(tokens[b:2 * b]), b), tokens[2 * b:]])
             z_t = None
-            if self.model.config.reranker == "dual":
+            if self.model.needs_z_t:
                 zt_ref = ref_tokens
                 if self.zt_from_stage1_vit:
                     zt_ref = self.stage1.encode_image(batch["reference_image"].to(self.device)).tokens
                 z_t = self.stage1.encode_query(zt_ref, ids, mask).hidden
-        query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t,
-                            ref_tokens=ref_tokens if self.model.config.reranker == "joint" else None)
+        query = self.model.make_query(ids, mask, ref_tokens=ref_tokens, z_t=z_t)
         index = self.candidate_index(b, dist.rank(), dist.world_size()).to(self.device)
         logits = score_lists(self.model, query, cand_tokens, index, self.scoring)  # (B, M), positive at column 0
         loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))
