@@ -51,7 +51,7 @@ def test_ranks_from_a_4x5_score_matrix():
     assert metrics.recall_from_ranks(ranks, ks=(1, 2, 5)) == {"R@1": 25.0, "R@2": 75.0, "R@5": 100.0}
 
     # the same through a ranking of names: the stable descending order and the label matrix
-    order = metrics.rerank_order(scores)
+    order = np.argsort(-np.asarray(scores), axis=1, kind="stable")  # descending, ties in column order
     assert order.tolist() == [[0, 2, 3, 4, 1], [1, 3, 2, 0, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
     names = np.array([[f"img{j}" for j in row] for row in order])
     labels = metrics.labels_from_ranking(names, [f"img{t}" for t in targets])
@@ -85,14 +85,7 @@ def test_subset_recall_and_summaries_by_hand():
     assert fiq["average_recall"] == 60.0
 
 
-def test_rerank_labels_and_fuse_scores_by_hand():
-    stage1 = np.array([[False, False, True, False], [True, False, False, False], [False] * 4])
-    order = np.array([[2, 0, 1, 3], [1, 2, 3, 0], [3, 2, 1, 0]])
-    out = metrics.rerank_labels(stage1, order)
-    assert out.tolist() == [[True, False, False, False], [False, False, False, True], [False] * 4]
-    out_t = metrics.rerank_labels(torch.from_numpy(stage1), torch.from_numpy(order))
-    assert isinstance(out_t, torch.Tensor) and out_t.tolist() == out.tolist()
-
+def test_fuse_scores_by_hand():
     s1, s2 = np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]])
     assert metrics.fuse_scores(s1, s2, 0.25).tolist() == [[0.25, 1.5]]
     assert metrics.fuse_scores(s1, s2, 0.0).tolist() == s2.tolist()  # weight 0: stage II alone
@@ -119,8 +112,6 @@ def test_invalid_inputs_raise_clear_errors():
         metrics.recall_at_k(np.zeros(3, dtype=bool), ks=(1,))
     with pytest.raises(ValueError, match="exactly one True"):
         metrics.subset_recall_at_k(np.zeros((2, 5), dtype=bool))
-    with pytest.raises(ValueError, match="not a permutation"):
-        metrics.rerank_labels(np.zeros((1, 3), dtype=bool), np.array([[0, 0, 1]]))
     with pytest.raises(ValueError, match="weight"):
         metrics.fuse_scores(np.zeros((1, 2)), np.zeros((1, 2)), 1.5)
     with pytest.raises(ValueError, match="lacks"):
@@ -155,11 +146,10 @@ def test_random_labels_match_a_naive_loop():
         fast = metrics.recall_at_k(np.array(rows, dtype=bool), ks)
         assert fast == {f"R@{k}": _naive_recall(rows, k) for k in ks}
 
-        # re-ranking with a random permutation per row agrees with a loop, and recall at full width is unchanged
+        # a random permutation per row (a re-ranking; TopK.reordered is tested in test_topk) keeps recall at width
         order = [rng.sample(range(width), width) for _ in range(n)]
-        expected = [[rows[i][order[i][j]] for j in range(width)] for i in range(n)]
-        assert metrics.rerank_labels(np.array(rows, dtype=bool), np.array(order)).tolist() == expected
-        assert metrics.recall_at_k(np.array(expected), (width,)) == metrics.recall_at_k(np.array(rows), (width,))
+        permuted = [[rows[i][order[i][j]] for j in range(width)] for i in range(n)]
+        assert metrics.recall_at_k(np.array(permuted), (width,)) == metrics.recall_at_k(np.array(rows), (width,))
 
         scores = np.array([[rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(width)] for _ in range(n)])
         targets = [rng.randrange(width) for _ in range(n)]

@@ -8,6 +8,7 @@ from matplotlib.colors import to_rgba
 from PIL import Image
 
 from cirlib.eval import metrics
+from cirlib.eval.rank_shift import rank_shift
 from cirlib import plots
 from cirlib.paths import shared_dir
 
@@ -42,7 +43,7 @@ def test_rank_shift_hand_case():
     # five queries, K = 4; the last has no target in the top-4
     stage1 = _labels([0, 1, 1, 3, -1], 4)
     stage2 = _labels([1, 0, 0, 1, -1], 4)
-    shift = plots.rank_shift(stage1, stage2)
+    shift = rank_shift(stage1, stage2)
     assert shift.counts.tolist() == [1, 2, 0, 1]
     # i=0: 0 - 1 = -1; i=1: 1 - mean(0, 0) = 1; i=2: nobody -> 0; i=3: 3 - 1 = 2
     assert shift.avg_delta.tolist() == [-1.0, 1.0, 0.0, 2.0]
@@ -50,17 +51,17 @@ def test_rank_shift_hand_case():
     assert shift.brought_forward == 0.75
     assert shift.num_missing == 1 and shift.k == 4
     # torch tensors give the same numbers
-    same = plots.rank_shift(torch.from_numpy(stage1), torch.from_numpy(stage2))
+    same = rank_shift(torch.from_numpy(stage1), torch.from_numpy(stage2))
     assert same.avg_delta.tolist() == shift.avg_delta.tolist()
 
 
 def test_rank_shift_refuses_inconsistent_label_sets():
     with pytest.raises(ValueError, match=r"row 1 has a hit in stage I only"):
-        plots.rank_shift(_labels([0, 2], 3), _labels([0, -1], 3))
+        rank_shift(_labels([0, 2], 3), _labels([0, -1], 3))
     with pytest.raises(ValueError, match=r"row 0 has a hit in stage II only"):
-        plots.rank_shift(_labels([-1, 2], 3), _labels([0, 1], 3))
+        rank_shift(_labels([-1, 2], 3), _labels([0, 1], 3))
     with pytest.raises(ValueError, match="same \\(N, K\\)"):
-        plots.rank_shift(_labels([0], 3), _labels([0], 4))
+        rank_shift(_labels([0], 3), _labels([0], 4))
 
 
 def test_rank_shift_on_the_original_stage2_labels():
@@ -68,7 +69,7 @@ def test_rank_shift_on_the_original_stage2_labels():
     assert path.is_file(), f"missing shared artifact {path}"
     labels = torch.load(path, weights_only=True)
     # the stage-I file is not shipped; against itself the shift is zero and the mean rank is the table's 4.0943
-    shift = plots.rank_shift(labels, labels)
+    shift = rank_shift(labels, labels)
     assert not shift.avg_delta.any()
     assert round(shift.mean_rank_stage2, 4) == 4.0943
     assert shift.num_missing == 23 and int(shift.counts.sum()) == 4158
@@ -86,7 +87,7 @@ def _synthetic_figure8_labels(seed: int = 0, n: int = 2000, k: int = 200) -> tup
 
 def test_figure8_panel_from_synthetic_labels(tmp_path):
     stage1, stage2 = _synthetic_figure8_labels()
-    shift = plots.rank_shift(stage1, stage2)
+    shift = rank_shift(stage1, stage2)
     assert shift.brought_forward > 0
     name = plots.rank_shift_figure_name("fashioniq", "dress")
     assert name == "fig8_rank_shift_fashioniq_dress"
@@ -166,3 +167,10 @@ def test_save_figure_rejects_path_like_names(tmp_path):
     fig = plots.plot_recall_curves({"a": {"R@1": 1.0}}, (1,))
     with pytest.raises(ValueError, match="plain file stem"):
         plots.save_figure(fig, "../x", tmp_path)
+
+
+
+def test_save_figure_creates_its_folder_and_leaves_no_temporary_files(tmp_path):
+    fig = plots.plot_recall_curves({"a": {"R@1": 1.0, "R@5": 2.0}}, (1, 5))
+    _assert_saved(plots.save_figure(fig, "curves", tmp_path / "new" / "deeper"))
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["curves.pdf", "curves.png"]

@@ -309,3 +309,69 @@ def test_constructor_rejects_inconsistent_contents():
         _ours(group_names=names)
     with pytest.raises(TopKError, match="exactly one True"):
         TopK("cirr", "val", None, names, GALLERY, group_labels=np.zeros((4, 5), dtype=bool))
+
+
+# ------------------------------------------------------------------------------------------------ stage-II scores
+def _scored_cirr() -> TopK:
+    """A CIRR top-3 of two queries in stage-I order with hand-picked stage-I and stage-II scores."""
+    gallery = [f"dev-{i}-img0" for i in range(8)]
+    return TopK(
+        "cirr", "val", None,
+        sorted_index_names=[["dev-1-img0", "dev-2-img0", "dev-3-img0"], ["dev-4-img0", "dev-5-img0", "dev-6-img0"]],
+        index_names=gallery,
+        target_names=("dev-3-img0", "dev-4-img0"),
+        scores=torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]]),
+        stage2_scores=torch.tensor([[1.0, 2.0, 3.0], [0.0, 5.0, 5.0]]),  # row 1: a tie keeps stage-I order
+        group_names=[["dev-1-img0", "dev-3-img0"], ["dev-4-img0", "dev-7-img0"]],
+        group_stage2_scores=torch.tensor([[0.0, 1.0], [2.0, 1.0]]),
+        provenance={"stage2": {"k": 3, "fusion_weight": 0.0}},
+    )
+
+
+def test_reranked_orders_by_stage2_scores_and_moves_every_field_with_its_candidate(tmp_path):
+    scored = _scored_cirr()
+    re = scored.reranked()
+    assert re.sorted_index_names.tolist() == [["dev-3-img0", "dev-2-img0", "dev-1-img0"],
+                                              ["dev-5-img0", "dev-6-img0", "dev-4-img0"]]
+    assert re.labels.tolist() == [[True, False, False], [False, False, True]]
+    assert re.scores.numpy() == pytest.approx(np.array([[0.1, 0.8, 0.9], [0.6, 0.5, 0.7]]))
+    assert re.stage2_scores.tolist() == [[3.0, 2.0, 1.0], [5.0, 5.0, 0.0]]
+    # the CIRR subset is ordered by its own stage-II scores; its labels follow
+    assert re.group_names.tolist() == [["dev-3-img0", "dev-1-img0"], ["dev-4-img0", "dev-7-img0"]]
+    assert re.group_labels.tolist() == [[True, False], [True, False]]
+    # k' < K re-ranks the first k' stage-I candidates only
+    assert scored.reranked(k=2).sorted_index_names.tolist() == [["dev-2-img0", "dev-1-img0"],
+                                                                ["dev-5-img0", "dev-4-img0"]]
+    # fusion weight 1: stage I alone, the file's order back; 0.5: z-scored rows blended (as metrics.fuse_scores)
+    assert np.array_equal(scored.reranked(1.0).sorted_index_names, scored.sorted_index_names)
+    fused = scored.final_scores(0.5)
+    z = lambda x: (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)  # noqa: E731
+    expected = 0.5 * z(scored.scores.double().numpy()) + 0.5 * z(scored.stage2_scores.double().numpy())
+    assert fused.dtype == torch.float32 and fused.numpy() == pytest.approx(expected.astype(np.float32))
+    # a re-ranked list keeps each candidate's final score (z-scores do not depend on the column order)
+    assert sorted(scored.reranked(0.5).final_scores(0.5)[0].tolist()) == pytest.approx(sorted(fused[0].tolist()))
+
+    back = TopK.load(scored.save(tmp_path / "reranked_val.pt"))
+    assert torch.equal(back.stage2_scores, scored.stage2_scores)
+    assert torch.equal(back.group_stage2_scores, scored.group_stage2_scores)
+    assert back.provenance == scored.provenance
+    assert np.array_equal(back.reranked(0.3).sorted_index_names, scored.reranked(0.3).sorted_index_names)
+    assert [p.name for p in tmp_path.iterdir()] == ["reranked_val.pt"]  # written atomically, no temporaries left
+
+
+def test_rows_picks_queries_and_stage2_errors_name_the_problem():
+    scored = _scored_cirr()
+    one = scored.rows([1])
+    assert one.num_queries == 1 and one.target_names == ("dev-4-img0",)
+    assert one.stage2_scores.tolist() == [[0.0, 5.0, 5.0]]
+    assert one.group_names.tolist() == [["dev-4-img0", "dev-7-img0"]]
+    with pytest.raises(TopKError, match=r"query rows \[2\] outside 0..1"):
+        scored.rows([2])
+    with pytest.raises(TopKError, match="no stage-II scores"):
+        dataclasses.replace(scored, stage2_scores=None, group_stage2_scores=None).reranked()
+    with pytest.raises(TopKError, match="fusion needs stage-I scores"):
+        dataclasses.replace(scored, scores=None).reranked(0.5)
+    with pytest.raises(TopKError, match=r"stage2_scores must be float \(N, K\) = \(2, 3\)"):
+        dataclasses.replace(scored, stage2_scores=torch.zeros(2, 4))
+    with pytest.raises(TopKError, match="group_order must permute"):
+        scored.reordered(np.tile(np.arange(3), (2, 1)), np.zeros((2, 2), dtype=np.int64))

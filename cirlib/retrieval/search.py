@@ -129,8 +129,9 @@ def encode_queries(
     return torch.cat(out)
 
 
-def exclusion_mask(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"], gallery: GalleryFeatures) -> torch.Tensor | None:
-    """(N, G) bool, True where a gallery item must not be ranked: the reference itself for CIRR, nothing for FashionIQ."""
+def exclusion_mask(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"],
+                   gallery: GalleryFeatures) -> torch.Tensor | None:
+    """(N, G) bool, True where a gallery item must not be ranked: the reference itself for CIRR, none for FashionIQ."""
     if split_data.dataset != "cirr":
         return None
     mask = torch.zeros(len(queries), len(gallery.names), dtype=torch.bool)
@@ -167,7 +168,13 @@ def _has_cirr_sets(split_data: "cdata.SplitData", queries: Sequence["cdata.Query
 
 @dataclass
 class Ranking:
-    """The head of each query's gallery ranking, as gallery rows (rows = queries, in the order given)."""
+    """The head of each query's gallery ranking, as gallery rows (rows = queries, in the order given).
+
+    This is the search's raw output, not a second ranked-list type: `topk_from_ranking` turns it into the one ranked
+    list, `TopK`, right after the search. It stays separate because it carries what a TopK cannot: each target's
+    rank over the whole gallery (far beyond K, for recall@50 with a top-20 file) and gallery rows rather than names,
+    which processes gather cheaply (`Ranking.cat`) before the names are looked up once.
+    """
 
     scores: torch.Tensor  # (N, k) float32 cosine similarities, best first
     index: torch.Tensor  # (N, k) int64 gallery rows, best first
@@ -308,17 +315,3 @@ def topk_from_ranking(
         stage1_run=stage1_run,
     )
 
-
-def build_topk(
-    split_data: "cdata.SplitData",
-    queries: Sequence["cdata.Query"],
-    gallery: GalleryFeatures,
-    sim: torch.Tensor,
-    k: int,
-    *,
-    stage1_run: str | None = None,
-) -> TopK:
-    """Rank the gallery for each query by `sim` (N, G) and keep the best k, with labels (and CIRR group labels)
-    when targets exist."""
-    return topk_from_ranking(split_data, queries, gallery, _exact_ranking(split_data, queries, gallery, sim, k),
-                             stage1_run=stage1_run)

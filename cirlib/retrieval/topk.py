@@ -12,9 +12,15 @@ code reads our files and we read the original's released ones:
     'dress_types'         str                     FashionIQ only (the category)
 
 plus our own metadata under 'cirlib' (format version, dataset, category, k, scores, stage-I run name, whether the
-reference was removed, the CIRR subset names, the cirlib version). The original has no 'cirlib' key; its dataset is
-then inferred from the presence of 'dress_types'. In memory (`TopK`) names are numpy string arrays and labels/scores
-CPU torch tensors, as in the file.
+reference was removed, the CIRR subset names, the cirlib version, and after stage II the stage-II scores).
+
+The same format holds the stage-II result (`outputs/stage2/<run>/reranked_<split>[_<category>].pt`): the K re-ranked
+candidates in STAGE-I order with their stage-I `scores` and their `stage2_scores` (plus `group_stage2_scores` for the
+CIRR subset). A pair's stage-II score does not depend on the other candidates, so `reranked(fusion_weight, k)`
+re-orders any k' <= K with any fusion weight from the file alone; it is the one place a ranked list is re-ordered.
+
+The original has no 'cirlib' key; its dataset is then inferred from the presence of 'dress_types'. In memory (`TopK`)
+names are numpy string arrays and labels/scores CPU torch tensors, as in the file.
 """
 from __future__ import annotations
 
@@ -23,10 +29,13 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from cirlib.eval.metrics import fuse_scores
+from cirlib.paths import atomic_write
 
 FORMAT_VERSION = 1
 DATASETS = ("cirr", "fashioniq")
@@ -108,14 +117,24 @@ def _own_tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, copy=True, order="C")).to(dtype)
 
 
+def _float_matrix(x: Any, what: str, shape: tuple[int, int]) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        # numpy has no bfloat16/half of its own; scores are stored as float32 anyway
+        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating):
+        raise TopKError(f"{what} must be float (N, K) = {shape}, got {arr.dtype} {arr.shape}")
+    return _own_tensor(arr, torch.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class TopK:
-    """Stage-I top-K candidates for every query of one split (one category for FashionIQ).
+    """Top-K candidates for every query of one split (one category for FashionIQ), and after stage II their scores.
 
     Row i is query i in caption-file order. Names are read-only numpy string arrays; labels and scores are CPU torch
-    tensors (as in the original's file); all are private copies of what was passed in (numpy or torch). Build a
-    new TopK (`head`, `sliced`, `reordered`, `dataclasses.replace`) instead of mutating. Missing labels are derived
-    from `target_names`; given labels are checked against them.
+    tensors (as in the original's file); all are private copies of what was passed in (numpy or torch). Build a new
+    TopK (`head`, `rows`, `sliced`, `reordered`, `reranked`, `dataclasses.replace`) instead of mutating. Missing
+    labels are derived from `target_names`; given labels are checked against them.
     """
 
     dataset: str  # "cirr" | "fashioniq"
@@ -132,6 +151,10 @@ class TopK:
     stage1_run: str | None = None  # name of the stage-I run that produced the ranking
     # what produced the file (JSON-able): e.g. the stage-I weights' sha256, the config hash; reuse decisions read it
     provenance: dict[str, Any] | None = None
+    # (N, K) float32 stage-II score of each candidate (column-aligned with sorted_index_names); None before stage II
+    stage2_scores: torch.Tensor | None = None
+    # (N, 5) float32 stage-II score of each CIRR subset member (column-aligned with group_names); None before stage II
+    group_stage2_scores: torch.Tensor | None = None
     # (N, K) int64 position of each candidate in index_names (derived, e.g. to gather gallery features)
     candidate_index: np.ndarray = dataclasses.field(init=False, repr=False)
 
@@ -202,15 +225,9 @@ class TopK:
                 raise TopKError(f"labels row {int(many[0])} has more than one True ({many.size} such rows)")
             set_("labels", _own_tensor(lab, torch.bool))
 
-        if self.scores is not None:
-            sc = self.scores
-            if isinstance(sc, torch.Tensor):
-                # numpy has no bfloat16/half of its own; scores are stored as float32 anyway
-                sc = sc.detach().cpu().float().numpy() if sc.is_floating_point() else sc.detach().cpu().numpy()
-            sc = np.asarray(sc)
-            if sc.shape != (n, k) or not np.issubdtype(sc.dtype, np.floating):
-                raise TopKError(f"scores must be float (N, K) = {(n, k)}, got {sc.dtype} {sc.shape}")
-            set_("scores", _own_tensor(sc, torch.float32))
+        for name in ("scores", "stage2_scores"):
+            if getattr(self, name) is not None:
+                set_(name, _float_matrix(getattr(self, name), name, (n, k)))
 
         if self.group_names is not None:
             gn = _names_matrix(self.group_names, "group_names")
@@ -236,6 +253,11 @@ class TopK:
             if self.group_names is not None and gl.shape != self.group_names.shape:
                 raise TopKError(f"group_labels {gl.shape} and group_names {self.group_names.shape} differ in shape")
             set_("group_labels", _own_tensor(gl, torch.bool))
+        if self.group_stage2_scores is not None:
+            if self.group_names is None:
+                raise TopKError("group_stage2_scores score the CIRR subset members, but group_names is missing")
+            set_("group_stage2_scores", _float_matrix(self.group_stage2_scores, "group_stage2_scores",
+                                                      tuple(self.group_names.shape)))
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -257,15 +279,32 @@ class TopK:
         """
         if not 1 <= n <= self.num_queries:
             raise TopKError(f"cannot take the first {n} of {self.num_queries} queries")
-        cut = lambda a: None if a is None else a[:n]  # noqa: E731
+        return self if n == self.num_queries else self.rows(range(n))
+
+    def rows(self, rows: Sequence[int]) -> TopK:
+        """Only the given queries (rows), in that order, e.g. the few shown in a qualitative grid.
+
+        Args:
+            rows: row indices, each in 0..num_queries-1.
+        """
+        idx = np.asarray(list(rows), dtype=np.int64).reshape(-1)
+        bad = idx[(idx < 0) | (idx >= self.num_queries)]
+        if bad.size:
+            raise TopKError(f"query rows {bad.tolist()[:5]} outside 0..{self.num_queries - 1}")
+        if idx.size == 0:
+            raise TopKError("rows: no rows given (a top-K holds at least one query)")
+        pick_t = torch.from_numpy(idx)
+        pick = lambda a: None if a is None else a[pick_t if isinstance(a, torch.Tensor) else idx]  # noqa: E731
         return dataclasses.replace(
             self,
-            sorted_index_names=cut(self.sorted_index_names),
-            target_names=cut(self.target_names),
-            scores=cut(self.scores),
-            labels=cut(self.labels),
-            group_labels=cut(self.group_labels),
-            group_names=cut(self.group_names),
+            sorted_index_names=pick(self.sorted_index_names),
+            target_names=None if self.target_names is None else tuple(self.target_names[i] for i in idx),
+            scores=pick(self.scores),
+            labels=pick(self.labels),
+            group_labels=pick(self.group_labels),
+            group_names=pick(self.group_names),
+            stage2_scores=pick(self.stage2_scores),
+            group_stage2_scores=pick(self.group_stage2_scores),
         )
 
     def sliced(self, k: int) -> TopK:
@@ -276,35 +315,77 @@ class TopK:
         """
         if not 1 <= k <= self.k:
             raise TopKError(f"cannot take the top {k} of a top-{self.k} list (need 1 <= k <= {self.k})")
+        if k == self.k:
+            return self
         cut = lambda a: None if a is None else a[:, :k]  # noqa: E731
         return dataclasses.replace(
-            self, sorted_index_names=cut(self.sorted_index_names), scores=cut(self.scores), labels=cut(self.labels)
+            self, sorted_index_names=cut(self.sorted_index_names), scores=cut(self.scores), labels=cut(self.labels),
+            stage2_scores=cut(self.stage2_scores),
         )
 
-    def reordered(
-        self, order: np.ndarray | torch.Tensor, scores: np.ndarray | torch.Tensor | None = None
-    ) -> TopK:
-        """The same candidates in a new per-row order (a stage-II re-ranking).
+    def reordered(self, order: np.ndarray | torch.Tensor, group_order: np.ndarray | torch.Tensor | None = None) -> TopK:
+        """The same candidates in a new per-row order; every per-candidate field moves with its candidate.
 
         Args:
             order: (N, K) int, each row a permutation of 0..K-1; new column j = old column order[i, j].
-            scores: (N, K) float scores in the NEW order (e.g. stage-II scores sorted), or None to permute ours.
+            group_order: (N, 5) int, the same for the CIRR subset (group_names), or None to keep it.
         """
-        idx = order.detach().cpu().numpy() if isinstance(order, torch.Tensor) else np.asarray(order)
-        if idx.shape != self.sorted_index_names.shape or not np.issubdtype(idx.dtype, np.integer):
-            raise TopKError(
-                f"order must be integer (N, K) = {self.sorted_index_names.shape}, got {idx.dtype} {idx.shape}"
-            )
-        if (np.sort(idx, axis=1) != np.arange(self.k)[None, :]).any():
-            raise TopKError("order must permute each row's columns (a re-ranking cannot add or drop candidates)")
-        idx_t = torch.from_numpy(idx.astype(np.int64))
-        take = lambda a: None if a is None else torch.take_along_dim(a, idx_t, dim=1)  # noqa: E731
-        return dataclasses.replace(
+        idx = _permutation(order, self.sorted_index_names.shape, "order")
+        take = lambda a, i: None if a is None else torch.take_along_dim(a, torch.from_numpy(i), dim=1)  # noqa: E731
+        out = dataclasses.replace(
             self,
             sorted_index_names=np.take_along_axis(self.sorted_index_names, idx, axis=1),
-            labels=take(self.labels),
-            scores=take(self.scores) if scores is None else scores,
+            labels=take(self.labels, idx),
+            scores=take(self.scores, idx),
+            stage2_scores=take(self.stage2_scores, idx),
         )
+        if group_order is None:
+            return out
+        if self.group_names is None:
+            raise TopKError("group_order re-orders the CIRR subset, but this top-K has no group_names")
+        gidx = _permutation(group_order, self.group_names.shape, "group_order")
+        return dataclasses.replace(
+            out,
+            group_names=np.take_along_axis(self.group_names, gidx, axis=1),
+            group_labels=take(self.group_labels, gidx),
+            group_stage2_scores=take(self.group_stage2_scores, gidx),
+        )
+
+    def final_scores(self, fusion_weight: float = 0.0) -> torch.Tensor:
+        """(N, K) float32 scores that order a stage-II re-ranking, column-aligned with sorted_index_names.
+
+        Args:
+            fusion_weight: w in w * z(stage I) + (1 - w) * z(stage II), each score row z-scored (cosine and logit
+                scales differ); 0 = the stage-II score itself (the original). z-scores do not depend on the column
+                order, so the value of a candidate is the same before and after `reranked`.
+        """
+        if self.stage2_scores is None:
+            raise TopKError("this top-K holds no stage-II scores (a stage-I file, or the original's): nothing to "
+                            "re-rank by; the re-ranked file of a stage-II evaluation holds them")
+        if fusion_weight == 0:
+            return self.stage2_scores
+        if self.scores is None:
+            raise TopKError("score fusion needs stage-I scores, which this top-K file (an original one?) lacks")
+        # float64 numpy fusion, then float32: the numbers the evaluation has always ranked by
+        fused = fuse_scores(self.scores.numpy(), self.stage2_scores.numpy(), fusion_weight, normalize=True)
+        return torch.as_tensor(fused, dtype=torch.float32)
+
+    def reranked(self, fusion_weight: float = 0.0, k: int | None = None) -> TopK:
+        """The stage-II re-ranking: the first k candidates of each row sorted by `final_scores(fusion_weight)`.
+
+        Ties keep the incoming (stage-I) order. The CIRR subset is sorted by its stage-II scores alone (as the
+        original). The result holds every field re-ordered (scores, stage2_scores, labels, group_*).
+
+        Args:
+            fusion_weight: see `final_scores`.
+            k: candidates re-ranked per query (1..K); None = all K.
+        """
+        topk = self if k is None else self.sliced(k)
+        order = torch.sort(topk.final_scores(fusion_weight), dim=1, descending=True, stable=True).indices
+        group_order = None
+        if topk.group_stage2_scores is not None:
+            group_order = torch.sort(topk.group_stage2_scores, dim=1, descending=True, stable=True).indices
+        return topk.reordered(order, group_order)
 
     # ------------------------------------------------------------------------------------------------ save / load
     def to_dict(self) -> dict[str, Any]:
@@ -331,26 +412,21 @@ class TopK:
             "provenance": None if self.provenance is None else dict(self.provenance),
             "reference_removed": bool(self.reference_removed),
             "group_names": None if self.group_names is None else np.ascontiguousarray(self.group_names, dtype=str),
+            "stage2_scores": None if self.stage2_scores is None else self.stage2_scores.contiguous().clone(),
+            "group_stage2_scores": (None if self.group_stage2_scores is None
+                                    else self.group_stage2_scores.contiguous().clone()),
             "cirlib_version": _cirlib_version(),
         }
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the file atomically (temporary file, then rename); returns the path.
+        """Write the file atomically (`cirlib.paths.atomic_write`); returns the path.
 
         Args:
             path: destination `.pt` file; its folder is created if needed.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        content = self.to_dict()
+        return atomic_write(path, lambda tmp: torch.save(content, tmp))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> TopK:
@@ -397,6 +473,8 @@ class TopK:
             reference_removed=meta.get("reference_removed"),
             stage1_run=meta.get("stage1_run"),
             provenance=meta.get("provenance"),
+            stage2_scores=meta.get("stage2_scores"),
+            group_stage2_scores=meta.get("group_stage2_scores"),
         )
 
     @classmethod
@@ -432,6 +510,15 @@ class TopK:
                 raise TopKError(f"{path}: holds the top {topk.k} per query, but K = {k} was requested")
             topk = topk.sliced(k)
         return topk
+
+
+def _permutation(order: np.ndarray | torch.Tensor, shape: tuple[int, ...], what: str) -> np.ndarray:
+    idx = order.detach().cpu().numpy() if isinstance(order, torch.Tensor) else np.asarray(order)
+    if idx.shape != tuple(shape) or not np.issubdtype(idx.dtype, np.integer):
+        raise TopKError(f"{what} must be integer (N, K) = {tuple(shape)}, got {idx.dtype} {idx.shape}")
+    if (np.sort(idx, axis=1) != np.arange(shape[1])[None, :]).any():
+        raise TopKError(f"{what} must permute each row's columns (a re-ranking cannot add or drop candidates)")
+    return idx.astype(np.int64)
 
 
 def _check_gallery_order(have: tuple[str, ...], want: tuple[str, ...], path: Path) -> None:

@@ -1,14 +1,14 @@
-"""The paper's figures and the recall views from saved artifacts (notebooks 02, 04, 05, 06; the explorer).
+"""The paper's figures and the recall views from saved files (notebooks 02, 04, 05, 06; the explorer), never a model.
 
-Figures are built from files only: the stage-I top-K file (its label matrix) and the stage-II label tensors that
-`steps.evaluate` writes (`outputs/stage2/<run>/stage2_labels_val[_<category>].pt`), or the original's released
-files (`cirr_top_200_val.pt` / `fiq_top_200_val_<cat>.pt` and `*_stageII_labels_val*.pt`) when `original_dir` is
-set. The qualitative grids need the re-ranked *names*, which no saved file holds yet, so for those few queries only
-the two saved models are loaded and the re-ranking is recomputed (`rerank_rows`).
+Our runs: the re-ranked file that `steps.evaluate` writes (`outputs/stage2/<run>/reranked_val[_<category>].pt`, the
+top-k file format: the evaluated K candidates in stage-I order with their stage-I and stage-II scores) gives the
+stage-I labels, the stage-II re-ranking at the evaluated K and fusion weight (`TopK.reranked`), and the names the
+qualitative grids show with the dataset's images. The original's released files (`cirr_top_200_val.pt` /
+`fiq_top_200_val_<cat>.pt` and the bare label tensors `*_stageII_labels_val*.pt`) are read when `original_dir` is set;
+they hold no re-ranked names, so they give Figure 8 and the recall curves only.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -23,17 +23,11 @@ from matplotlib.figure import Figure
 from cirlib import data as cdata
 from cirlib import paths, plots
 from cirlib.eval import metrics as M
-from cirlib.retrieval.rerank import RerankResult, rerank
-from cirlib.retrieval.search import encode_gallery, stage1_encoder, stage2_encoder
+from cirlib.eval.rank_shift import rank_shift
 from cirlib.retrieval.topk import TopK, read_topk_dict
+from cirlib.run_folder import RunFolder
 from cirlib.workbook import steps
-from cirlib.workbook.config import (
-    FASHIONIQ_CATEGORIES,
-    AnalysisConfig,
-    Stage1Config,
-    Stage2Config,
-    split_list,
-)
+from cirlib.workbook.config import FASHIONIQ_CATEGORIES, AnalysisConfig, split_list
 
 QUALITATIVE_TOP = 5  # candidates per stage in a qualitative row
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100, 200)  # recall-curve points (those <= K are drawn)
@@ -55,31 +49,35 @@ def _categories(cfg: Any) -> list[str | None]:
 
 
 def _topk_file(stage1_dir: Path, split: str, category: str | None) -> Path:
-    return stage1_dir / steps.topk_name(split, category)
+    return RunFolder.at(stage1_dir).topk_file(split, category)
 
 
 def _label_file(stage2_dir: Path, split: str, category: str | None) -> Path:
-    return stage2_dir / steps.label_name(split, category)
+    return RunFolder.at(stage2_dir).labels_file(split, category)
 
 
 # ------------------------------------------------------------------------------------------------ recall views
 
 
-def plot_candidate_recall(cfg: Stage1Config) -> Figure:
+def plot_candidate_recall(cfg: Any) -> Figure:
     """Candidate recall against depth K of the validation top-K file(s): the ceiling a re-ranker of the top K reaches.
 
     Args:
-        cfg: the stage-I config whose run folder holds `topk_val[_<category>].pt` (notebook 02).
+        cfg: the top-K config (notebook 02) whose stage-I run folder holds `topk_val[_<category>].pt`; the dataset
+            and categories are the stage-I run's (its config.json).
     """
     curves, ks = {}, None
-    for cat in _categories(cfg):
-        path = _topk_file(cfg.run_dir, "val", cat)
+    run = cfg.stage1_folder
+    trained = run.saved_config()
+    dataset = trained["dataset"]
+    for cat in (split_list(trained["categories"]) if dataset == "fashioniq" else [None]):
+        path = run.topk_file("val", cat)
         if not path.is_file():
             raise FileNotFoundError(f"no validation top-k file at {path}: run extract_topk with 'val' in topk_splits")
         topk = TopK.from_dict(read_topk_dict(path), source=str(path))
         ks = recall_curve_ks(topk.k) if ks is None else [x for x in ks if x <= topk.k]
-        curves[cat or cfg.dataset] = M.candidate_recall_at_k(as_numpy(topk.labels), ks)
-    return plots.plot_recall_curves(curves, ks, title=f"{cfg.run_name}: target within the stage-I top K",
+        curves[cat or dataset] = M.candidate_recall_at_k(as_numpy(topk.labels), ks)
+    return plots.plot_recall_curves(curves, ks, title=f"{cfg.stage1_run}: target within the stage-I top K",
                                     prefix="cand@")
 
 
@@ -101,7 +99,7 @@ def plot_comparison(comparison: "steps.Comparison") -> Figure:
 # ------------------------------------------------------------------------------------------------ CIRR submission
 
 
-def submission_report(cfg: Stage2Config, files: dict[str, Path]) -> pd.DataFrame:
+def submission_report(cfg: Any, files: dict[str, Path]) -> pd.DataFrame:
     """Check each written submission file as the CIRR server would (`submission.validate_cirr_submission`).
 
     Recall lists are checked for min(50, test gallery - 1) names: 50 on the real test1 split, fewer only for a
@@ -137,28 +135,37 @@ def submission_report(cfg: Stage2Config, files: dict[str, Path]) -> pd.DataFrame
 
 @dataclass(frozen=True)
 class LabelSource:
-    """Where one dataset's (category's) stage-I and stage-II validation labels come from."""
+    """Where one dataset's (category's) stage-I and stage-II validation rankings come from."""
 
     dataset: str  # "cirr" | "fashioniq"
     category: str | None
-    stage1_path: Path  # the stage-I top-K file (ours or the original's)
-    stage2_path: Path  # the bare stage-II label tensor
-    stage1_made_by: str
-    stage2_made_by: str
     what: str  # "ours" | "original"
+    stage2_path: Path  # ours: the re-ranked file (top-k format, both scores); original: the bare stage-II label tensor
+    stage1_path: Path | None  # original: its stage-I top-K file; ours: None (the re-ranked file holds stage I's order)
 
     @property
     def name(self) -> str:
         return self.dataset + (f"_{self.category}" if self.category else "")
 
+    def inputs(self) -> list[tuple[str, Path, str]]:
+        """(what, path, made by) of each file this source reads."""
+        if self.what == "ours":
+            return [("re-ranked top-K file", self.stage2_path, "04_stage2_evaluate")]
+        made = "the original's release (original_dir=)"
+        return [("stage-I top-K file", self.stage1_path, made), ("stage-II label tensor", self.stage2_path, made)]
+
+
+def _stage2_folder(cfg: AnalysisConfig) -> RunFolder:
+    return RunFolder.of("stage2", cfg.stage2_run, getattr(cfg, "outputs", None) or None)
+
 
 def label_sources(cfg: AnalysisConfig) -> list[LabelSource]:
-    """The (stage-I top-K file, stage-II label tensor) pairs to plot, one per dataset or FashionIQ category.
+    """The files to plot, one source per dataset or FashionIQ category.
 
-    FashionIQ categories are those with a stage-II label file; with none, all three are listed (and reported missing).
+    FashionIQ categories are those with a stage-II file; with none, all three are listed (and reported missing).
 
     Args:
-        cfg: the analysis config (ours: stage1_run / stage2_run; the original's files: original_dir).
+        cfg: the analysis config (ours: stage2_run; the original's files: original_dir).
     """
     if cfg.dataset not in ("cirr", "fashioniq"):
         raise ValueError(f"dataset must be 'cirr' or 'fashioniq', got {cfg.dataset!r}")
@@ -169,32 +176,62 @@ def label_sources(cfg: AnalysisConfig) -> list[LabelSource]:
             folder = _abs(cfg.original_dir)
             s1 = folder / ("cirr_top_200_val.pt" if cat is None else f"fiq_top_200_val_{cat}.pt")
             s2 = folder / ("cirr_stageII_labels_val.pt" if cat is None else f"fiq_stageII_labels_val_{cat}.pt")
-            made = "the original's release (original_dir=)"
-            sources.append(LabelSource(cfg.dataset, cat, s1, s2, made, made, "original"))
+            sources.append(LabelSource(cfg.dataset, cat, "original", s2, s1))
         else:
-            s1 = _topk_file(paths.OUTPUTS / "stage1" / cfg.stage1_run, "val", cat)
-            s2 = _label_file(paths.OUTPUTS / "stage2" / cfg.stage2_run, "val", cat)
-            sources.append(LabelSource(cfg.dataset, cat, s1, s2, "02_stage1_topk", "04_stage2_evaluate", "ours"))
+            sources.append(LabelSource(cfg.dataset, cat, "ours", _stage2_folder(cfg).reranked_file("val", cat), None))
     present = [s for s in sources if s.stage2_path.exists()]
     return present if (cfg.dataset == "fashioniq" and present) else sources
 
 
+def evaluated_settings(reranked_file: TopK, path: Path | str = "<re-ranked file>") -> tuple[int, float]:
+    """K and fusion weight the evaluation that wrote a re-ranked file used (its provenance).
+
+    Args:
+        reranked_file: the loaded re-ranked file (stage-I order, with stage-II scores).
+        path: the file, for error messages.
+    """
+    record = (reranked_file.provenance or {}).get("stage2")
+    if reranked_file.stage2_scores is None or not isinstance(record, dict):
+        raise ValueError(f"{path}: holds no stage-II scores and settings; it is not a re-ranked file written by "
+                         "steps.evaluate (re-run notebook 04)")
+    return reranked_file.k, float(record.get("fusion_weight", 0.0))
+
+
+def load_reranked_file(path: Path, dataset: str, stage1_run: str | None = None) -> TopK:
+    """Read a run's validation re-ranked file; with stage1_run, check it re-ranks that stage-I run's top-K."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run notebook 04 (evaluate) for this stage-II run")
+    topk = TopK.load(path, dataset=dataset, split="val")
+    evaluated_settings(topk, path)
+    if topk.labels is None:
+        raise ValueError(f"{path}: has no labels (a test split?); the figures need validation labels")
+    if stage1_run and topk.stage1_run and topk.stage1_run != stage1_run:
+        raise ValueError(f"{path}: re-ranks the top-K of stage-I run {topk.stage1_run!r}, but "
+                         f"stage1_run={stage1_run!r}: set stage1_run to match")
+    return topk
+
+
 @dataclass(frozen=True)
 class LabelPair:
-    """Stage-I and stage-II label matrices of the same validation queries and the same top-K."""
+    """Stage-I and stage-II rankings of the same validation queries and the same top-K."""
 
     source: LabelSource
-    topk: TopK  # the stage-I top-K file, cut to the rows and K of the stage-II labels
+    topk: TopK  # the top-K in stage-I order (our re-ranked file, or the original's file cut to the labels' N, K)
+    reranked: TopK | None  # ours: the stage-II re-ranking at the evaluated K and fusion weight; None: original
     stage1: np.ndarray  # (N, K) bool, stage-I ranking
     stage2: np.ndarray  # (N, K) bool, stage-II re-ranking of the same candidates
 
 
-def load_label_pair(source: LabelSource) -> LabelPair:
-    """Read one source's stage-I top-K file and stage-II labels, cut stage I to the stage-II rows and K.
+def load_label_pair(source: LabelSource, cfg: AnalysisConfig | None = None) -> LabelPair:
+    """Read one source's stage-I and stage-II rankings of the same candidates (cfg: check our file's stage-I run).
 
-    Our evaluation may re-rank only the first rows (max_val_queries) and only the first K of the top-K; the stage-II
-    rows are then the first N stage-I rows, and its K columns permute the first K stage-I candidates.
+    Ours: the re-ranked file, re-ordered at the evaluated K and fusion weight. The original's: its top-K file cut
+    to the label tensor's rows and K (an evaluation may re-rank only the first rows and the first K).
     """
+    if source.what == "ours":
+        topk = load_reranked_file(source.stage2_path, source.dataset, cfg.stage1_run if cfg else None)
+        reranked = topk.reranked(evaluated_settings(topk, source.stage2_path)[1])
+        return LabelPair(source, topk, reranked, as_numpy(topk.labels), as_numpy(reranked.labels))
     for path in (source.stage1_path, source.stage2_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found ({source.what} labels for {source.name})")
@@ -209,25 +246,8 @@ def load_label_pair(source: LabelSource) -> LabelPair:
     if n > topk.num_queries or k > topk.k:
         raise ValueError(f"{source.stage2_path}: (N, K) = {(n, k)} exceeds the stage-I top-K file "
                          f"{source.stage1_path} ({topk.num_queries} queries, K = {topk.k})")
-    topk = _head(topk, n).sliced(k)
-    return LabelPair(source, topk, as_numpy(topk.labels), s2.numpy())
-
-
-def _head(topk: TopK, n: int) -> TopK:
-    return _rows(topk, list(range(n))) if n < topk.num_queries else topk
-
-
-def _rows(topk: TopK, rows: Sequence[int]) -> TopK:
-    """A TopK holding only the given rows (queries), in that order."""
-    idx = np.asarray(rows, dtype=np.int64)
-
-    def pick(a: Any) -> Any:
-        return None if a is None else a[torch.from_numpy(idx) if isinstance(a, torch.Tensor) else idx]
-
-    return dataclasses.replace(
-        topk, sorted_index_names=pick(topk.sorted_index_names), scores=pick(topk.scores), labels=pick(topk.labels),
-        group_labels=pick(topk.group_labels), group_names=pick(topk.group_names),
-        target_names=None if topk.target_names is None else tuple(topk.target_names[i] for i in idx))
+    topk = topk.head(n).sliced(k)
+    return LabelPair(source, topk, None, as_numpy(topk.labels), s2.numpy())
 
 
 def recall_curve_ks(k: int) -> list[int]:
@@ -240,11 +260,11 @@ def rank_shift_table(cfg: AnalysisConfig) -> pd.DataFrame:
     """Mean stage-I / stage-II rank of the targets found in the top-K, as the original notebook prints.
 
     Args:
-        cfg: the analysis config (which label files; see `label_sources`).
+        cfg: the analysis config (which files; see `label_sources`).
     """
     rows = []
-    for p in (load_label_pair(s) for s in label_sources(cfg)):
-        shift = plots.rank_shift(p.stage1, p.stage2)
+    for p in (load_label_pair(s, cfg) for s in label_sources(cfg)):
+        shift = rank_shift(p.stage1, p.stage2)
         rows.append({"labels": f"{p.source.what}: {p.source.name}", "queries": p.stage1.shape[0], "K": shift.k,
                      "not in top-K": shift.num_missing, "mean rank, stage I": round(shift.mean_rank_stage1, 3),
                      "mean rank, stage II": round(shift.mean_rank_stage2, 3),
@@ -252,90 +272,7 @@ def rank_shift_table(cfg: AnalysisConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------------------ few-query re-ranking
-
-
-@dataclass
-class Models:
-    """The two saved models of an analysis, their tokenizer, and the stage-II run's saved config."""
-
-    stage1: Any
-    stage2: Any
-    tokenizer: Any
-    stage2_cfg: Stage2Config
-    device: torch.device
-
-
-def load_models(cfg: AnalysisConfig) -> Models:
-    """Load the stage-I and stage-II models the stage-II run was trained with (evaluation mode)."""
-    run_dir = paths.OUTPUTS / "stage2" / cfg.stage2_run
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no {cfg_path}: run notebook 03 (train_stage2) for stage2_run={cfg.stage2_run!r}")
-    saved = json.loads(cfg_path.read_text())
-    known = {f.name for f in dataclasses.fields(Stage2Config)}
-    s2cfg = Stage2Config(**{k: v for k, v in saved.items() if k in known})
-    if not s2cfg.stage1_checkpoint and s2cfg.stage1_run != cfg.stage1_run:
-        raise ValueError(f"stage-II run {cfg.stage2_run!r} re-ranks stage-I run {s2cfg.stage1_run!r} "
-                         f"(its config.json), but stage1_run={cfg.stage1_run!r}: set stage1_run to match")
-    if cfg.data_root:
-        s2cfg = dataclasses.replace(s2cfg, data_root=cfg.data_root)
-    dev = steps.device()
-    stage1, tok = steps.stage1_for(s2cfg)
-    stage2 = steps.load_stage2_run(run_dir)
-    return Models(stage1.to(dev).eval(), stage2.to(dev).eval(), tok, s2cfg, dev)
-
-
-def rerank_rows(models: Models, split_data: cdata.SplitData, topk: TopK, rows: Sequence[int], *, k: int,
-                fusion_weight: float = 0.0) -> RerankResult:
-    """Re-rank a few queries' stage-I top-k with stage II, encoding only the images those queries need.
-
-    Args:
-        models: from `load_models`.
-        split_data: the split whose queries row i of `topk` belongs to (row i = split_data.queries[i]).
-        topk: the stage-I top-K file of that split.
-        rows: query rows to re-rank.
-        k: candidates re-ranked per query (<= topk.k).
-    Returns:
-        the re-ranking of those rows only (row j = rows[j]).
-    """
-    rows = [int(r) for r in rows]
-    bad = [r for r in rows if not 0 <= r < min(topk.num_queries, len(split_data.queries))]
-    if bad:
-        raise IndexError(f"query rows {bad} outside 0..{min(topk.num_queries, len(split_data.queries)) - 1}")
-    queries = [split_data.queries[r] for r in rows]
-    sub_topk = _rows(topk, rows).sliced(k)
-    needed = {q.reference for q in queries} | set(sub_topk.sorted_index_names.ravel().tolist())
-    for q in queries:
-        needed |= set(q.members or ())
-    # a gallery of only the images these queries touch, in split order: rerank looks candidates up by name
-    sub = dataclasses.replace(split_data, queries=queries, gallery=[n for n in split_data.gallery if n in needed])
-    size = models.stage2.config.vision.image_size
-    transform = cdata.targetpad_transform(models.stage2_cfg.target_ratio, size)
-    gallery = encode_gallery(stage2_encoder(models.stage2), sub, transform, device=models.device, desc="images")
-    zt_gallery = None
-    if models.stage2.config.reranker == "dual" and models.stage2.config.zt_source == "stage1_vit":
-        zt_gallery = encode_gallery(stage1_encoder(models.stage1), sub, transform, device=models.device,
-                                    desc="stage-I images")
-    return rerank(models.stage1, models.stage2, models.tokenizer, sub, sub_topk, gallery, k=k,
-                  fusion_weight=fusion_weight, zt_gallery=zt_gallery, queries=queries,
-                  max_pairs=models.stage2_cfg.max_pairs, scoring=models.stage2_cfg.scoring, device=models.device)
-
-
-def evaluation_settings(cfg: AnalysisConfig, fallback_k: int) -> tuple[int, float]:
-    """K and fusion weight of the stage-II run's evaluation (metrics.json), else its training config.
-
-    Args:
-        cfg: names the stage-II run.
-        fallback_k: K when the run has neither file.
-    """
-    run_dir = paths.OUTPUTS / "stage2" / cfg.stage2_run
-    for name in ("metrics.json", "config.json"):
-        path = run_dir / name
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            return int(saved.get("k", fallback_k)), float(saved.get("fusion_weight", 0.0))
-    return fallback_k, 0.0
+# ------------------------------------------------------------------------------------------------ qualitative grids
 
 
 def val_split(cfg: AnalysisConfig, category: str | None) -> cdata.SplitData:
@@ -343,29 +280,40 @@ def val_split(cfg: AnalysisConfig, category: str | None) -> cdata.SplitData:
     return cdata.load_split(cfg.dataset, paths.data_root(cfg.data_root or None), "val", category)
 
 
-def qualitative_rows(cfg: AnalysisConfig, pair: LabelPair, models: Models) -> list[plots.QualitativeRow]:
+def check_rows_belong_to(topk: TopK, sd: cdata.SplitData, path: Path | str) -> None:
+    """Refuse a top-K whose rows are not this split's first queries (another split file, or another dataset root)."""
+    if topk.num_queries > len(sd.queries):
+        raise ValueError(f"{path} has {topk.num_queries} rows but {sd.dataset} val has {len(sd.queries)} queries: "
+                         "the file belongs to another split file")
+    if topk.index_names != tuple(sd.gallery):
+        raise ValueError(f"{path}: its gallery differs from the {sd.dataset} val split file's (another data_root?)")
+    if topk.target_names is not None:
+        bad = [i for i, (t, q) in enumerate(zip(topk.target_names, sd.queries)) if t != q.target]
+        if bad:
+            raise ValueError(f"{path}: row {bad[0]} has target {topk.target_names[bad[0]]!r}, but query {bad[0]} of "
+                             f"the split has {sd.queries[bad[0]].target!r} ({len(bad)} such rows)")
+
+
+def qualitative_rows(cfg: AnalysisConfig, pair: LabelPair) -> list[plots.QualitativeRow]:
     """`n_qualitative` seeded random queries: reference, text, stage-I top-5 and stage-II top-5 (with images)."""
+    if pair.reranked is None:
+        raise ValueError(f"{pair.source.name}: the original's files hold no re-ranked names; no qualitative grid")
     sd = val_split(cfg, pair.source.category)
+    check_rows_belong_to(pair.topk, sd, pair.source.stage2_path)
     n_rows = pair.topk.num_queries
-    if n_rows > len(sd.queries):
-        raise ValueError(f"{pair.source.stage1_path} has {n_rows} rows but {sd.dataset} val has {len(sd.queries)} "
-                         "queries: the top-K file belongs to another split file")
     n = min(cfg.n_qualitative, n_rows, SMOKE_QUALITATIVE if cfg.smoke else cfg.n_qualitative)
     if n < 1:
         raise ValueError(f"n_qualitative must be >= 1, got {cfg.n_qualitative}")
     chosen = sorted(random.Random(cfg.seed).sample(range(n_rows), n))
-    k, weight = evaluation_settings(cfg, pair.topk.k)
-    k = min(k, pair.topk.k)
-    result = rerank_rows(models, sd, pair.topk, chosen, k=k, fusion_weight=weight)
-    top = min(QUALITATIVE_TOP, k)
+    top = min(QUALITATIVE_TOP, pair.topk.k)
     image = lambda name: cdata.load_image(sd.image_path(name))  # noqa: E731
     rows = []
-    for j, r in enumerate(chosen):
+    for r in chosen:
         q = sd.queries[r]
         rows.append(plots.QualitativeRow(
             reference=image(q.reference), text=cdata.query_text(q, sd.dataset, sd.split),
             stage1=[(n_, image(n_)) for n_ in pair.topk.sorted_index_names[r, :top]],
-            stage2=[(n_, image(n_)) for n_ in result.sorted_index_names[j, :top]],
+            stage2=[(n_, image(n_)) for n_ in pair.reranked.sorted_index_names[r, :top]],
             target=q.target, reference_name=q.reference))
     return rows
 
@@ -378,7 +326,7 @@ def make_figures(cfg: AnalysisConfig) -> list[Path]:
 
     Stable names under `figures_dir` (default <repo>/figures): `fig8_rank_shift_<name>`, `recall_curves_<name>`
     and (our runs only: the original's files hold no re-ranked names) `qualitative_<name>`, where <name> is "cirr"
-    or "fashioniq_<category>".
+    or "fashioniq_<category>". Reads files and images only.
 
     Args:
         cfg: the analysis config.
@@ -386,22 +334,20 @@ def make_figures(cfg: AnalysisConfig) -> list[Path]:
         the written files, PDF then PNG per figure.
     """
     out_dir = _abs(cfg.figures_dir) if cfg.figures_dir else paths.FIGURES
-    pairs = [load_label_pair(s) for s in label_sources(cfg)]
+    pairs = [load_label_pair(s, cfg) for s in label_sources(cfg)]
     written: list[Path] = []
-    models = None
     for pair in pairs:
         src = pair.source
         label = src.name.replace("_", " ") + (" (original)" if src.what == "original" else "")
-        shift = plots.rank_shift(pair.stage1, pair.stage2)
+        shift = rank_shift(pair.stage1, pair.stage2)
         fig = plots.plot_rank_shift(shift, title=None if src.what == "original" else label)
         written += plots.save_figure(fig, plots.rank_shift_figure_name(src.dataset, src.category), out_dir)
         ks = recall_curve_ks(shift.k)
         curves = {"Stage I": M.recall_at_k(pair.stage1, ks), "Stage II": M.recall_at_k(pair.stage2, ks)}
         fig = plots.plot_recall_curves(curves, ks, title=f"{label}: re-ranking the top {shift.k}")
         written += plots.save_figure(fig, f"recall_curves_{src.name}", out_dir)
-        if src.what == "ours":
-            models = models or load_models(cfg)
-            fig = plots.plot_qualitative_grid(qualitative_rows(cfg, pair, models))
+        if pair.reranked is not None:
+            fig = plots.plot_qualitative_grid(qualitative_rows(cfg, pair))
             written += plots.save_figure(fig, f"qualitative_{src.name}", out_dir)
     return written
 
