@@ -106,12 +106,20 @@ def atomic_write(path: str | os.PathLike, write: "Callable[[Path], object]") -> 
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise _write_failed(path, err) from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     return path
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a half-written temporary file; when its folder cannot even hold it (a file in the way), there is none."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

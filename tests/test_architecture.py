@@ -20,8 +20,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "base": ("cirlib", "cirlib.paths", "cirlib.run_folder", "cirlib.distributed"),
     "data": ("cirlib.data",),
     "models": ("cirlib.models",),
-    "loop": ("cirlib.train", "cirlib.train.loop", "cirlib.train.schedules", "cirlib.train.checkpoints",
-             "cirlib.train.runtime"),
+    "loop": ("cirlib.train",),  # the loop and its parts (schedules, checkpoints, log, runtime); not the tasks
     "tasks": ("cirlib.train.tasks",),
     "retrieval": ("cirlib.retrieval",),
     "eval": ("cirlib.eval",),

@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cirlib import paths
 from cirlib.workbook import steps
 from cirlib.eval import submission
 from cirlib.data import synth
-from cirlib.workbook.config import Stage1Config, Stage2Config
+from cirlib.workbook.config import EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig
 from cirlib.retrieval.topk import TopK, TopKError
 
 
@@ -26,22 +25,25 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture()
-def outputs(tmp_path, monkeypatch):
-    """Run folders go to a temporary outputs/ (run_dir properties read paths.OUTPUTS when called)."""
-    monkeypatch.setattr(paths, "OUTPUTS", tmp_path / "outputs")
-    return tmp_path / "outputs"
+def outputs(tmp_path):
+    """Run folders go to a temporary outputs root (every config's `outputs` field)."""
+    return str(tmp_path / "outputs")
 
 
-def _stage1(world, **kw) -> Stage1Config:
-    base = dict(run_name="s1", data_root=str(world), preset="tiny", train_image_encoder=True, epochs=2, max_epoch=2,
-                lr=1e-3, batch_size=16, max_steps_per_epoch=3, topk_k=60, topk_splits="train,val,test1",
-                mining_queries=48, seed=0)
+def _stage1(world, outputs, **kw) -> Stage1Config:
+    base = dict(stage1_run="s1", data_root=str(world), preset="tiny", train_image_encoder=True, epochs=2, max_epoch=2,
+                lr=1e-3, batch_size=16, max_steps_per_epoch=3, seed=0, outputs=outputs)
     base.update(kw)
     return Stage1Config(**base)
 
 
+def _topk(outputs, **kw) -> TopKConfig:
+    return TopKConfig(**{**dict(stage1_run="s1", topk_k=60, topk_splits="train,val,test1", mining_queries=48,
+                                outputs=outputs), **kw})
+
+
 def test_two_stage_pipeline(world, outputs):
-    s1 = steps.train_stage1(_stage1(world))
+    s1 = steps.train_stage1(_stage1(world, outputs))
     assert not s1.reused and (s1.run_dir / "model" / "model.safetensors").exists()
     for key in ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"):
         assert 0.0 <= s1.metrics[key] <= 100.0
@@ -49,9 +51,9 @@ def test_two_stage_pipeline(world, outputs):
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [0, 1] and all("loss" in r for r in log if r["kind"] == "epoch")
     assert [r["kind"] for r in log].count("val") == 2 and (s1.run_dir / "metrics.csv").exists()
     # a finished run with the same config is reused, not retrained
-    assert steps.train_stage1(_stage1(world)).reused
+    assert steps.train_stage1(_stage1(world, outputs)).reused
 
-    report = steps.extract_topk(_stage1(world))
+    report = steps.extract_topk(_topk(outputs))
     assert set(report["split"]) == {"train", "val", "test1"}
     val = TopK.load(s1.run_dir / "topk_val.pt", dataset="cirr", split="val")
     assert val.k == 60 and val.labels.shape == (24, 60) and val.group_labels.shape == (24, 5)
@@ -68,12 +70,12 @@ def test_two_stage_pipeline(world, outputs):
     train_topk = TopK.load(s1.run_dir / "topk_train.pt", split="train")
     assert train_topk.sorted_index_names.shape[0] == 48
 
-    cfg2 = Stage2Config(run_name="s2", stage1_run="s1", data_root=str(world), preset="tiny", reranker="joint",
-                        init="scratch", k=32, hard_negatives=3, set_negatives=2, inbatch_negatives=4, mining_k=20, epochs=1,
-                        max_epoch=1, lr=1e-3, batch_size=8, max_steps_per_epoch=3, submission_name="e2e")
+    cfg2 = Stage2TrainConfig(stage2_run="s2", stage1_run="s1", data_root=str(world), preset="tiny", reranker="joint",
+                             init="scratch", k=32, hard_negatives=3, set_negatives=2, inbatch_negatives=4, mining_k=20,
+                             epochs=1, max_epoch=1, lr=1e-3, batch_size=8, max_steps_per_epoch=3, outputs=outputs)
     s2 = steps.train_stage2(cfg2)
     assert (s2.run_dir / "model" / "model.safetensors").exists()
-    comparison = steps.evaluate(cfg2)
+    comparison = steps.evaluate(EvaluateConfig(stage2_run="s2", k=32, outputs=outputs))
     table = comparison.table()
     assert {"R@1", "R@5", "R@10", "Rsubset@1"} <= set(table.index)
     metrics = json.loads((s2.run_dir / "metrics.json").read_text())
@@ -83,7 +85,7 @@ def test_two_stage_pipeline(world, outputs):
     assert labels2.dtype == torch.bool and labels2.shape == (24, 32)
     assert labels2.any(1).sum() == val.labels[:, :32].any(1).sum()
 
-    files = steps.submit_cirr(cfg2)
+    files = steps.submit_cirr(SubmissionConfig(stage2_run="s2", k=32, submission_name="e2e", outputs=outputs))
     test_queries = json.loads((world / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
     gallery = list(json.loads((world / "cirr" / "image_splits" / "split.rc2.test1.json").read_text()))
     for path in files.values():
@@ -97,9 +99,9 @@ def test_two_stage_pipeline(world, outputs):
 
 
 def test_interrupted_stage1_resumes_to_the_same_weights(world, outputs):
-    straight = steps.train_stage1(_stage1(world, run_name="straight", topk_splits="val"))
-    steps.train_stage1(_stage1(world, run_name="resumed", epochs=1, topk_splits="val"))
-    resumed = steps.train_stage1(_stage1(world, run_name="resumed", topk_splits="val"))
+    straight = steps.train_stage1(_stage1(world, outputs, stage1_run="straight"))
+    steps.train_stage1(_stage1(world, outputs, stage1_run="resumed", epochs=1))
+    resumed = steps.train_stage1(_stage1(world, outputs, stage1_run="resumed"))
     assert not resumed.reused
     a = load_file(straight.run_dir / "checkpoints" / "last" / "model.safetensors")
     b = load_file(resumed.run_dir / "checkpoints" / "last" / "model.safetensors")

@@ -2,19 +2,20 @@
 
     python -m cirlib.batch params/demo.yaml [--only 01,02] [--output-dir DIR]
 
-The YAML's top-level keys are offered to every notebook; each notebook receives only the names its `parameters` cell
-declares (read with `papermill.inspect_notebook`). Other top-level keys the batch itself reads:
+Each notebook's `parameters` cell mirrors one config of `cirlib.workbook.config` (its `from_namespace(<Config>,
+globals())` line names it); the notebook receives the YAML's top-level keys that are fields of that config, then the
+`notebooks:` section of its notebook. Other top-level keys the batch itself reads:
 
     batch_name: demo              # executed copies go to outputs/runs/<batch_name>/ (default: the YAML file's stem)
-    run_name_stage1: s1           # -> run_name of the Stage1Config notebooks, stage1_run of the others
-    run_name_stage2: s2           # -> run_name of the Stage2Config notebooks, stage2_run of the AnalysisConfig ones
     notebooks:                    # per-notebook overrides, keyed by file stem or its number
       01_stage1_train: {epochs: 3}
     world: {...}                  # synthetic-world settings for `cirlib.demo`; ignored here
 
-The two run-name keys exist because Stage1Config and Stage2Config both call their own run `run_name`: one top-level
-`run_name` cannot name both runs of a batch. A key that no notebook declares is an error (a typo would otherwise be
-silently dropped). Executed copies never overwrite the sources; the first failing notebook stops the batch.
+The two runs have distinct field names, so one top-level `stage1_run: s1` / `stage2_run: s2` names the same run in
+every notebook (the old `run_name`, `run_name_stage1` and `run_name_stage2` keys are refused, naming the new ones).
+A key that no notebook declares is an error (a typo would otherwise be silently dropped). Executed copies never
+overwrite the sources; the first failing notebook stops the batch. `cirlib.launch` builds its configs from the same
+YAML with the same function (`step_parameters`).
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from cirlib import paths
-from cirlib.workbook.config import AnalysisConfig, DataConfig, Stage1Config, Stage2Config
+from cirlib.workbook import config as config_module
 
 # Keys the batch consumes itself (never forwarded as such).
-BATCH_KEYS = ("batch_name", "notebooks", "run_name_stage1", "run_name_stage2", "world")
+BATCH_KEYS = ("batch_name", "notebooks", "world")
 KERNEL = "python3"
 
 
@@ -56,8 +57,37 @@ def notebook_paths(folder: Path | None = None) -> list[Path]:
     return found
 
 
+_FROM_NAMESPACE = re.compile(r"from_namespace\((\w+), globals\(\)\)")
+
+
+def notebook_config(notebook: Path) -> type | None:
+    """The config class a notebook's `from_namespace(<Config>, globals())` line names, or None (a notebook that
+    mirrors no config)."""
+    import nbformat
+
+    book = nbformat.read(notebook, as_version=4)
+    names = {m.group(1) for c in book.cells if c.cell_type == "code" for m in _FROM_NAMESPACE.finditer(c.source)}
+    if len(names) > 1:
+        raise BatchError(f"{notebook.name}: builds several configs {sorted(names)}; a notebook mirrors one")
+    if not names:
+        return None
+    cls = getattr(config_module, names.pop(), None)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        raise BatchError(f"{notebook.name}: from_namespace names no config class of cirlib.workbook.config")
+    return cls
+
+
+def config_fields(cls: type) -> dict[str, str]:
+    """A config's field names and their annotated type names."""
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
 def declared_parameters(notebook: Path) -> dict[str, str]:
-    """Names assigned in a notebook's `parameters` cell and their annotated type names (papermill's inference)."""
+    """The parameters a notebook takes and their type names: its config's fields, or (a notebook that mirrors no
+    config) the names its `parameters` cell assigns, read by papermill."""
+    cls = notebook_config(notebook)
+    if cls is not None:
+        return config_fields(cls)
     import papermill
 
     declared = {name: p["inferred_type_name"] for name, p in papermill.inspect_notebook(str(notebook)).items()}
@@ -70,39 +100,72 @@ def declared_parameters(notebook: Path) -> dict[str, str]:
 _ACCEPTS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
-def check_types(nb: Path, declared: Mapping[str, str], chosen: Mapping[str, Any]) -> None:
-    """Refuse parameter values whose type does not match the notebook's annotation (e.g. YAML's string "2e-5")."""
+def check_types(where: str, declared: Mapping[str, str], chosen: Mapping[str, Any]) -> None:
+    """Refuse parameter values whose type does not match the declared type (e.g. YAML's string "2e-5")."""
     wrong = []
     for name, value in chosen.items():
         kinds = _ACCEPTS.get(declared.get(name, ""))
         if kinds is None:
-            continue  # an unannotated or unusual type: papermill passes it through unchecked
+            continue  # an unannotated or unusual type: passed through unchecked
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             wrong.append(f"{name}={value!r} ({type(value).__name__}, expected {declared[name]})")
     if wrong:
-        raise BatchError(f"{nb.name}: wrongly typed parameters: {'; '.join(wrong)} "
+        raise BatchError(f"{where}: wrongly typed parameters: {'; '.join(wrong)} "
                          "(YAML reads 2e-5 as a string: write 2.0e-5)")
 
 
-def config_class(declared: Sequence[str]) -> type | None:
-    """The config dataclass whose fields are exactly the declared names, or None."""
-    for cls in (DataConfig, Stage1Config, Stage2Config, AnalysisConfig):
-        if {f.name for f in dataclasses.fields(cls)} == set(declared):
-            return cls
-    return None
+def check_renamed(keys: Sequence[str], where: str) -> None:
+    """Refuse parameter names of earlier versions, saying what replaced them."""
+    old = [k for k in keys if k in config_module.RENAMED]
+    if old:
+        raise BatchError("; ".join(f"{where}: '{k}' was renamed: use {config_module.RENAMED[k]}" for k in old))
 
 
-def _run_name_aliases(cls: type | None, params: Mapping[str, Any]) -> dict[str, Any]:
-    """What run_name_stage1 / run_name_stage2 mean for a notebook fed by `cls`."""
-    s1, s2 = params.get("run_name_stage1"), params.get("run_name_stage2")
-    targets: dict[str, Any] = {}
-    if cls is Stage1Config:
-        targets["run_name"] = s1
-    elif cls is Stage2Config:
-        targets.update(run_name=s2, stage1_run=s1)
-    elif cls is AnalysisConfig:
-        targets.update(stage1_run=s1, stage2_run=s2)
-    return {k: v for k, v in targets.items() if v is not None}
+def sections_of(params: Mapping[str, Any], stems: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The `notebooks:` section, keyed by notebook stem or number (YAML's 1 means "01"); unknown names are refused."""
+    sections = params.get("notebooks") or {}
+    if not isinstance(sections, Mapping):
+        raise BatchError(f"'notebooks' must map notebook names to parameter mappings, got {type(sections).__name__}")
+    sections = {(f"{k:02d}" if isinstance(k, int) else str(k)): v for k, v in sections.items()}
+    known = set(stems) | {s.split("_", 1)[0] for s in stems}
+    bad = sorted(k for k in sections if k not in known)
+    if bad:
+        raise BatchError(f"notebooks: {bad} name no notebook; have {sorted(stems)}")
+    for key, value in sections.items():
+        if not isinstance(value, Mapping):
+            raise BatchError(f"notebooks.{key} must be a mapping of parameter: value, got {type(value).__name__}")
+        check_renamed(list(value), f"notebooks.{key}")
+    return sections
+
+
+def check_known(params: Mapping[str, Any], known: set[str], where: str) -> None:
+    """Every top-level key is a batch key or a parameter of some notebook (old names get their new name)."""
+    check_renamed(list(params), "parameters")
+    unknown = sorted(k for k in params if k not in BATCH_KEYS and k not in known)
+    if unknown:
+        raise BatchError(f"parameters {unknown} are declared by no notebook in {where}")
+
+
+def step_parameters(params: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]], stem: str,
+                    declared: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters one notebook (or `cirlib.launch` step) receives: the top-level keys it declares, then its
+    `notebooks:` section (by number, then by stem), then `overrides` it declares; type-checked.
+
+    Args:
+        params: the YAML mapping; sections: from `sections_of`; stem: the notebook stem (e.g. "03_stage2_train").
+        declared: its parameter names and type names (`config_fields` / `declared_parameters`).
+        overrides: values set on the command line (`cirlib.launch --set`); keys it does not declare are skipped.
+    """
+    chosen = {k: v for k, v in params.items() if k in declared and k not in BATCH_KEYS}
+    for key in (stem.split("_", 1)[0], stem):  # the full stem wins over the bare number
+        section = sections.get(key) or {}
+        undeclared = sorted(k for k in section if k not in declared)
+        if undeclared:
+            raise BatchError(f"notebooks.{key}: {undeclared} are not parameters of {stem} (it has {list(declared)})")
+        chosen.update(section)
+    chosen.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    check_types(stem, declared, chosen)
+    return chosen
 
 
 def _select(all_paths: list[Path], only: Sequence[str] | None) -> list[Path]:
@@ -119,19 +182,6 @@ def _select(all_paths: list[Path], only: Sequence[str] | None) -> list[Path]:
     return [p for p in all_paths if p in chosen]  # always run order, whatever order was asked
 
 
-def _section_for(sections: Mapping[str, Any], notebook: Path) -> dict[str, Any]:
-    number = notebook.stem.split("_", 1)[0]
-    merged: dict[str, Any] = {}
-    for key in (number, notebook.stem):  # the full stem wins over the bare number
-        value = sections.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, Mapping):
-            raise BatchError(f"notebooks.{key} must be a mapping of parameter: value, got {type(value).__name__}")
-        merged.update(value)
-    return merged
-
-
 def plan_batch(params: Mapping[str, Any], notebooks: Sequence[Path]) -> dict[Path, dict[str, Any]]:
     """The parameters each notebook receives; checks every key is declared by some notebook.
 
@@ -139,38 +189,12 @@ def plan_batch(params: Mapping[str, Any], notebooks: Sequence[Path]) -> dict[Pat
         params: the YAML mapping (top-level keys + the batch keys in BATCH_KEYS).
         notebooks: the notebooks to run (validation of keys is against all numbered notebooks beside them).
     """
-    sections = params.get("notebooks") or {}
-    if not isinstance(sections, Mapping):
-        raise BatchError(f"'notebooks' must map notebook names to parameter mappings, got {type(sections).__name__}")
-    # YAML reads an unquoted 01 as the int 1: key 1 means notebook "01"
-    sections = {(f"{k:02d}" if isinstance(k, int) else str(k)): v for k, v in sections.items()}
-    if "run_name" in params and ("run_name_stage1" in params or "run_name_stage2" in params):
-        raise BatchError("give either run_name or run_name_stage1/run_name_stage2 at the top level, not both")
     folder = notebooks[0].parent if notebooks else paths.NOTEBOOKS
     everything = {p: declared_parameters(p) for p in notebook_paths(folder)}
-    known = {n for names in everything.values() for n in names}
-    unknown = sorted(k for k in params if k not in BATCH_KEYS and k not in known)
-    if unknown:
-        raise BatchError(f"parameters {unknown} are declared by no notebook in {folder}")
-    stems = {p.stem for p in everything} | {p.stem.split("_", 1)[0] for p in everything}
-    bad_sections = sorted(str(k) for k in sections if str(k) not in stems)
-    if bad_sections:
-        raise BatchError(f"notebooks: {bad_sections} name no notebook; have {sorted(p.stem for p in everything)}")
-
-    plan: dict[Path, dict[str, Any]] = {}
-    for nb in notebooks:
-        declared = everything.get(nb) or declared_parameters(nb)
-        section = _section_for(sections, nb)
-        undeclared = sorted(k for k in section if k not in declared)
-        if undeclared:
-            raise BatchError(f"notebooks.{nb.stem}: {undeclared} are not parameters of {nb.name} "
-                             f"(it has {list(declared)})")
-        chosen = {k: v for k, v in params.items() if k in declared and k not in BATCH_KEYS}
-        chosen.update(_run_name_aliases(config_class(declared), params))
-        chosen.update(section)
-        check_types(nb, declared, chosen)
-        plan[nb] = chosen
-    return plan
+    check_known(params, {n for names in everything.values() for n in names}, str(folder))
+    sections = sections_of(params, [p.stem for p in everything])
+    return {nb: step_parameters(params, sections, nb.stem, everything.get(nb) or declared_parameters(nb))
+            for nb in notebooks}
 
 
 def load_params(params: Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str, Any], str]:

@@ -16,6 +16,7 @@ import yaml
 from cirlib import paths
 from cirlib.data import synth
 from cirlib.run.batch import run_batch
+from cirlib.run_folder import RunFolder
 
 DEMO_PARAMS = paths.REPO_ROOT / "params" / "demo.yaml"
 # The pipeline notebooks; 07_explorer is interactive (a widget) and adds nothing to a headless run (make test runs it).
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     executed = run_batch(params, DEMO_NOTEBOOKS, output_dir=paths.OUTPUTS / "runs" / params.get("batch_name", "demo"))
     wall = time.time() - t0
 
-    stage2_dir = paths.OUTPUTS / "stage2" / params["run_name_stage2"]
-    metrics = json.loads((stage2_dir / "metrics.json").read_text())
+    evaluation = RunFolder.of("stage2", params["stage2_run"], params.get("outputs", "")).evaluation_file
+    metrics = paths.read_json(evaluation, "stage-II evaluation record")
     summary = {
         "dataset": "synthetic CIRR layout",
         "data_root": str(root.relative_to(paths.REPO_ROOT)),
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "executed_notebooks": [str(p.relative_to(paths.REPO_ROOT)) for p in executed],
     }
     out = paths.OUTPUTS / "demo" / "summary.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
+    paths.write_json(out, summary)
     print(format_table(summary))
     print(f"\nwrote {out.relative_to(paths.REPO_ROOT)}; figures in {paths.FIGURES.relative_to(paths.REPO_ROOT)}/; "
           f"wall time {wall / 60:.1f} min")

@@ -7,15 +7,16 @@
 STEPS is one step or several, comma-separated, run in the order given:
 
     train-stage1   notebook 01: steps.train_stage1   (Stage1Config)
-    topk           notebook 02: steps.extract_topk   (Stage1Config)
-    train-stage2   notebook 03: steps.train_stage2   (Stage2Config)
-    evaluate       notebook 04: steps.evaluate       (Stage2Config)
-    submit         notebook 05: steps.submit_cirr    (Stage2Config; CIRR only)
+    topk           notebook 02: steps.extract_topk   (TopKConfig)
+    train-stage2   notebook 03: steps.train_stage2   (Stage2TrainConfig)
+    evaluate       notebook 04: steps.evaluate       (EvaluateConfig)
+    submit         notebook 05: steps.submit_cirr    (SubmissionConfig; CIRR only)
     all            train-stage1,topk,train-stage2,evaluate
 
-Each step receives exactly the parameters its notebook receives from `python -m cirlib.batch` with the same YAML
-(top-level keys, run_name_stage1 / run_name_stage2, the `notebooks:` section of its notebook), then the --set
-overrides (values read as YAML: 3, 2.0e-5, true, "text"). So a YAML means the same run in both runners.
+Each step's config is built from `cirlib.workbook.config` and the YAML alone (no notebook files, no papermill): the
+top-level keys that are fields of the config, then the `notebooks:` section of its notebook, then the --set
+overrides (values read as YAML: 3, 2.0e-5, true, "text"); `cirlib.batch` uses the same function, so a YAML means
+the same run in both runners. --outputs sets the configs' `outputs` field (the root of the run folders).
 
 With several processes each one trains on its share of every global batch (batch_size is per process; the global
 batch is processes x batch_size), evaluation is sharded and gathered, and only the main process (rank 0) prints and
@@ -32,14 +33,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from cirlib.run import batch
 from cirlib import distributed as dist
-from cirlib import paths
+from cirlib.run import batch
+from cirlib.workbook.config import CONFIGS, NOTEBOOK_CONFIGS
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    notebook: str  # the notebook whose parameters the step receives
+    notebook: str  # the notebook the step stands for (its config: NOTEBOOK_CONFIGS; its `notebooks:` YAML section)
     call: str  # the cirlib.workbook.steps function it runs
     inputs: str  # inputs.check_inputs step name
 
@@ -85,37 +86,33 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def step_configs(params: Mapping[str, Any], steps: Sequence[str], overrides: Mapping[str, Any]) -> list[Any]:
-    """The config object of each step, built from what its notebook would receive, then the overrides.
+def step_configs(params: Mapping[str, Any], steps: Sequence[str], overrides: Mapping[str, Any],
+                 outputs: str | None = None) -> list[Any]:
+    """The config object of each step, from the config classes and the YAML (as `cirlib.batch` plans it).
 
     Args:
         params: the YAML mapping (as `cirlib.batch` reads it).
         steps: step names (see STEPS).
-        overrides: --set values; run_name_stage1 / run_name_stage2 act at the top level, any other key must be a
-            field of at least one step's config and replaces that field there.
+        overrides: --set values; each key must be a field of at least one step's config and replaces it there.
+        outputs: the run folders' root (--outputs), set as the `outputs` field of every config that has one.
     """
-    top = dict(params)
-    top.update({k: v for k, v in overrides.items() if k in batch.BATCH_KEYS})
-    fields_ = {k: v for k, v in overrides.items() if k not in batch.BATCH_KEYS}
-    notebooks = {p.stem: p for p in batch.notebook_paths()}
-    missing = sorted({STEPS[n].notebook for n in steps} - set(notebooks))
-    if missing:
-        raise LaunchError(f"notebooks {missing} not found in {paths.NOTEBOOKS}")
-    wanted = [notebooks[STEPS[n].notebook] for n in steps]
-    plan = batch.plan_batch(top, list(dict.fromkeys(wanted)))
-    configs, used = [], set()
-    for nb in wanted:
-        declared = batch.declared_parameters(nb)
-        cls = batch.config_class(declared)
-        if cls is None:
-            raise LaunchError(f"{nb.name}: its parameters are not the fields of one cirlib.config class")
-        chosen = dict(plan[nb])
-        mine = {k: v for k, v in fields_.items() if k in declared}
-        used |= mine.keys()
-        chosen.update(mine)
-        batch.check_types(nb, declared, chosen)
-        configs.append(cls(**chosen))
-    unused = sorted(set(fields_) - used)
+    try:
+        batch.check_known(params, {f for cls in CONFIGS for f in batch.config_fields(cls)}, "cirlib.workbook.config")
+        batch.check_renamed(list(overrides), "--set")
+        sections = batch.sections_of(params, list(NOTEBOOK_CONFIGS))
+        configs, used = [], set()
+        for name in steps:
+            stem = STEPS[name].notebook
+            cls = NOTEBOOK_CONFIGS[stem]
+            declared = batch.config_fields(cls)
+            used |= {k for k in overrides if k in declared}
+            chosen = batch.step_parameters(params, sections, stem, declared, overrides)
+            if outputs is not None and "outputs" in declared:
+                chosen["outputs"] = str(outputs)
+            configs.append(cls(**chosen))
+    except batch.BatchError as e:
+        raise LaunchError(str(e)) from e
+    unused = sorted(set(overrides) - used)
     if unused:
         raise LaunchError(f"--set {unused}: not a parameter of the steps {list(steps)}")
     return configs
@@ -139,9 +136,10 @@ def run_steps(steps: Sequence[str], configs: Sequence[Any], out: Callable[[str],
 
     results = []
     for name, cfg in zip(steps, configs):
-        if name == "submit" and cfg.dataset != "cirr":
+        if name == "submit" and steps_module.trained_config(cfg).dataset != "cirr":
             if dist.is_main_process():
-                out(json.dumps({"step": name, "skipped": f"dataset={cfg.dataset!r}: test submissions exist for CIRR only"}))
+                out(json.dumps({"step": name, "skipped": f"stage-II run {cfg.stage2_run!r} is not on CIRR: test "
+                                                          "submissions exist for CIRR only"}))
             results.append(None)
             continue
         inputs.check_inputs(cfg, STEPS[name].inputs)
@@ -170,10 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         params, _ = batch.load_params(args.params)
         overrides = parse_overrides(args.overrides)
         dist.init_process_group(cpu=args.cpu)  # before anything else creates Accelerate's state
-        if args.outputs is not None:  # a relative folder is anchored at the repository, as every cirlib path
-            out = args.outputs.expanduser()
-            paths.OUTPUTS = out if out.is_absolute() else paths.REPO_ROOT / out
-        configs = step_configs(params, steps, overrides)
+        # a relative folder is anchored at the repository, as every cirlib path (RunFolder.of)
+        configs = step_configs(params, steps, overrides, None if args.outputs is None else str(args.outputs))
     except (LaunchError, batch.BatchError) as e:
         print(f"launch failed: {e}", file=sys.stderr)
         return 2

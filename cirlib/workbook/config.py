@@ -1,4 +1,4 @@
-"""Run configurations: one frozen dataclass per notebook family.
+"""Run configurations: one frozen dataclass per notebook (06 and 07 share one).
 
 Defaults live here and only here; each notebook's `parameters` cell repeats the field names as plain literals (a test
 keeps them in step), and `from_namespace` builds the config from the notebook's globals. Defaults are the original's
@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from cirlib import paths
+from cirlib.run_folder import RunFolder
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
@@ -33,9 +32,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Stage I training (notebook 01) and top-K extraction (notebook 02)."""
+    """Stage I training (notebook 01): the run's own final validation is part of it."""
 
-    run_name: str = "stage1"  # run folder: outputs/stage1/<run_name>/
+    stage1_run: str = "stage1"  # run folder: <outputs>/stage1/<stage1_run>/
     dataset: str = "cirr"  # "cirr" | "fashioniq"
     data_root: str = ""  # dataset root; "" = $CIR_DATA
     categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
@@ -45,7 +44,7 @@ class Stage1Config:
     init_checkpoint: str = ""  # an original stage-I checkpoint (BLIP_Retrieval .pt) or our run folder to start from
     train_image_encoder: bool = False  # the original freezes the ViT; a world with no pre-trained ViT must train it
     symmetric_loss: bool = False  # add the target-to-query direction to the in-batch loss (original: query-to-target only)
-    epochs: int = 20  # training epochs (0 = evaluate/extract only)
+    epochs: int = 20  # training epochs (0 = evaluate only)
     max_epoch: int = 20  # cosine period in epochs (original: 20 FashionIQ, 10 CIRR)
     schedule: str = "cosine_per_epoch"  # "cosine_per_epoch" (original, rises past max_epoch) | "cosine_per_epoch_clamped" | "cosine_per_step"
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
@@ -59,33 +58,51 @@ class Stage1Config:
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
     max_val_queries: int = 0  # cap validation queries (0 = all)
-    topk_k: int = 200  # candidates per query written to the top-k file
-    search: str = "exact"  # stage-I gallery search: "exact" (one query x gallery product, full ranks) | "faiss" (a FAISS index, for galleries too big for that product; pip install -e '.[faiss]')
-    topk_splits: str = "val"  # splits to extract top-K for, comma-separated (add "train" to mine stage-II negatives, "test1" for CIRR submissions)
-    mining_queries: int = 0  # train top-K for the first N train queries only, ranked among their img_set images (0 = all, full gallery)
+    search: str = "exact"  # validation gallery search: "exact" (one query x gallery product, full ranks) | "faiss" (a FAISS index; pip install -e '.[faiss]')
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
     num_workers: int = 0  # DataLoader workers
     seed: int = 0  # python/numpy/torch seed
-    overwrite: bool = False  # retrain / re-extract even when a finished run exists
+    overwrite: bool = False  # retrain even when the run finished with this config
     smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs; relative = from the repository)
 
     @property
-    def run_dir(self) -> Path:
-        return paths.OUTPUTS / "stage1" / self.run_name
+    def stage1_folder(self) -> RunFolder:
+        return RunFolder.of("stage1", self.stage1_run, self.outputs)
 
 
 @dataclass(frozen=True)
-class Stage2Config:
-    """Stage II training (notebook 03), re-ranking evaluation (04) and CIRR test submission (05)."""
+class TopKConfig:
+    """Stage-I top-K extraction (notebook 02). Dataset, data root, categories and preprocessing are the stage-I run's
+    (its config.json): the files rank the gallery the run was trained and validated on."""
 
-    run_name: str = "stage2"  # run folder: outputs/stage2/<run_name>/
-    stage1_run: str = "stage1"  # stage-I run under outputs/stage1/ (its model and top-k files)
+    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model; the top-k files are written there)
+    topk_k: int = 200  # candidates per query written to the top-k file
+    topk_splits: str = "val"  # splits to extract top-K for, comma-separated (add "train" to mine stage-II negatives, "test1" for CIRR submissions)
+    search: str = "exact"  # gallery search: "exact" (one query x gallery product) | "faiss" (a FAISS index, for galleries too big for that product)
+    mining_queries: int = 0  # train top-K for the first N train queries only, ranked among their img_set images (0 = all, full gallery)
+    max_val_queries: int = 0  # val top-K for the first N validation queries only (0 = all)
+    overwrite: bool = False  # re-extract even when a file made by these weights and settings exists
+    smoke: bool = False  # tiny fast run: few validation queries
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+    @property
+    def stage1_folder(self) -> RunFolder:
+        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+
+
+@dataclass(frozen=True)
+class Stage2TrainConfig:
+    """Stage II training (notebook 03), with the validation (re-ranking the top k) that selects its best epoch."""
+
+    stage2_run: str = "stage2"  # run folder: <outputs>/stage2/<stage2_run>/
+    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model and top-k files)
     stage1_checkpoint: str = ""  # or an original stage-I checkpoint file (BLIP_Retrieval); overrides stage1_run's model
     topk_path: str = ""  # validation top-k file to re-rank ("" = the stage-I run's); original files accepted
     dataset: str = "cirr"  # "cirr" | "fashioniq"
     data_root: str = ""  # dataset root; "" = $CIR_DATA
     categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
-    tokenizer: str = ""  # vocab.txt or local bert-base-uncased folder; "" = <data_root>/vocab.txt
+    tokenizer: str = ""  # with stage1_checkpoint: vocab.txt or bert-base-uncased folder ("" = <data_root>/vocab.txt); else the stage-I run's
     preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
     reranker: str = "dual"  # "dual" (the original's dual stream) | "joint" (text over [reference; candidate] tokens)
     joint_difference: bool = False  # joint re-ranker: also attend to (candidate - reference) tokens, per pair (needs scoring "pairs")
@@ -93,13 +110,13 @@ class Stage2Config:
     pretrained: str = ""  # BLIP pre-trained file (model_base.pth) for init="pretrained"
     init_checkpoint: str = ""  # an original stage-II checkpoint (BLIP_NLVR .pt) or our run folder to start from
     vision_from_stage1: bool = True  # stage-II ViT weights copied from stage I (equal to BLIP's with real weights)
-    k: int = 50  # candidates re-ranked per query (original: 100 FashionIQ, 50 CIRR)
+    k: int = 50  # candidates re-ranked per validation query (original: 100 FashionIQ, 50 CIRR)
     hard_negatives: int = 0  # negatives per query drawn from its stage-I train top-K (original: 0)
     set_negatives: int = 0  # negatives per query drawn from its own CIRR img_set, the target's near-duplicates (original: 0)
     inbatch_negatives: int = -1  # other targets of the global batch (all processes) used as negatives (-1 = all B-1, the original)
     mining_k: int = 50  # top-K of the train split from which hard negatives are drawn
     stage1_train_mode: bool = False  # original: True (dropout on z_t and drop-path in the frozen ViTs while training)
-    epochs: int = 50  # training epochs (0 = evaluate only)
+    epochs: int = 50  # training epochs (0 = no training: the initialised model is saved)
     max_epoch: int = 50  # cosine period in epochs (original: 50 FashionIQ, 80 CIRR)
     schedule: str = "cosine_per_epoch"  # see Stage1Config.schedule
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
@@ -109,27 +126,64 @@ class Stage2Config:
     batch_size: int = 16  # queries per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
-    validate_every: int = 1  # epochs between validations (0 = never; the final evaluation still runs)
+    validate_every: int = 1  # epochs between validations (0 = never)
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
     max_val_queries: int = 0  # cap validation queries (0 = all)
-    fusion_weight: float = 0.0  # final score = w * z(stage-I score) + (1 - w) * z(stage-II score), rows z-scored (0 = stage II alone, the original)
-    max_pairs: int = 512  # (query, candidate) pairs scored per chunk at evaluation (bounds activation memory)
+    max_pairs: int = 512  # (query, candidate) pairs scored per chunk at validation (bounds activation memory)
     scoring: str = "shared"  # "shared": candidate keys/values computed once per image (fast at blip-base) | "pairs": one pass per pair (the original; faster for tiny models)
-    submission_name: str = "stage2"  # CIRR test submission file suffix
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
     num_workers: int = 0  # DataLoader workers
     seed: int = 0  # python/numpy/torch seed
-    overwrite: bool = False  # retrain / re-evaluate even when a finished run exists
+    overwrite: bool = False  # retrain even when the run finished with this config and these inputs
     smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
 
     @property
-    def run_dir(self) -> Path:
-        return paths.OUTPUTS / "stage2" / self.run_name
+    def stage1_folder(self) -> RunFolder:
+        return RunFolder.of("stage1", self.stage1_run, self.outputs)
 
     @property
-    def stage1_dir(self) -> Path:
-        return paths.OUTPUTS / "stage1" / self.stage1_run
+    def stage2_folder(self) -> RunFolder:
+        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Stage I vs stage II on the validation split (notebook 04). The models, data and preprocessing are the stage-II
+    run's (its config.json); only what evaluation itself decides is here, so changing it never retrains."""
+
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (it names its stage-I run and data)
+    topk_path: str = ""  # validation top-k file to re-rank ("" = the one the stage-II run validated on); original files accepted
+    k: int = 50  # candidates re-ranked per query (original: 100 FashionIQ, 50 CIRR)
+    fusion_weight: float = 0.0  # final score = w * z(stage-I score) + (1 - w) * z(stage-II score), rows z-scored (0 = stage II alone, the original)
+    scoring: str = "shared"  # "shared" (candidate keys/values once per image) | "pairs" (one pass per pair, the original)
+    max_pairs: int = 512  # (query, candidate) pairs scored per chunk (bounds activation memory)
+    max_val_queries: int = 0  # evaluate the first N validation queries only (0 = all)
+    overwrite: bool = False  # re-evaluate even when a record made by these models, top-k file and settings exists
+    smoke: bool = False  # tiny fast run: few validation queries
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+    @property
+    def stage2_folder(self) -> RunFolder:
+        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """CIRR test-server files (notebook 05); the models and data are the stage-II run's (its config.json)."""
+
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (the files go to its submission/ folder)
+    k: int = 50  # candidates re-ranked per query; the rest of the 50 names keep their stage-I order
+    fusion_weight: float = 0.0  # see EvaluateConfig.fusion_weight
+    scoring: str = "shared"  # "shared" | "pairs" (see EvaluateConfig.scoring)
+    max_pairs: int = 512  # (query, candidate) pairs scored per chunk
+    submission_name: str = "stage2"  # file suffix: recall_submission_<name>.json (stage II), <name>_stage1 (stage I)
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+    @property
+    def stage2_folder(self) -> RunFolder:
+        return RunFolder.of("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -148,6 +202,36 @@ class AnalysisConfig:
 
 
 C = TypeVar("C")
+
+# The config each numbered notebook mirrors (its parameters cell and its `from_namespace(<Config>, globals())` line);
+# `cirlib.launch` builds a step's config from this table and the YAML, without the notebook files.
+NOTEBOOK_CONFIGS: dict[str, type] = {
+    "00_data_preview": DataConfig,
+    "01_stage1_train": Stage1Config,
+    "02_stage1_topk": TopKConfig,
+    "03_stage2_train": Stage2TrainConfig,
+    "04_stage2_evaluate": EvaluateConfig,
+    "05_cirr_submission": SubmissionConfig,
+    "06_figures": AnalysisConfig,
+    "07_explorer": AnalysisConfig,
+}
+CONFIGS: tuple[type, ...] = tuple(dict.fromkeys(NOTEBOOK_CONFIGS.values()))
+
+# Parameter names of earlier versions and what replaced them (a YAML still using one gets an error saying so).
+RENAMED = {
+    "run_name": "stage1_run (the stage-I run) or stage2_run (the stage-II run)",
+    "run_name_stage1": "stage1_run",
+    "run_name_stage2": "stage2_run",
+}
+
+# Fields that say how to run, not what a run is: a run finished with overwrite=True, or written under another outputs
+# root, is the same run.
+NOT_IDENTITY = ("overwrite", "outputs")
+
+
+def identity(cfg: Any) -> dict[str, Any]:
+    """The fields that define what a run or artifact is (all but NOT_IDENTITY), as its completion record holds them."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
 
 
 def from_namespace(cls: type[C], namespace: Mapping[str, Any]) -> C:

@@ -8,8 +8,11 @@ from typing import Any
 import pandas as pd
 
 from cirlib import paths
-from cirlib.workbook.config import AnalysisConfig, DataConfig, Stage1Config, Stage2Config
-from cirlib.workbook.figures import _abs, _categories, _topk_file, label_sources
+from cirlib.run_folder import RunFolder
+from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, Stage1Config, Stage2TrainConfig,
+                                    SubmissionConfig, TopKConfig, split_list)
+from cirlib.workbook.factories import abs_path
+from cirlib.workbook.figures import label_sources
 
 # ------------------------------------------------------------------------------------------------ input checks
 
@@ -27,48 +30,68 @@ def _data_inputs(cfg: Any) -> list[Input]:
     return [Input("dataset root", paths.data_root(cfg.data_root or None), "you (data_root= or $CIR_DATA)")]
 
 
-def _stage1_model_inputs(cfg: Stage2Config) -> list[Input]:
+def _categories(cfg: Any) -> list[str | None]:
+    return list(split_list(cfg.categories)) if cfg.dataset == "fashioniq" else [None]
+
+
+def _finished_run(run: RunFolder, made_by: str) -> list[Input]:
+    """A trained run: its completion record (written last) and its model."""
+    what = "stage-I" if run.stage == "stage1" else "stage-II"
+    return [Input(f"{what} run completion record", run.completion_file, made_by),
+            Input(f"{what} model", run.model_dir, made_by)]
+
+
+def _stage1_model_inputs(cfg: Stage2TrainConfig) -> list[Input]:
     if cfg.stage1_checkpoint:
-        return [Input("original stage-I checkpoint", _abs(cfg.stage1_checkpoint), "you (stage1_checkpoint=)")]
-    return [Input("stage-I model", cfg.stage1_dir / "model", "01_stage1_train")]
+        return [Input("original stage-I checkpoint", abs_path(cfg.stage1_checkpoint), "you (stage1_checkpoint=)")]
+    return _finished_run(cfg.stage1_folder, "01_stage1_train")
 
 
-def _val_topk_inputs(cfg: Stage2Config) -> list[Input]:
+def _val_topk_inputs(cfg: Stage2TrainConfig, topk_path: str) -> list[Input]:
     out = []
     for cat in _categories(cfg):
-        if cfg.topk_path:
-            out.append(Input("validation top-k file", _abs(cfg.topk_path.replace("{category}", cat or "")),
+        if topk_path:
+            out.append(Input("validation top-k file", abs_path(topk_path.replace("{category}", cat or "")),
                              "you (topk_path=)"))
         else:
-            out.append(Input("validation top-k file", _topk_file(cfg.stage1_dir, "val", cat), "02_stage1_topk"))
+            out.append(Input("validation top-k file", cfg.stage1_folder.topk_file("val", cat), "02_stage1_topk"))
     return out
 
 
 def _tokenizer_input(cfg: Any) -> Input:
     root = paths.data_root(cfg.data_root or None)
-    path = _abs(cfg.tokenizer) if cfg.tokenizer else root / "vocab.txt"
+    path = abs_path(cfg.tokenizer) if cfg.tokenizer else root / "vocab.txt"
     return Input("tokenizer (vocab.txt or bert-base-uncased folder)", path, "you (tokenizer=) or cirlib.synth")
 
 
 def _optional(what: str, value: str, made_by: str) -> list[Input]:
-    return [Input(what, _abs(value), made_by)] if value else []
+    return [Input(what, abs_path(value), made_by)] if value else []
+
+
+def _trained_stage2(cfg: EvaluateConfig | SubmissionConfig) -> Stage2TrainConfig | None:
+    """The stage-II run's training config, or None when it has none yet (its config file is then the missing input)."""
+    from cirlib.workbook.steps import trained_config
+
+    return trained_config(cfg) if cfg.stage2_folder.config_file.is_file() else None
+
+
+EXPECTED = {"preview": DataConfig, "train_stage1": Stage1Config, "extract_topk": TopKConfig,
+            "train_stage2": Stage2TrainConfig, "evaluate": EvaluateConfig, "submit_cirr": SubmissionConfig,
+            "make_figures": AnalysisConfig, "explorer": AnalysisConfig}
 
 
 def required_inputs(cfg: Any, step: str) -> list[Input]:
-    """The files a pipeline step reads for this config (nothing is opened).
+    """The files a pipeline step reads for this config (nothing is opened but saved run configs).
 
     Args:
-        cfg: the step's config (DataConfig, Stage1Config, Stage2Config or AnalysisConfig).
+        cfg: the step's config (see EXPECTED).
         step: "preview" | "train_stage1" | "extract_topk" | "train_stage2" | "evaluate" | "submit_cirr" |
             "make_figures" | "explorer".
     """
-    expected = {"preview": DataConfig, "train_stage1": Stage1Config, "extract_topk": Stage1Config,
-                "train_stage2": Stage2Config, "evaluate": Stage2Config, "submit_cirr": Stage2Config,
-                "make_figures": AnalysisConfig, "explorer": AnalysisConfig}
-    if step not in expected:
-        raise ValueError(f"unknown step {step!r}; one of {list(expected)}")
-    if not isinstance(cfg, expected[step]):
-        raise TypeError(f"step {step!r} takes a {expected[step].__name__}, got {type(cfg).__name__}")
+    if step not in EXPECTED:
+        raise ValueError(f"unknown step {step!r}; one of {list(EXPECTED)}")
+    if not isinstance(cfg, EXPECTED[step]):
+        raise TypeError(f"step {step!r} takes a {EXPECTED[step].__name__}, got {type(cfg).__name__}")
     if step == "preview":
         return _data_inputs(cfg)
     if step == "train_stage1":
@@ -76,34 +99,36 @@ def required_inputs(cfg: Any, step: str) -> list[Input]:
                 + _optional("BLIP pre-trained weights", cfg.pretrained, "you (pretrained=)")
                 + _optional("checkpoint to start from", cfg.init_checkpoint, "you (init_checkpoint=)"))
     if step == "extract_topk":
-        return _data_inputs(cfg) + [Input("stage-I model", cfg.run_dir / "model", "01_stage1_train")]
-    if step in ("train_stage2", "evaluate"):
-        found = _data_inputs(cfg) + _stage1_model_inputs(cfg) + _val_topk_inputs(cfg)
+        return _finished_run(cfg.stage1_folder, "01_stage1_train")
+    if step == "train_stage2":
+        found = _data_inputs(cfg) + _stage1_model_inputs(cfg) + _val_topk_inputs(cfg, cfg.topk_path)
         if cfg.stage1_checkpoint:
             found.append(_tokenizer_input(cfg))
-        if step == "evaluate":
-            return found + [Input("stage-II model", cfg.run_dir / "model", "03_stage2_train")]
         if cfg.init == "pretrained":
-            found.append(Input("BLIP pre-trained weights (init='pretrained')", _abs(cfg.pretrained) if cfg.pretrained
-                               else Path("<pretrained= is empty>"), "you (pretrained=, or init='scratch')"))
+            found.append(Input("BLIP pre-trained weights (init='pretrained')", abs_path(cfg.pretrained)
+                               if cfg.pretrained else Path("<pretrained= is empty>"),
+                               "you (pretrained=, or init='scratch')"))
         if cfg.hard_negatives > 0:
-            found += [Input("train top-k file (hard negatives)", _topk_file(cfg.stage1_dir, "train", c),
+            found += [Input("train top-k file (hard negatives)", cfg.stage1_folder.topk_file("train", c),
                             "02_stage1_topk with topk_splits including 'train'") for c in _categories(cfg)]
         return found + _optional("checkpoint to start from", cfg.init_checkpoint, "you (init_checkpoint=)")
-    if step == "submit_cirr":
-        return (_data_inputs(cfg) + _stage1_model_inputs(cfg)
-                + [Input("stage-II model", cfg.run_dir / "model", "03_stage2_train"),
-                   Input("test1 top-k file", _topk_file(cfg.stage1_dir, "test1", None),
-                         "02_stage1_topk with topk_splits including 'test1'")])
-    # make_figures / explorer (which re-ranks on demand, so needs no stage-II labels)
+    if step in ("evaluate", "submit_cirr"):
+        trained = _trained_stage2(cfg)
+        if trained is None:
+            return [Input("stage-II run config", cfg.stage2_folder.config_file, "03_stage2_train")]
+        found = _data_inputs(trained) + _stage1_model_inputs(trained) + _finished_run(cfg.stage2_folder,
+                                                                                      "03_stage2_train")
+        if step == "evaluate":
+            return found + _val_topk_inputs(trained, cfg.topk_path or trained.topk_path)
+        if trained.dataset != "cirr":
+            return found[:0]  # nothing to submit: FashionIQ has no test server
+        return found + [Input("test1 top-k file", trained.stage1_folder.topk_file("test1"),
+                              "02_stage1_topk with topk_splits including 'test1'")]
+    # make_figures / explorer: saved files only, never a model (ours: the re-ranked files; or the original's files)
     found = [Input(f"{what} ({s.name}, {s.what})", p, made_by) for s in label_sources(cfg)
-             for what, p, made_by in (("stage-I top-K file", s.stage1_path, s.stage1_made_by),
-                                      ("stage-II label tensor", s.stage2_path, s.stage2_made_by))
-             if step == "make_figures" or what == "stage-I top-K file"]
-    if step == "explorer" or not cfg.original_dir:  # the grids / explorer look at images through our models
-        found = (_data_inputs(cfg) + found
-                 + [Input("stage-I model", paths.OUTPUTS / "stage1" / cfg.stage1_run / "model", "01_stage1_train"),
-                    Input("stage-II model", paths.OUTPUTS / "stage2" / cfg.stage2_run / "model", "03_stage2_train")])
+             for what, p, made_by in s.inputs()]
+    if step == "explorer" or not cfg.original_dir:  # the qualitative grids and the explorer show the images
+        found = _data_inputs(cfg) + found
     return found
 
 

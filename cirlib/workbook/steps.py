@@ -1,18 +1,25 @@
 """The two-stage pipeline as the calls the notebooks make: train, extract, re-rank, evaluate, submit.
 
-Every call takes one frozen config, writes only inside its run folder (`outputs/<stage>/<run_name>/`), and reuses a
-finished run unless `overwrite=True`. Run folders hold `config.json`, `metrics.jsonl` (training log),
-`metrics.json` (final evaluation), `checkpoints/`, the model in our format under `model/`, and top-k files.
+Every call takes one frozen config and writes only inside a run folder (`cirlib.run_folder.RunFolder`, which owns the
+layout and file names). Nothing is reused unless everything that produced it is the same:
+
+- a training run is finished when its completion record holds exactly this config (and, for stage II, the same
+  stage-I weights and top-k files); a run (re)started drops that record first, so an interrupted extension is
+  never taken for finished;
+- a top-k file is reused when its provenance names the current stage-I weights (by hash) and the same settings;
+- an evaluation record is reused when it was made with every same evaluation setting, the same top-k file (by
+  content hash) and the same two models (by weights hash).
+
+Evaluation and submission take only their own settings; models, data and preprocessing come from the stage-II run's
+saved config, so changing an evaluation setting never retrains.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,42 +27,32 @@ import torch
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
-from cirlib.eval import metrics as M
 from cirlib import paths
-from cirlib.workbook.config import Stage1Config, Stage2Config, split_list, to_json
+from cirlib.eval import metrics as M
 from cirlib.models import loading
-from cirlib.models.config import ModelConfig, preset
-from cirlib.models.stage1 import Stage1Model
-from cirlib.models.stage2 import Stage2Model
-from cirlib.retrieval.rerank import RerankResult, rerank
-from cirlib.retrieval.search import (Ranking, encode_gallery, encode_queries, rank_gallery, stage1_encoder, stage2_encoder,
-                              topk_from_ranking)
+from cirlib.retrieval.rerank import rerank
+from cirlib.retrieval.search import encode_gallery, stage2_encoder
+from cirlib.retrieval.topk import TopK
+from cirlib.run_folder import RunFolder, RunFolderError, config_hash, file_sha256
+from cirlib.train.loop import TrainConfig, fit
 from cirlib.train.runtime import seed_everything
 from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
-from cirlib.data.tokenizer import build_tokenizer
-from cirlib.retrieval.topk import TopK
-from cirlib.train.loop import TrainConfig, fit
+from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig,
+                                    identity, split_list)
+from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_stage2, limit_queries, load_val_topks,
+                                        match_rows, mining_subset, split_sets, val_topk_paths)
+from cirlib.workbook.factories import (build_stage1, build_stage2, data_root, dataset_root, device, load_stage1_run,  # noqa: F401
+                                       load_stage2_run, stage1_for, stage1_weights_file, tokenizer_for)
 
-CIRR_KS = (1, 5, 10, 50)
-FIQ_KS = (1, 5, 10, 50)
-SUBSET_KS = (1, 2, 3)
 SUBMISSION_LENGTH = 50  # names per query in a CIRR recall submission
 
 # smoke=True: a run of seconds that still goes through every code path.
 SMOKE_OVERRIDES = dict(epochs=1, max_epoch=1, max_steps_per_epoch=2, max_val_queries=16, validate_every=1)
 
 
-# ----------------------------------------------------------------------------------------------------- helpers
-
-
-def device() -> torch.device:
-    """This process's device: its own GPU under a multi-process launch, else CUDA when available, else the CPU."""
-    return dist.device()
-
-
 def resolve(cfg):
     """Apply the smoke overrides (a no-op unless cfg.smoke)."""
-    if not cfg.smoke:
+    if not getattr(cfg, "smoke", False):
         return cfg
     fields = {f.name for f in dataclasses.fields(cfg)}
     over = {k: v for k, v in SMOKE_OVERRIDES.items() if k in fields}
@@ -64,115 +61,17 @@ def resolve(cfg):
     return dataclasses.replace(cfg, **over)
 
 
-def data_root(cfg) -> Path:
-    root = paths.data_root(cfg.data_root or None)
-    if not root.is_dir():
-        raise cdata.DatasetError(f"dataset root {root} does not exist (data_root={cfg.data_root!r}, "
-                                 f"${paths.DATA_ENV_VAR}={os.environ.get(paths.DATA_ENV_VAR)!r})")
-    return root
+def _on_main(fn):
+    """fn() decided by the main process for all (collective): the others must not see files it writes meanwhile."""
+    return dist.broadcast_object(fn() if dist.is_main_process() else None)
 
 
-def tokenizer_for(cfg, root: Path):
-    path = Path(cfg.tokenizer) if cfg.tokenizer else root / "vocab.txt"
-    if not path.is_absolute():
-        path = paths.REPO_ROOT / path
-    if not path.exists():
-        raise FileNotFoundError(
-            f"tokenizer not found at {path}: set tokenizer= to a vocab.txt or a local bert-base-uncased folder "
-            "(the synthetic world writes <data_root>/vocab.txt)")
-    return build_tokenizer(path)
+def _say(message: str) -> None:
+    if dist.is_main_process():
+        print(message, flush=True)
 
 
-def model_config(name: str, tokenizer, **overrides: Any) -> ModelConfig:
-    """A preset with the text vocabulary sized to the tokenizer (30524 for BLIP's BERT)."""
-    base = preset(name)
-    text = dataclasses.replace(base.text, vocab_size=tokenizer.vocab_size)
-    return dataclasses.replace(base, text=text, **overrides)
-
-
-def split_sets(cfg, root: Path, split: str) -> list["cdata.SplitData"]:
-    """One SplitData per FashionIQ category (in the configured order), or the one CIRR split."""
-    if cfg.dataset == "fashioniq":
-        return [cdata.load_split("fashioniq", root, split, c) for c in split_list(cfg.categories)]
-    return [cdata.load_split(cfg.dataset, root, split)]
-
-
-def limit_queries(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
-    """The first n queries of a split (0 = all); the gallery is unchanged."""
-    if n <= 0 or n >= len(split_data.queries):
-        return split_data
-    return dataclasses.replace(split_data, queries=list(split_data.queries[:n]))
-
-
-def mining_subset(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
-    """The first n queries with a gallery of only the images they use (reference, target, img_set members).
-
-    Ranking a 120k-image train gallery to mine stage-II negatives costs minutes on a CPU; the images of a few
-    thousand queries' own img_sets are a smaller pool that still holds every query's near-duplicates.
-    """
-    if n <= 0 or n >= len(split_data.queries):
-        return split_data
-    queries = list(split_data.queries[:n])
-    used = {name for q in queries for name in (q.reference, q.target, *(q.members or ()))}
-    gallery = [g for g in split_data.gallery if g in used]
-    return dataclasses.replace(split_data, queries=queries, gallery=gallery)
-
-
-def eval_split_name(dataset: str) -> str:
-    return "val"
-
-
-def test_split_name(dataset: str) -> str:
-    return "test1" if dataset == "cirr" else "test"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def _finished(run_dir: Path, cfg, marker: str) -> bool:
-    """A run is reused when it finished with this very config; a changed config (e.g. more epochs) resumes it.
-
-    Decided by the main process for all (collective): the others must not see files it writes meanwhile.
-    """
-    return dist.broadcast_object(_finished_here(run_dir, cfg, marker) if dist.is_main_process() else None)
-
-
-def _finished_here(run_dir: Path, cfg, marker: str) -> bool:
-    if cfg.overwrite or not (run_dir / marker).exists() or not (run_dir / "model").is_dir():
-        return False
-    saved = run_dir / "config.json"
-    return saved.exists() and json.loads(saved.read_text()) == json.loads(to_json(cfg))
-
-
-def topk_name(split: str, category: str | None) -> str:
-    return f"topk_{split}" + (f"_{category}" if category else "") + ".pt"
-
-
-def label_name(split: str, category: str | None) -> str:
-    return f"stage2_labels_{split}" + (f"_{category}" if category else "") + ".pt"
-
-
-def _train_config(cfg, time_budget: float | None = None) -> TrainConfig:
+def _train_config(cfg) -> TrainConfig:
     return TrainConfig(
         epochs=cfg.epochs, max_epoch=cfg.max_epoch, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
         lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accumulation_steps=cfg.grad_accumulation_steps,
@@ -181,6 +80,13 @@ def _train_config(cfg, time_budget: float | None = None) -> TrainConfig:
         max_steps_per_epoch=cfg.max_steps_per_epoch or None,
         time_budget_s=(cfg.time_budget_s or None), num_workers=cfg.num_workers,
     )
+
+
+def _save_model(run: RunFolder, model, tok) -> str:
+    """Write model/ atomically (a crash leaves the previous one); returns the weights' sha256."""
+    with paths.atomic_dir(run.model_dir) as tmp:
+        loading.save_pretrained(model, tmp, tokenizer=tok)
+    return file_sha256(run.weights_file)
 
 
 @dataclass
@@ -199,83 +105,14 @@ class RunSummary:
 # ----------------------------------------------------------------------------------------------------- stage I
 
 
-def build_stage1(cfg: Stage1Config, tokenizer) -> Stage1Model:
-    """A stage-I model: preset, then BLIP pre-trained weights and/or a checkpoint to start from."""
-    model = Stage1Model(model_config(cfg.preset, tokenizer))
-    if cfg.pretrained:
-        loading.load_blip_pretrained(model, _abs(cfg.pretrained))
-    if cfg.init_checkpoint:
-        _load_any_checkpoint(model, _abs(cfg.init_checkpoint))
-    return model
-
-
-def _abs(p: str) -> Path:
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else paths.REPO_ROOT / path
-
-
-def _load_any_checkpoint(model, path: Path) -> None:
-    """Our run folder / model folder (safetensors) or an original checkpoint file."""
-    if path.is_dir():
-        folder = path / "model" if (path / "model").is_dir() else path
-        loaded = loading.from_pretrained(folder)
-        if type(loaded) is not type(model):
-            raise loading.CheckpointError(f"{folder} holds a {type(loaded).__name__}, expected {type(model).__name__}")
-        model.load_state_dict(loaded.state_dict())
-    else:
-        loading.load_original_checkpoint(model, path)
-
-
-def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, image_size: int, target_ratio: float,
-                    k: int | None = None, stage1_run: str | None = None, batch_size: int = 64,
-                    dev: torch.device | None = None, search: str = "exact") -> tuple[dict[str, float], list[TopK]]:
-    """Rank each split's gallery for its queries: metrics over the full ranking, and (if k) the top-K artifacts.
-
-    Collective under several processes: the gallery and the queries are split into contiguous shares (whole
-    batches), each process ranks the gallery for its queries, and every process receives the same metrics and
-    top-K files as one process would compute. `search="faiss"` ranks with a FAISS index (see
-    `retrieval.rank_gallery`); recall is then computed within the searched head, which is at least 50 deep.
-    """
-    dev = dev or device()
-    model.eval()
-    transform = cdata.targetpad_transform(target_ratio, image_size)
-    metrics: dict[str, float] = {}
-    per_cat: dict[str, dict[str, float]] = {}
-    topks: list[TopK] = []
-    for sd in sets:
-        ks = FIQ_KS if sd.dataset == "fashioniq" else CIRR_KS
-        gallery = encode_gallery(stage1_encoder(model), sd, transform, batch_size=batch_size, device=dev,
-                                 desc=f"gallery {sd.category or sd.split}")
-        share = dist.shard_range(len(sd.queries), batch_size)
-        mine = sd.queries[share.start:share.stop]
-        q_emb = encode_queries(model, tokenizer, sd, gallery, queries=mine, batch_size=batch_size, device=dev)
-        depth = max(k or 1, max(ks)) if search == "faiss" else (k or 1)
-        ranking = Ranking.cat(dist.gather_objects(rank_gallery(sd, mine, gallery, q_emb, depth, search=search)))
-        head = topk_from_ranking(sd, sd.queries, gallery, ranking, stage1_run=stage1_run)
-        if k:
-            topks.append(head.sliced(min(k, head.k)) if head.k > k else head)
-        if not all(q.target is not None for q in sd.queries):
-            continue
-        rec = M.recall_from_ranks(ranking.target_rank.numpy(), ks)
-        if sd.dataset == "fashioniq":
-            per_cat[sd.category] = rec
-        else:
-            metrics.update(rec)
-            metrics.update(M.subset_recall_at_k(head.group_labels.numpy(), SUBSET_KS))
-            metrics["selection"] = M.cirr_selection_score(metrics)
-    if per_cat:
-        metrics.update(M.fashioniq_summary(per_cat))
-        metrics["selection"] = metrics["average_recall"]
-    return metrics, topks
-
-
 def train_stage1(cfg: Stage1Config) -> RunSummary:
-    """Train stage I (or only evaluate it when epochs=0) into outputs/stage1/<run_name>/."""
+    """Train stage I (or only evaluate it when epochs=0) into <outputs>/stage1/<stage1_run>/."""
     cfg = resolve(cfg)
     t0 = time.time()
-    run_dir = cfg.run_dir
-    if _finished(run_dir, cfg, "metrics.json"):
-        return RunSummary(run_dir, read_json(run_dir / "metrics.json")["final"], True, 0.0)
+    run, ident = cfg.stage1_folder, identity(cfg)
+    record = None if cfg.overwrite else _on_main(lambda: run.finished(ident))
+    if record is not None:
+        return RunSummary(run.path, record["metrics"], True, 0.0)
     seed_everything(cfg.seed)
     root = data_root(cfg)
     tok = tokenizer_for(cfg, root)
@@ -283,78 +120,111 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     model = build_stage1(cfg, tok).to(dev)
     size = model.config.vision.image_size
     transform = cdata.targetpad_transform(cfg.target_ratio, size)
-    val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg, root, eval_split_name(cfg.dataset))]
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.json", to_json(cfg))
+    val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg.dataset, root, EVAL_SPLIT, cfg.categories)]
 
     def validate() -> dict[str, float]:
         m, _ = evaluate_stage1(model, tok, val_sets, image_size=size, target_ratio=cfg.target_ratio, dev=dev,
                                search=cfg.search)
         return m
 
-    if cfg.epochs > 0:
-        task = Stage1Task(model, tok, split_sets(cfg, root, "train"), transform, batch_size=cfg.batch_size,
-                          train_image_encoder=cfg.train_image_encoder, validate_fn=validate,
-                          selection_key="selection", symmetric_loss=cfg.symmetric_loss, seed=cfg.seed,
-                          num_workers=cfg.num_workers, device=dev)
-        result = fit(task, _train_config(cfg), run_dir, overwrite=cfg.overwrite)
-        result.load_best_into(model)
     if dist.is_main_process():
-        loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
+        run.start(ident)
+    dist.barrier()
+    epochs_completed = 0
+    if cfg.epochs > 0:
+        task = Stage1Task(model, tok, split_sets(cfg.dataset, root, "train", cfg.categories), transform,
+                          batch_size=cfg.batch_size, train_image_encoder=cfg.train_image_encoder,
+                          validate_fn=validate, selection_key="selection", symmetric_loss=cfg.symmetric_loss,
+                          seed=cfg.seed, num_workers=cfg.num_workers, device=dev)
+        result = fit(task, _train_config(cfg), run.path, overwrite=cfg.overwrite)
+        result.load_best_into(model)
+        epochs_completed = result.epochs_completed
+    weights = _on_main(lambda: _save_model(run, model, tok))
     final = validate()
     if dist.is_main_process():
-        write_json(run_dir / "metrics.json", {"final": final, "split": eval_split_name(cfg.dataset)})
+        paths.write_json(run.evaluation_file, {"final": final, "split": EVAL_SPLIT, "config_hash": config_hash(ident),
+                                               "weights_sha256": weights})
+        run.complete(ident, epochs_completed=epochs_completed, metrics=final, weights_sha256=weights)
     dist.barrier()
-    return RunSummary(run_dir, final, False, time.time() - t0)
+    return RunSummary(run.path, final, False, time.time() - t0)
 
 
-def load_stage1_run(run_dir: Path) -> tuple[Stage1Model, Any]:
-    """The stage-I model and tokenizer saved by `train_stage1`."""
-    folder = Path(run_dir) / "model"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no stage-I model at {folder}: run notebook 01 (train_stage1) for this run first")
-    model = loading.from_pretrained(folder)
-    return model, build_tokenizer(folder)
+def _topk_provenance(cfg: TopKConfig, trained: dict[str, Any], weights: str, sd: "cdata.SplitData") -> dict[str, Any]:
+    """What makes a top-k file: the stage-I weights (by hash), the extraction settings, and the split it ranks."""
+    return {"stage1_run": cfg.stage1_run, "stage1_weights_sha256": weights,
+            "config": {"topk_k": cfg.topk_k, "search": cfg.search, "target_ratio": trained["target_ratio"],
+                       "dataset": trained["dataset"], "split": sd.split, "category": sd.category,
+                       "queries": len(sd.queries), "gallery": len(sd.gallery)}}
 
 
-def extract_topk(cfg: Stage1Config) -> pd.DataFrame:
-    """Write the stage-I top-K file of each split in `topk_splits` and report candidate recall at several K."""
+def _stale_reason(path: Path, want: dict[str, Any]) -> str | None:
+    """None when the top-k file at `path` was made by `want`, else why it is (re)made."""
+    if not path.exists():
+        return "missing"
+    have = TopK.load(path).provenance
+    if have == want:
+        return None
+    if not have:
+        return "it records no provenance"
+    if have.get("stage1_weights_sha256") != want["stage1_weights_sha256"]:
+        return "it was made by other stage-I weights (the run trained further or was retrained)"
+    return f"it was made with other settings ({have.get('config')} != {want['config']})"
+
+
+def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
+    """Write the stage-I top-K file of each split in `topk_splits` and report candidate recall at several K.
+
+    A file is reused only when its provenance names the current stage-I weights and these settings; otherwise it is
+    re-extracted (and the step says why).
+    """
     cfg = resolve(cfg)
-    run_dir = cfg.run_dir
-    model, tok = load_stage1_run(run_dir)
+    run = cfg.stage1_folder
+    model, tok = load_stage1_run(run)
+    trained = run.saved_config()
+    weights = _on_main(lambda: file_sha256(run.weights_file))
     dev = device()
     model.to(dev).eval()
-    root = data_root(cfg)
+    root = dataset_root(trained["data_root"])
     rows = []
     for split in split_list(cfg.topk_splits):
-        sets = split_sets(cfg, root, split)
-        if split == eval_split_name(cfg.dataset):
+        sets = split_sets(trained["dataset"], root, split, trained["categories"])
+        if split == EVAL_SPLIT:
             sets = [limit_queries(s, cfg.max_val_queries) for s in sets]
         if split == "train":
             sets = [mining_subset(s, cfg.mining_queries) for s in sets]
-        missing = [i for i, s in enumerate(sets) if cfg.overwrite or not (run_dir / topk_name(split, s.category)).exists()]
-        todo = [sets[i] for i in dist.broadcast_object(missing)]  # the main process's view, for all
+        wanted = [_topk_provenance(cfg, trained, weights, sd) for sd in sets]
+
+        def stale() -> list[int]:
+            todo = []
+            for i, (sd, want) in enumerate(zip(sets, wanted)):
+                path = run.topk_file(split, sd.category)
+                reason = "overwrite=True" if cfg.overwrite else _stale_reason(path, want)
+                if reason is not None:
+                    if reason != "missing":
+                        print(f"[extract_topk] re-extracting {path}: {reason}", flush=True)
+                    todo.append(i)
+            return todo
+
+        todo = _on_main(stale)
         if todo:
-            _, topks = evaluate_stage1(model, tok, todo, image_size=model.config.vision.image_size,
-                                       target_ratio=cfg.target_ratio, k=cfg.topk_k, stage1_run=cfg.run_name, dev=dev,
-                                       search=cfg.search)
+            _, topks = evaluate_stage1(model, tok, [sets[i] for i in todo], image_size=model.config.vision.image_size,
+                                       target_ratio=trained["target_ratio"], k=cfg.topk_k, stage1_run=cfg.stage1_run,
+                                       dev=dev, search=cfg.search)
             if dist.is_main_process():
-                for sd, tk in zip(todo, topks):
-                    tk.save(run_dir / topk_name(split, sd.category))
+                for i, tk in zip(todo, topks):
+                    dataclasses.replace(tk, provenance=wanted[i]).save(run.topk_file(split, sets[i].category))
             dist.barrier()
         for sd in sets:
-            tk = TopK.load(run_dir / topk_name(split, sd.category), dataset=cfg.dataset, split=split,
-                           category=sd.category)
-            row = {"split": split, "category": sd.category or "-", "queries": tk.sorted_index_names.shape[0],
-                   "K": tk.k}
+            path = run.topk_file(split, sd.category)
+            tk = match_rows(TopK.load(path, dataset=trained["dataset"], split=split, category=sd.category), sd, path)
+            row = {"split": split, "category": sd.category or "-", "queries": tk.num_queries, "K": tk.k}
             if tk.labels is not None:
-                ks = [x for x in (1, 5, 10, 20, 32, 50, 100, 200) if x <= tk.k]
+                ks = [x for x in M.CANDIDATE_RECALL_KS if x <= tk.k]
                 row.update({f"cand@{x}": v for x, v in zip(ks, M.candidate_recall_at_k(tk.labels.numpy(), ks).values())})
             rows.append(row)
     report = pd.DataFrame(rows)
     if dist.is_main_process():
-        write_json(run_dir / "candidate_recall.json", report.to_dict(orient="records"))
+        paths.write_json(run.candidate_recall_file, report.to_dict(orient="records"))
     dist.barrier()
     return report
 
@@ -362,136 +232,70 @@ def extract_topk(cfg: Stage1Config) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------- stage II
 
 
-def build_stage2(cfg: Stage2Config, tokenizer, stage1: Stage1Model | None) -> Stage2Model:
-    """A stage-II model: preset + architecture, then its initialisation (BLIP file, scratch, or stage-I copy)."""
-    if cfg.joint_difference and cfg.scoring != "pairs":
-        raise ValueError("joint_difference=True scores (candidate - reference) tokens per pair: set scoring='pairs'")
-    mc = model_config(cfg.preset, tokenizer, reranker=cfg.reranker, joint_difference=cfg.joint_difference)
-    model = Stage2Model(mc)
-    if cfg.init == "pretrained":
-        if not cfg.pretrained:
-            raise ValueError("init='pretrained' needs pretrained= (BLIP model_base.pth); use init='scratch' without one")
-        loading.load_blip_pretrained(model, _abs(cfg.pretrained))
-    elif cfg.init == "stage1":
-        if stage1 is None:
-            raise ValueError("init='stage1' needs the stage-I model")
-        missing, unexpected = model.text_encoder.load_state_dict(stage1.text_encoder.state_dict(), strict=False)
-        if cfg.reranker == "joint" and unexpected:
-            raise loading.CheckpointError(f"stage-I text encoder keys not in the joint re-ranker: {unexpected[:10]}")
-    elif cfg.init != "scratch":
-        raise ValueError(f"unknown init {cfg.init!r}: 'pretrained' | 'scratch' | 'stage1'")
-    if cfg.vision_from_stage1 and stage1 is not None:
-        model.visual_encoder.load_state_dict(stage1.visual_encoder.state_dict())
-    if cfg.init_checkpoint:
-        _load_any_checkpoint(model, _abs(cfg.init_checkpoint))
-    return model
+def _topk_fingerprint(path: Path) -> str:
+    """What made a top-k file: the hash of its provenance when it records one (the same for every process count),
+    else of its bytes (an original file)."""
+    provenance = TopK.load(path).provenance
+    return config_hash(provenance) if provenance else file_sha256(path)
 
 
-def stage1_for(cfg: Stage2Config):
-    """The frozen stage-I model and tokenizer: our run, or an original checkpoint file with the run's tokenizer."""
-    if cfg.stage1_checkpoint:
-        root = data_root(cfg)
-        tok = tokenizer_for(cfg, root)
-        model = Stage1Model(model_config(cfg.preset, tok))
-        loading.load_original_checkpoint(model, _abs(cfg.stage1_checkpoint))
-        return model, tok
-    return load_stage1_run(cfg.stage1_dir)
+def _stage2_inputs(cfg: Stage2TrainConfig, val_files: list[Path]) -> dict[str, Any]:
+    """The files a stage-II training run depends on, by hash: frozen stage I, validation and mining top-k files."""
+    weights = stage1_weights_file(cfg)  # a missing file is reported by the loader, naming what makes it
+    inputs: dict[str, Any] = {"stage1_weights_sha256": file_sha256(weights) if weights.exists() else None,
+                              "val_topk": {p.name: _topk_fingerprint(p) for p in val_files if p.exists()}}
+    if cfg.hard_negatives > 0:
+        cats = split_list(cfg.categories) if cfg.dataset == "fashioniq" else [None]
+        train_files = [cfg.stage1_folder.topk_file("train", c) for c in cats]
+        inputs["train_topk"] = {p.name: _topk_fingerprint(p) for p in train_files if p.exists()}
+    return inputs
 
 
-def _val_topks(cfg: Stage2Config, sets: Sequence["cdata.SplitData"], split: str) -> list[TopK]:
-    out = []
-    for sd in sets:
-        if cfg.topk_path:
-            p = _abs(cfg.topk_path.replace("{category}", sd.category or ""))
-        else:
-            p = cfg.stage1_dir / topk_name(split, sd.category)
-        if not p.exists():
-            raise FileNotFoundError(f"no top-k file at {p}: run notebook 02 (extract_topk) with topk_splits "
-                                    f"including '{split}', or set topk_path=")
-        tk = TopK.load(p, dataset=cfg.dataset, split=split, category=sd.category, index_names=sd.gallery, k=cfg.k)
-        if tk.sorted_index_names.shape[0] > len(sd.queries):  # a run validated on fewer queries
-            tk = tk.head(len(sd.queries))
-        out.append(tk)
-    return out
-
-
-def evaluate_stage2(stage1, stage2, tok, sets, topks, cfg: Stage2Config, *, dev=None,
-                    save_dir: Path | None = None) -> tuple[dict[str, float], dict[str, float], list[RerankResult]]:
-    """Stage-I and stage-II metrics on the same queries (stage II re-ranks the first cfg.k of each top-K)."""
-    dev = dev or device()
-    stage1.eval()
-    stage2.eval()
-    transform = cdata.targetpad_transform(cfg.target_ratio, stage2.config.vision.image_size)
-    s1: dict[str, float] = {}
-    s2: dict[str, float] = {}
-    per1, per2 = {}, {}
-    results = []
-    if sets and sets[0].dataset == "fashioniq" and cfg.k < 50:
-        raise ValueError(f"FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be >= 50 "
-                         f"(got k={cfg.k}; the paper uses 100)")
-    for sd, tk in zip(sets, topks):
-        gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="stage-II gallery")
-        zt_gallery = None
-        if stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual":
-            zt_gallery = encode_gallery(stage1_encoder(stage1), sd, transform, device=dev, desc="stage-I gallery")
-        res = rerank(stage1, stage2, tok, sd, tk, gallery, k=cfg.k, fusion_weight=cfg.fusion_weight,
-                     zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev)
-        results.append(res)
-        ks = [x for x in (1, 5, 10, 50) if x <= cfg.k]
-        r1 = M.recall_at_k(tk.labels[:, :cfg.k].numpy(), ks)
-        r2 = M.recall_at_k(res.labels.numpy(), ks)
-        if sd.dataset == "fashioniq":
-            per1[sd.category], per2[sd.category] = r1, r2
-        else:
-            s1.update(r1)
-            s2.update(r2)
-            s1.update(M.subset_recall_at_k(tk.group_labels.numpy(), SUBSET_KS))
-            s2.update(M.subset_recall_at_k(res.group_labels.numpy(), SUBSET_KS))
-            s1["selection"], s2["selection"] = M.cirr_selection_score(s1), M.cirr_selection_score(s2)
-        if save_dir is not None and dist.is_main_process():
-            torch.save(res.labels.contiguous(), save_dir / label_name(sd.split, sd.category))
-    if per1:
-        s1.update(M.fashioniq_summary(per1))
-        s2.update(M.fashioniq_summary(per2))
-        s1["selection"], s2["selection"] = s1["average_recall"], s2["average_recall"]
-    return s1, s2, results
-
-
-def train_stage2(cfg: Stage2Config) -> RunSummary:
-    """Train the stage-II re-ranker (stage I frozen) into outputs/stage2/<run_name>/."""
+def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
+    """Train the stage-II re-ranker (stage I frozen) into <outputs>/stage2/<stage2_run>/."""
     cfg = resolve(cfg)
     t0 = time.time()
-    run_dir = cfg.run_dir
-    if _finished(run_dir, cfg, "train_done.json"):
-        return RunSummary(run_dir, read_json(run_dir / "train_done.json")["best"], True, 0.0)
-    seed_everything(cfg.seed)
+    run, ident = cfg.stage2_folder, identity(cfg)
     root = data_root(cfg)
+    val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg.dataset, root, EVAL_SPLIT, cfg.categories)]
+    val_files = val_topk_paths(cfg.stage1_folder, cfg.topk_path, val_sets)
+    inputs = _on_main(lambda: _stage2_inputs(cfg, val_files))
+    record = None if cfg.overwrite else _on_main(lambda: run.finished(ident))
+    fresh = cfg.overwrite
+    if record is not None:
+        if record.get("inputs") == inputs:
+            return RunSummary(run.path, record["metrics"], True, 0.0)
+        _say(f"[train_stage2] retraining {run.path}: its stage-I weights or top-k files changed since it finished")
+        fresh = True
+    seed_everything(cfg.seed)
     dev = device()
     stage1, tok = stage1_for(cfg)
     stage1.to(dev).eval()
     model = build_stage2(cfg, tok, stage1).to(dev)
-    split = eval_split_name(cfg.dataset)
-    val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg, root, split)]
-    val_topks = _val_topks(cfg, val_sets, split)
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.json", to_json(cfg))
+    val_topks = load_val_topks(val_files, val_sets, cfg.k)
 
     def validate() -> dict[str, float]:
-        _, m2, _ = evaluate_stage2(stage1, model, tok, val_sets, val_topks, cfg, dev=dev)
+        # stage II alone (fusion weight 0, the original) selects the best epoch: fusion is an evaluation setting
+        _, m2, _ = evaluate_stage2(stage1, model, tok, val_sets, val_topks, k=cfg.k, fusion_weight=0.0,
+                                   max_pairs=cfg.max_pairs, scoring=cfg.scoring, target_ratio=cfg.target_ratio,
+                                   dev=dev)
         return m2
 
+    if dist.is_main_process():
+        run.start(ident)
+    dist.barrier()
     best: dict[str, float] = {}
+    epochs_completed = 0
     if cfg.epochs > 0:
         transform = cdata.targetpad_transform(cfg.target_ratio, model.config.vision.image_size)
-        train_sets = split_sets(cfg, root, "train")
         datasets = []
-        for sd in train_sets:
+        for sd in split_sets(cfg.dataset, root, "train", cfg.categories):
             names = None
             if cfg.hard_negatives > 0:
-                p = cfg.stage1_dir / topk_name("train", sd.category)
+                p = cfg.stage1_folder.topk_file("train", sd.category)
                 if not p.exists():
-                    raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including 'train'")
+                    raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including "
+                                            "'train'")
                 names = TopK.load(p, dataset=cfg.dataset, split="train", category=sd.category,
                                   k=cfg.mining_k).sorted_index_names
                 sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
@@ -503,14 +307,15 @@ def train_stage2(cfg: Stage2Config) -> RunSummary:
                           inbatch_negatives=cfg.inbatch_negatives, stage1_train_mode=cfg.stage1_train_mode,
                           zt_from_stage1_vit=model.config.zt_source == "stage1_vit", validate_fn=validate,
                           selection_key="selection", scoring=cfg.scoring, num_workers=cfg.num_workers, device=dev)
-        result = fit(task, _train_config(cfg), run_dir, overwrite=cfg.overwrite)
+        result = fit(task, _train_config(cfg), run.path, overwrite=fresh)
         result.load_best_into(model)
         best = result.best_metrics or {}
+        epochs_completed = result.epochs_completed
+    weights = _on_main(lambda: _save_model(run, model, tok))
     if dist.is_main_process():
-        loading.save_pretrained(model, run_dir / "model", tokenizer=tok)
-        write_json(run_dir / "train_done.json", {"best": best})
+        run.complete(ident, epochs_completed=epochs_completed, metrics=best, weights_sha256=weights, inputs=inputs)
     dist.barrier()
-    return RunSummary(run_dir, best, False, time.time() - t0)
+    return RunSummary(run.path, best, False, time.time() - t0)
 
 
 class _ConcatMined(torch.utils.data.ConcatDataset):
@@ -519,11 +324,16 @@ class _ConcatMined(torch.utils.data.ConcatDataset):
             d.set_epoch_seed(seed)
 
 
-def load_stage2_run(run_dir: Path) -> Stage2Model:
-    folder = Path(run_dir) / "model"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no stage-II model at {folder}: run notebook 03 (train_stage2) for this run first")
-    return loading.from_pretrained(folder)
+def trained_config(cfg: EvaluateConfig | SubmissionConfig) -> Stage2TrainConfig:
+    """The stage-II run's training config (its config.json): the models, data and preprocessing evaluation uses."""
+    run = cfg.stage2_folder
+    saved = run.saved_config()
+    known = {f.name for f in dataclasses.fields(Stage2TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise RunFolderError(f"{run.config_file}: fields {unknown} are not Stage2TrainConfig fields (a run of an older "
+                             "cirlib): retrain it with notebook 03")
+    return Stage2TrainConfig(**{**saved, "outputs": cfg.outputs})
 
 
 @dataclass
@@ -534,6 +344,7 @@ class Comparison:
     stage2: dict[str, float]
     k: int
     run_dir: Path
+    reused: bool = False  # True when a saved evaluation record made by the same models, file and settings was returned
 
     def table(self) -> pd.DataFrame:
         df = pd.DataFrame({"stage I": self.stage1, "stage II": self.stage2})
@@ -541,64 +352,81 @@ class Comparison:
         return df.round(2)
 
 
-def evaluate(cfg: Stage2Config) -> Comparison:
-    """Re-rank the validation top-K with the trained stage II; write metrics.json and the stage-II label tensors."""
+def evaluate(cfg: EvaluateConfig) -> Comparison:
+    """Re-rank the validation top-K with the trained stage II; write metrics.json and the stage-II label tensors.
+
+    A saved record (metrics.json) is returned instead only when it was made with every same evaluation setting, the
+    same top-k files (content hash) and the same stage-I and stage-II weights (hash).
+    """
     cfg = resolve(cfg)
-    run_dir = cfg.run_dir
-    reused = dist.broadcast_object(_saved_evaluation(cfg) if dist.is_main_process() else None)
+    run = cfg.stage2_folder
+    trained = trained_config(cfg)
+    load_stage2_run(run)  # refuses an unfinished run before anything is hashed
+    root = data_root(trained)
+    sets = [limit_queries(s, cfg.max_val_queries)
+            for s in split_sets(trained.dataset, root, EVAL_SPLIT, trained.categories)]
+    files = val_topk_paths(trained.stage1_folder, cfg.topk_path or trained.topk_path, sets)
+
+    def produced_by() -> dict[str, Any]:
+        return {"settings": identity(cfg), "stage2_config_hash": config_hash(run.saved_config()),
+                "stage1_weights_sha256": file_sha256(stage1_weights_file(trained)),
+                "stage2_weights_sha256": file_sha256(run.weights_file),
+                "topk_sha256": {str(p): file_sha256(p) for p in files if p.exists()}}
+
+    def saved_record() -> dict[str, Any] | None:
+        if cfg.overwrite or not run.evaluation_file.is_file():
+            return None
+        saved = paths.read_json(run.evaluation_file, "stage-II evaluation record")
+        return saved if saved.get("produced_by") == produced_by() else None
+
+    reused = _on_main(saved_record)
     if reused is not None:
-        return Comparison(reused["stage1"], reused["stage2"], reused["k"], run_dir)
-    root = data_root(cfg)
+        return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True)
     dev = device()
-    stage1, tok = stage1_for(cfg)
-    stage2 = load_stage2_run(run_dir)
+    stage1, tok = stage1_for(trained)
+    stage2 = load_stage2_run(run)
     stage1.to(dev)
     stage2.to(dev)
-    split = eval_split_name(cfg.dataset)
-    sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg, root, split)]
-    topks = _val_topks(cfg, sets, split)
-    s1, s2, _ = evaluate_stage2(stage1, stage2, tok, sets, topks, cfg, dev=dev, save_dir=run_dir)
+    topks = load_val_topks(files, sets, cfg.k)
+    s1, s2, _ = evaluate_stage2(stage1, stage2, tok, sets, topks, k=cfg.k, fusion_weight=cfg.fusion_weight,
+                                max_pairs=cfg.max_pairs, scoring=cfg.scoring, target_ratio=trained.target_ratio,
+                                dev=dev, save_to=run)
     if dist.is_main_process():
-        write_json(run_dir / "metrics.json", {"stage1": s1, "stage2": s2, "k": cfg.k, "split": split,
-                                              "fusion_weight": cfg.fusion_weight, "scoring": cfg.scoring,
-                                              "queries": sum(len(s.queries) for s in sets)})
+        paths.write_json(run.evaluation_file, {
+            "stage1": s1, "stage2": s2, "k": cfg.k, "split": EVAL_SPLIT, "fusion_weight": cfg.fusion_weight,
+            "scoring": cfg.scoring, "queries": sum(len(s.queries) for s in sets), "produced_by": produced_by()})
     dist.barrier()
-    return Comparison(s1, s2, cfg.k, run_dir)
+    return Comparison(s1, s2, cfg.k, run.path)
 
 
-def _saved_evaluation(cfg: Stage2Config) -> dict[str, Any] | None:
-    """metrics.json when it evaluated the current weights with the same K, fusion weight and scoring, else None."""
-    saved, weights = cfg.run_dir / "metrics.json", cfg.run_dir / "model" / "model.safetensors"
-    if saved.exists() and not cfg.overwrite and weights.exists() and saved.stat().st_mtime >= weights.stat().st_mtime:
-        m = read_json(saved)
-        if m.get("k") == cfg.k and m.get("fusion_weight") == cfg.fusion_weight and m.get("scoring") == cfg.scoring:
-            return m
-    return None
+def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
+    """Re-rank the CIRR test1 top-K and write both server files (stage I and stage II), validated before upload.
 
-
-def submit_cirr(cfg: Stage2Config) -> dict[str, Path]:
-    """Re-rank the CIRR test1 top-K and write both server files (stage I and stage II), validated before upload."""
-    cfg = resolve(dataclasses.replace(cfg, max_val_queries=0))
-    if cfg.dataset != "cirr":
-        raise ValueError("test submissions exist for CIRR only (FashionIQ reports on val)")
-    root = data_root(cfg)
+    Returns {} (and says so) when the stage-II run is not on CIRR: FashionIQ has no test server.
+    """
+    run = cfg.stage2_folder
+    trained = trained_config(cfg)
+    if trained.dataset != "cirr":
+        _say(f"stage-II run {cfg.stage2_run!r} is on {trained.dataset!r}: test submissions exist for CIRR only")
+        return {}
+    root = data_root(trained)
     dev = device()
-    stage1, tok = stage1_for(cfg)
-    stage2 = load_stage2_run(cfg.run_dir)
+    stage1, tok = stage1_for(trained)
+    stage2 = load_stage2_run(run)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
     sd = cdata.load_split("cirr", root, "test1")
-    p = cfg.stage1_dir / topk_name("test1", None)
+    p = trained.stage1_folder.topk_file("test1")
     if not p.exists():
         raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
-    tk = TopK.load(p, dataset="cirr", split="test1", index_names=sd.gallery)
-    transform = cdata.targetpad_transform(cfg.target_ratio, stage2.config.vision.image_size)
-    gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="test1 gallery")
-    res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
-                 max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev)
+    tk = match_rows(TopK.load(p, dataset="cirr", split="test1", index_names=sd.gallery), sd, p)
     if tk.k < SUBMISSION_LENGTH:
         raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
                          f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
+    transform = cdata.targetpad_transform(trained.target_ratio, stage2.config.vision.image_size)
+    gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="test1 gallery")
+    res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
+                 max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev).reranked(cfg.fusion_weight)
     # Stage II re-orders the first k; the rest of the 50 keep their stage-I order (k = 50 is the original).
     stage2_lists = np.concatenate([res.sorted_index_names, tk.sorted_index_names[:, res.sorted_index_names.shape[1]:]],
                                   axis=1)[:, :SUBMISSION_LENGTH]
@@ -607,7 +435,7 @@ def submit_cirr(cfg: Stage2Config) -> dict[str, Path]:
         "stage2": (cfg.submission_name, stage2_lists, res.group_names[:, :3]),
     }
     # The main process writes and checks the files; the others learn where they are.
-    written = _write_submissions(sd, lists, cfg.run_dir / "submission") if dist.is_main_process() else None
+    written = _write_submissions(sd, lists, run.submission_dir) if dist.is_main_process() else None
     dist.barrier()
     return dist.broadcast_object(written)
 
@@ -619,7 +447,9 @@ def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.nda
     pair_ids = [q.pair_id for q in sd.queries]
     written: dict[str, Path] = {}
     for label, (name, recall_lists, subset_lists) in lists.items():
-        pr, ps = submission.write_cirr_submission(pair_ids, recall_lists.tolist(), subset_lists.tolist(), out_dir, name)
+        files = submission.cirr_submission_files(pair_ids, recall_lists.tolist(), subset_lists.tolist(), name)
+        # The server's exact text (no indent, so not paths.write_json), written atomically.
+        pr, ps = (paths.atomic_write_text(out_dir / f.file_name, f.text()) for f in files)
         for path in (pr, ps):
             submission.check_cirr_submission(path, sd.queries, sd.gallery)
         written[f"{label}_recall"], written[f"{label}_subset"] = pr, ps

@@ -1,17 +1,20 @@
 """A run's training log (`metrics.jsonl`) as a table and as a figure (notebooks 01 and 03)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cirlib.run_folder import RunFolder
+from cirlib.train.metrics_log import read_metrics
+
 # ------------------------------------------------------------------------------------------------ training log
 
 
 def read_training_log(run_dir: str | Path) -> pd.DataFrame:
-    """The run's `metrics.jsonl` as a table (one row per record; column "kind" is train / epoch / val).
+    """The run's `metrics.jsonl` as a table (one row per record; column "kind" is train / epoch / val), read by the
+    training loop's own reader; an untrained run gives an empty table.
 
     Args:
         run_dir: a run folder written by `steps.train_stage1` / `train_stage2`.
@@ -19,18 +22,9 @@ def read_training_log(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist: train the run first")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not RunFolder.at(run_dir).log_file.is_file():
         return pd.DataFrame(columns=["kind", "epoch", "step"])
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n} is not JSON ({e}); expected one JSON object per line") from e
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records(read_metrics(run_dir))
 
 
 def plot_training_log(run_dir: str | Path) -> Figure:

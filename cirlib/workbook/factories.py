@@ -1,0 +1,117 @@
+"""Model and data builders of the workbook steps: presets sized to the tokenizer, the two stages' initialisations, the
+saved runs' models, the dataset root and tokenizer a config names."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cirlib import data as cdata
+from cirlib import distributed as dist
+from cirlib import paths
+from cirlib.data.tokenizer import build_tokenizer
+from cirlib.models import factory, loading
+from cirlib.models.stage1 import Stage1Model
+from cirlib.models.stage2 import Stage2Model
+from cirlib.run_folder import RunFolder, RunFolderError
+from cirlib.workbook.config import Stage1Config, Stage2TrainConfig
+
+
+def device() -> torch.device:
+    """This process's device: its own GPU under a multi-process launch, else CUDA when available, else the CPU."""
+    return dist.device()
+
+
+def abs_path(p: str) -> Path:
+    """A path from a config: `~` expanded, relative paths anchored at the repository (never the working directory)."""
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else paths.REPO_ROOT / path
+
+
+def dataset_root(text: str) -> Path:
+    """A `data_root` setting resolved (else $CIR_DATA); an error names both when the folder is missing."""
+    root = paths.data_root(text or None)
+    if not root.is_dir():
+        raise cdata.DatasetError(f"dataset root {root} does not exist (data_root={text!r}, "
+                                 f"${paths.DATA_ENV_VAR}={os.environ.get(paths.DATA_ENV_VAR)!r})")
+    return root
+
+
+def data_root(cfg: Any) -> Path:
+    """The dataset root a config names (its `data_root`, else $CIR_DATA)."""
+    return dataset_root(cfg.data_root)
+
+
+def tokenizer_for(cfg: Any, root: Path):
+    """The tokenizer a config names (`tokenizer`, else <data_root>/vocab.txt)."""
+    path = abs_path(cfg.tokenizer) if cfg.tokenizer else root / "vocab.txt"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer not found at {path}: set tokenizer= to a vocab.txt or a local bert-base-uncased folder "
+            "(the synthetic world writes <data_root>/vocab.txt)")
+    return build_tokenizer(path)
+
+
+def build_stage1(cfg: Stage1Config, tokenizer) -> Stage1Model:
+    """A stage-I model as `cfg` names it (preset, BLIP pre-trained file, checkpoint to start from)."""
+    return factory.build_stage1(cfg.preset, tokenizer.vocab_size,
+                                pretrained=abs_path(cfg.pretrained) if cfg.pretrained else None,
+                                init_checkpoint=abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+
+
+def build_stage2(cfg: Stage2TrainConfig, tokenizer, stage1: Stage1Model | None) -> Stage2Model:
+    """A stage-II model as `cfg` names it: preset + architecture, then its initialisation (BLIP file, scratch, or a
+    copy of stage I's text encoder), stage I's ViT when `vision_from_stage1`, and a checkpoint to start from."""
+    if cfg.joint_difference and cfg.scoring != "pairs":
+        raise ValueError("joint_difference=True scores (candidate - reference) tokens per pair: set scoring='pairs'")
+    return factory.build_stage2(
+        cfg.preset, tokenizer.vocab_size, reranker=cfg.reranker, joint_difference=cfg.joint_difference,
+        init=cfg.init, pretrained=abs_path(cfg.pretrained) if cfg.pretrained else None, stage1=stage1,
+        vision_from_stage1=cfg.vision_from_stage1 and stage1 is not None,
+        init_checkpoint=abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+
+
+def _folder(run: RunFolder | str | os.PathLike) -> RunFolder:
+    return run if isinstance(run, RunFolder) else RunFolder.at(run)
+
+
+def finished_model_dir(run: RunFolder, made_by: str) -> Path:
+    """The model folder of a run that finished (its completion record exists); an unfinished or interrupted run is
+    refused: its model/ may predate the config it was last started with."""
+    if not run.completion_file.is_file():
+        state = "was started but did not finish" if run.config_file.is_file() else "does not exist"
+        raise RunFolderError(f"{run.stage} run {run.name!r} at {run.path} {state} (no {run.completion_file.name}): "
+                             f"run notebook {made_by} for it first")
+    folder = paths.existing_dir(run.model_dir)
+    if folder is None:
+        raise RunFolderError(f"no model at {run.model_dir}: run notebook {made_by} for {run.stage} run {run.name!r}")
+    return folder
+
+
+def load_stage1_run(run: RunFolder | str | os.PathLike) -> tuple[Stage1Model, Any]:
+    """The stage-I model and tokenizer saved by `train_stage1` (a RunFolder, or a run folder's path)."""
+    folder = finished_model_dir(_folder(run), "01_stage1_train")
+    return loading.from_pretrained(folder), build_tokenizer(folder)
+
+
+def load_stage2_run(run: RunFolder | str | os.PathLike) -> Stage2Model:
+    """The stage-II model saved by `train_stage2` (a RunFolder, or a run folder's path)."""
+    return loading.from_pretrained(finished_model_dir(_folder(run), "03_stage2_train"))
+
+
+def stage1_weights_file(cfg: Stage2TrainConfig) -> Path:
+    """The file holding the frozen stage-I weights a stage-II config uses (hashed into what stage II records)."""
+    return abs_path(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else cfg.stage1_folder.weights_file
+
+
+def stage1_for(cfg: Stage2TrainConfig):
+    """The frozen stage-I model and tokenizer: our run, or an original checkpoint file with the run's tokenizer."""
+    if cfg.stage1_checkpoint:
+        root = data_root(cfg)
+        tok = tokenizer_for(cfg, root)
+        model = Stage1Model(factory.model_config(cfg.preset, tok.vocab_size))
+        loading.load_original_checkpoint(model, abs_path(cfg.stage1_checkpoint))
+        return model, tok
+    return load_stage1_run(cfg.stage1_folder)
