@@ -15,7 +15,8 @@ from cirlib.eval import metrics as M
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import figures, inputs, steps
-from cirlib.workbook.config import AnalysisConfig, EvaluateConfig, Stage1Config, Stage2TrainConfig, TopKConfig
+from cirlib.workbook.config import (AnalysisConfig, EvaluateConfig, ExplorerConfig, Stage1Config,
+                                    Stage2TrainConfig, TopKConfig)
 from cirlib.workbook.explorer import Explorer
 
 K, FUSION = 12, 0.25  # the evaluation's settings (fusion above 0, so the fused path is what gets checked)
@@ -26,23 +27,21 @@ def finished_run(tmp_path_factory):
     """A tiny CIRR world taken through stage I, top-K, stage II and evaluation; then both model/ folders deleted."""
     tmp = tmp_path_factory.mktemp("files_only")
     world = synth.generate(synth.SynthConfig(layout="cirr", n_train=32, n_val=16, n_test=8, seed=3), root=tmp / "w")
-    outputs = tmp / "outputs"
-    saved_outputs, paths.OUTPUTS = paths.OUTPUTS, outputs  # run folders resolve paths.OUTPUTS when called
-    try:
-        common = dict(data_root=str(world), preset="tiny", epochs=1, max_epoch=1, lr=1e-3, max_steps_per_epoch=2)
-        steps.train_stage1(Stage1Config(stage1_run="s1", train_image_encoder=True, batch_size=16, **common))
-        steps.extract_topk(TopKConfig(stage1_run="s1", topk_k=20, topk_splits="val"))
-        steps.train_stage2(Stage2TrainConfig(stage2_run="s2", stage1_run="s1", reranker="joint", init="scratch", k=K,
-                                             batch_size=8, scoring="pairs", **common))
-        steps.evaluate(EvaluateConfig(stage2_run="s2", k=K, fusion_weight=FUSION, scoring="pairs"))
-        s1, s2 = RunFolder.of("stage1", "s1"), RunFolder.of("stage2", "s2")
-        for run in (s1, s2):
-            shutil.rmtree(run.model_dir)
-        cfg = AnalysisConfig(stage1_run="s1", stage2_run="s2", dataset="cirr", data_root=str(world),
-                             figures_dir=str(tmp / "figures"), n_qualitative=3)
-        yield {"cfg": cfg, "s1": s1, "s2": s2}
-    finally:
-        paths.OUTPUTS = saved_outputs
+    out = str(tmp / "outputs")  # every config's outputs root: nothing is written under the repository
+    common = dict(data_root=str(world), preset="tiny", epochs=1, max_epoch=1, lr=1e-3, max_steps_per_epoch=2,
+                  outputs=out)
+    steps.train_stage1(Stage1Config(stage1_run="s1", train_image_encoder=True, batch_size=16, **common))
+    steps.extract_topk(TopKConfig(stage1_run="s1", topk_k=20, topk_splits="val", outputs=out))
+    steps.train_stage2(Stage2TrainConfig(stage2_run="s2", stage1_run="s1", reranker="joint", init="scratch", k=K,
+                                         batch_size=8, scoring="pairs", **common))
+    steps.evaluate(EvaluateConfig(stage2_run="s2", k=K, fusion_weight=FUSION, scoring="pairs", outputs=out))
+    s1, s2 = RunFolder.of("stage1", "s1", out), RunFolder.of("stage2", "s2", out)
+    for run in (s1, s2):
+        shutil.rmtree(run.model_dir)
+    cfg = AnalysisConfig(stage1_run="s1", stage2_run="s2", dataset="cirr", data_root=str(world),
+                         figures_dir=str(tmp / "figures"), n_qualitative=3, outputs=out)
+    explorer = ExplorerConfig(stage1_run="s1", stage2_run="s2", dataset="cirr", data_root=str(world), outputs=out)
+    return {"cfg": cfg, "explorer": explorer, "s1": s1, "s2": s2}
 
 
 def test_figures_and_rank_shift_table_need_no_model(finished_run):
@@ -80,7 +79,7 @@ def test_the_reranked_file_reproduces_the_evaluation(finished_run):
 
 
 def test_explorer_changes_k_and_fusion_weight_from_the_files(finished_run):
-    cfg, s2 = finished_run["cfg"], finished_run["s2"]
+    cfg, s2 = finished_run["explorer"], finished_run["s2"]
     assert inputs.check_inputs(cfg, "explorer")["exists"].all()
     labels2 = torch.load(s2.labels_file("val"), weights_only=True)
     scored = TopK.load(s2.reranked_file("val"))
@@ -108,9 +107,9 @@ def test_explorer_changes_k_and_fusion_weight_from_the_files(finished_run):
 
 def test_missing_reranked_file_is_named_with_its_maker(finished_run, tmp_path):
     cfg = AnalysisConfig(stage1_run="s1", stage2_run="absent_run", dataset="cirr",
-                         data_root=finished_run["cfg"].data_root)
+                         data_root=finished_run["cfg"].data_root, outputs=finished_run["cfg"].outputs)
     with pytest.raises(FileNotFoundError, match=r"(?s)re-ranked top-K file \(cirr, ours\): \S*reranked_val\.pt "
                                                 r"\(made by 04_stage2_evaluate\)"):
         inputs.check_inputs(cfg, "make_figures")
     with pytest.raises(FileNotFoundError, match="run notebook 04"):
-        Explorer(cfg)
+        Explorer(ExplorerConfig(stage2_run="absent_run", data_root=cfg.data_root, outputs=cfg.outputs))

@@ -19,7 +19,7 @@ from cirlib.workbook import figures, inputs
 from cirlib.run import batch
 from cirlib import paths
 from cirlib.data import synth
-from cirlib.workbook.config import NOTEBOOK_CONFIGS, AnalysisConfig, Stage2TrainConfig
+from cirlib.workbook.config import NOTEBOOK_CONFIGS, AnalysisConfig, ExplorerConfig, Stage2TrainConfig
 
 NOTEBOOKS = NOTEBOOK_CONFIGS
 
@@ -332,7 +332,7 @@ def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
     from cirlib.workbook.explorer import Explorer
 
     p = smoke_batch["params"]
-    cfg = AnalysisConfig(stage1_run=smoke_batch["s1"].name, stage2_run=smoke_batch["s2"].name, dataset="cirr",
+    cfg = ExplorerConfig(stage1_run=smoke_batch["s1"].name, stage2_run=smoke_batch["s2"].name, dataset="cirr",
                          data_root=p["data_root"])
     labels2 = torch.load(smoke_batch["s2"] / "stage2_labels_val.pt", weights_only=True)
     ex = Explorer(cfg)

@@ -19,8 +19,10 @@ import torch
 from cirlib.data import synth
 from cirlib.retrieval.topk import TopK, TopKError, read_topk_dict
 from cirlib.run_folder import RunFolder, file_sha256
-from cirlib.workbook import factories, steps
-from cirlib.workbook.config import EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig
+from cirlib.workbook import factories, figures, preview, steps
+from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, ExplorerConfig, Stage1Config,
+                                    Stage2TrainConfig, SubmissionConfig, TopKConfig)
+from cirlib.workbook.explorer import Explorer
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +202,11 @@ CODE_PATHS = {
                         Stage2TrainConfig.stage2_folder),
     EvaluateConfig: (steps.evaluate, steps.resolve, EvaluateConfig.stage2_folder),
     SubmissionConfig: (steps.submit_cirr, SubmissionConfig.stage2_folder),
+    DataConfig: (preview.load, preview.split_summary, preview.show_triplets),
+    AnalysisConfig: (figures.make_figures, figures.label_sources, figures._stage2_folder, figures.load_label_pair,
+                     figures.qualitative_rows, figures.val_split, figures.rank_shift_table),
+    ExplorerConfig: (Explorer.__init__, Explorer.split, Explorer.topk, Explorer.widget, figures.label_sources,
+                     figures._stage2_folder, figures.val_split),
 }
 
 

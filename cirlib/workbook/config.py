@@ -1,4 +1,4 @@
-"""Run configurations: one frozen dataclass per notebook (06 and 07 share one).
+"""Run configurations: one frozen dataclass per notebook.
 
 Defaults live here and only here; each notebook's `parameters` cell repeats the field names as plain literals (a test
 keeps them in step), and `from_namespace` builds the config from the notebook's globals. Defaults are the original's
@@ -199,6 +199,18 @@ class AnalysisConfig:
     n_qualitative: int = 4  # rows in the qualitative grid
     seed: int = 0  # which queries the qualitative grid shows
     smoke: bool = False  # tiny fast run (tests)
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+
+@dataclass(frozen=True)
+class ExplorerConfig:
+    """The interactive explorer (notebook 07): the re-ranked files of an evaluation (notebook 04) and the images."""
+
+    stage1_run: str = "stage1"  # stage-I run the stage-II run re-ranks (checked against the re-ranked files)
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (its reranked_val*.pt files)
+    dataset: str = "cirr"  # "cirr" | "fashioniq"
+    data_root: str = ""  # dataset root (the images shown); "" = $CIR_DATA
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
 
 
 C = TypeVar("C")
@@ -213,7 +225,7 @@ NOTEBOOK_CONFIGS: dict[str, type] = {
     "04_stage2_evaluate": EvaluateConfig,
     "05_cirr_submission": SubmissionConfig,
     "06_figures": AnalysisConfig,
-    "07_explorer": AnalysisConfig,
+    "07_explorer": ExplorerConfig,
 }
 CONFIGS: tuple[type, ...] = tuple(dict.fromkeys(NOTEBOOK_CONFIGS.values()))
 

@@ -19,7 +19,7 @@ from cirlib import plots
 from cirlib.eval import metrics as M
 from cirlib.retrieval.topk import TopK
 from cirlib.workbook import figures
-from cirlib.workbook.config import AnalysisConfig
+from cirlib.workbook.config import ExplorerConfig
 
 SHOWN = 8  # candidates drawn per stage in the explorer figure
 
@@ -80,10 +80,7 @@ class Explorer:
     """Browse the validation queries of a stage-II run's re-ranked files: any K up to the evaluated one, any fusion
     weight; files and images only."""
 
-    def __init__(self, cfg: AnalysisConfig):
-        if cfg.original_dir:
-            raise ValueError("the explorer browses our runs' re-ranked files; the original's release holds label "
-                             "tensors only (no re-ranked names or scores): leave original_dir empty")
+    def __init__(self, cfg: ExplorerConfig):
         self.cfg = cfg
         sources = figures.label_sources(cfg)
         self.sources = {s.category: s for s in sources if s.stage2_path.is_file()}

@@ -27,7 +27,7 @@ from cirlib.eval.rank_shift import rank_shift
 from cirlib.retrieval.topk import TopK, read_topk_dict
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import steps
-from cirlib.workbook.config import FASHIONIQ_CATEGORIES, AnalysisConfig, split_list
+from cirlib.workbook.config import FASHIONIQ_CATEGORIES, AnalysisConfig, ExplorerConfig, split_list
 
 QUALITATIVE_TOP = 5  # candidates per stage in a qualitative row
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100, 200)  # recall-curve points (those <= K are drawn)
@@ -155,25 +155,26 @@ class LabelSource:
         return [("stage-I top-K file", self.stage1_path, made), ("stage-II label tensor", self.stage2_path, made)]
 
 
-def _stage2_folder(cfg: AnalysisConfig) -> RunFolder:
-    return RunFolder.of("stage2", cfg.stage2_run, getattr(cfg, "outputs", None) or None)
+def _stage2_folder(cfg: AnalysisConfig | ExplorerConfig) -> RunFolder:
+    return RunFolder.of("stage2", cfg.stage2_run, cfg.outputs)
 
 
-def label_sources(cfg: AnalysisConfig) -> list[LabelSource]:
+def label_sources(cfg: AnalysisConfig | ExplorerConfig) -> list[LabelSource]:
     """The files to plot, one source per dataset or FashionIQ category.
 
     FashionIQ categories are those with a stage-II file; with none, all three are listed (and reported missing).
 
     Args:
-        cfg: the analysis config (ours: stage2_run; the original's files: original_dir).
+        cfg: the analysis config (ours: stage2_run; the original's files: original_dir) or the explorer's (ours).
     """
+    original_dir = cfg.original_dir if isinstance(cfg, AnalysisConfig) else ""
     if cfg.dataset not in ("cirr", "fashioniq"):
         raise ValueError(f"dataset must be 'cirr' or 'fashioniq', got {cfg.dataset!r}")
     cats: list[str | None] = list(FASHIONIQ_CATEGORIES) if cfg.dataset == "fashioniq" else [None]
     sources = []
     for cat in cats:
-        if cfg.original_dir:
-            folder = _abs(cfg.original_dir)
+        if original_dir:
+            folder = _abs(original_dir)
             s1 = folder / ("cirr_top_200_val.pt" if cat is None else f"fiq_top_200_val_{cat}.pt")
             s2 = folder / ("cirr_stageII_labels_val.pt" if cat is None else f"fiq_stageII_labels_val_{cat}.pt")
             sources.append(LabelSource(cfg.dataset, cat, "original", s2, s1))

@@ -9,7 +9,7 @@ import pandas as pd
 
 from cirlib import paths
 from cirlib.run_folder import RunFolder
-from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, Stage1Config, Stage2TrainConfig,
+from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, ExplorerConfig, Stage1Config, Stage2TrainConfig,
                                     SubmissionConfig, TopKConfig, split_list)
 from cirlib.workbook.factories import abs_path
 from cirlib.workbook.figures import label_sources
@@ -77,7 +77,7 @@ def _trained_stage2(cfg: EvaluateConfig | SubmissionConfig) -> Stage2TrainConfig
 
 EXPECTED = {"preview": DataConfig, "train_stage1": Stage1Config, "extract_topk": TopKConfig,
             "train_stage2": Stage2TrainConfig, "evaluate": EvaluateConfig, "submit_cirr": SubmissionConfig,
-            "make_figures": AnalysisConfig, "explorer": AnalysisConfig}
+            "make_figures": AnalysisConfig, "explorer": ExplorerConfig}
 
 
 def required_inputs(cfg: Any, step: str) -> list[Input]:
