@@ -5,12 +5,12 @@ The readers' public names are re-exported here (`from cirlib import data as cdat
 """
 from cirlib.data.datasets import GalleryDataset, QueryDataset, TripletDataset, collate
 from cirlib.data.readers import (CIRR_SPLITS, DATASETS, FIQ_CATEGORIES, FIQ_SPLITS, FIQ_TRAIN_ORDER, DatasetError,
-                                 Query, SplitData, fiq_caption_join, load_image, load_split, query_text)
+                                 DroppedImages, Query, SplitData, fiq_caption_join, load_image, load_split, query_text)
 from cirlib.data.transforms import CLIP_MEAN, CLIP_STD, SquarePad, TargetPad, squarepad_transform, targetpad_transform
 
 __all__ = [
-    "CIRR_SPLITS", "CLIP_MEAN", "CLIP_STD", "DATASETS", "DatasetError", "FIQ_CATEGORIES", "FIQ_SPLITS",
-    "FIQ_TRAIN_ORDER", "GalleryDataset", "Query", "QueryDataset", "SplitData", "SquarePad", "TargetPad",
+    "CIRR_SPLITS", "CLIP_MEAN", "CLIP_STD", "DATASETS", "DatasetError", "DroppedImages", "FIQ_CATEGORIES",
+    "FIQ_SPLITS", "FIQ_TRAIN_ORDER", "GalleryDataset", "Query", "QueryDataset", "SplitData", "SquarePad", "TargetPad",
     "TripletDataset", "collate", "fiq_caption_join", "load_image", "load_split", "query_text",
     "squarepad_transform", "targetpad_transform",
 ]

@@ -101,6 +101,20 @@ class Query:
 
 
 @dataclass(frozen=True)
+class DroppedImages:
+    """What `missing_images="drop"` removed from a split because image files were missing (see `drop_missing`).
+
+    A dropped query is neither a hit nor a miss: it is not evaluated, and these counts say so in every result file.
+    """
+
+    missing: tuple[str, ...]  # image names of this split whose file does not exist
+    queries: tuple[Query, ...]  # queries removed: their reference or target image is missing
+    gallery: tuple[str, ...]  # gallery names removed (their image is missing)
+    queries_before: int  # queries in the caption file (after any query limit)
+    gallery_before: int  # gallery images in the split file
+
+
+@dataclass(frozen=True)
 class SplitData:
     """A parsed split: queries in caption-file order and the gallery in split-file order ("index_names")."""
 
@@ -113,6 +127,10 @@ class SplitData:
     relpaths: Mapping[str, str] | None = field(default=None, repr=False, compare=False)  # CIRR: name -> split path
     # CIRR: the folder the split paths are relative to: the root, or <root>/img_raw (the official download's layout)
     image_root: Path | None = field(default=None, repr=False, compare=False)
+    # The annotation files read (split file, caption files), for the provenance of results made from this split.
+    source_files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
+    # What missing_images="drop" removed; None when nothing was dropped (or the policy is "error").
+    dropped: DroppedImages | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def gallery_index(self) -> dict[str, int]:
@@ -342,8 +360,10 @@ def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool)
     gallery = list(relpaths)
 
     queries: list[Query] = []
+    sources = [split_file]
     if with_queries:
         cap_file = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
+        sources.append(cap_file)
         records = _read_json(cap_file, list, "cirr", "CIRR caption")
         has_target = split != "test1"
         expected = "pairid, reference, caption, img_set.members" + (", target_hard" if has_target else "")
@@ -397,7 +417,7 @@ def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool)
             )
     return SplitData(
         dataset="cirr", split=split, category=None, root=root, queries=queries, gallery=gallery, relpaths=relpaths,
-        image_root=cirr_image_root(root, relpaths),
+        image_root=cirr_image_root(root, relpaths), source_files=tuple(sources),
     )
 
 
@@ -411,8 +431,10 @@ def _load_fiq(root: Path, split: str, category: str | None, with_queries: bool) 
     gallery: list[str] = []
     in_gallery: set[str] = set()
     queries: list[Query] = []
+    sources: list[Path] = []
     for cat in categories:
         split_file = root / "image_splits" / f"split.{cat}.{split}.json"
+        sources.append(split_file)
         names = _read_json(split_file, list, "fashioniq", "FashionIQ image-split")
         cat_names: set[str] = set()
         for j, name in enumerate(names):
@@ -428,8 +450,10 @@ def _load_fiq(root: Path, split: str, category: str | None, with_queries: bool) 
                 gallery.append(name)
         if with_queries:
             queries.extend(_read_fiq_captions(root, cat, split, cat_names, split_file))
+            sources.append(root / "captions" / f"cap.{cat}.{split}.json")
     return SplitData(
-        dataset="fashioniq", split=split, category=category, root=root, queries=queries, gallery=gallery
+        dataset="fashioniq", split=split, category=category, root=root, queries=queries, gallery=gallery,
+        source_files=tuple(sources),
     )
 
 
