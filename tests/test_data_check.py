@@ -113,3 +113,21 @@ def test_an_edited_caption_file_is_modified(real, tmp_path):
     assert status["cirr/captions/cap.rc2.val.json"] == "modified"
     assert status["cirr/captions/cap.rc2.test1.json"] == "identical"
     assert "not comparable with published ones" in report.text()
+
+
+def test_notebook_00_checks_the_whole_download(world, tmp_path, monkeypatch, capsys):
+    from cirlib.workbook import preview
+    from cirlib.workbook.config import DataConfig
+
+    root, damage = _damaged_copy(world, tmp_path)
+    monkeypatch.setattr(paths, "OUTPUTS", tmp_path / "outputs")  # where the problems list goes by default
+    report = preview.check_download(DataConfig(dataset="cirr", data_root=str(root), smoke=True))
+    printed = capsys.readouterr().out
+    assert report is not None and report.blocking
+    assert {p.name for p in report.problems} == set(damage)
+    assert report.problems_file == tmp_path / "outputs" / "data_check" / "cirr_image_problems.tsv"
+    assert str(report.problems_file) in printed and "what to do:" in printed
+    clean = preview.check_download(DataConfig(dataset="cirr", data_root=str(world), smoke=True))
+    assert clean is not None and not clean.blocking
+    assert preview.check_download(DataConfig(dataset="cirr", data_root=str(root), check_images=False)) is None
+    assert "not checked" in capsys.readouterr().out

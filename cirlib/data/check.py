@@ -154,7 +154,9 @@ class CheckReport:
                        "them are not comparable with published ones")
         if self.problems:
             out.append(f"restore the {len(self.problems):,} images listed in {self.problems_file} (re-download, or "
-                       "re-extract the archive); a run stops at a missing or unreadable image")
+                       "re-extract the archive); a run stops before training, listing every missing image, unless "
+                       "it is told missing_images=\"drop\" (queries whose images are missing are left out and "
+                       "counted in every result file; such numbers are not comparable with published ones)")
         if not out:
             out.append("nothing: every annotation file parses and every image named by the splits opens")
         return out

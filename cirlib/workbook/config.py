@@ -25,6 +25,7 @@ class DataConfig:
     split: str = "val"  # CIRR: train | val | test1; FashionIQ: train | val | test
     category: str = "dress"  # FashionIQ category (ignored for CIRR)
     n_examples: int = 4  # triplets shown
+    check_images: bool = True  # check the whole download first: every split's annotation files and images (as `python -m cirlib.data check`; minutes on real data)
     image_size: int = 384  # preprocessing output side in pixels
     seed: int = 0  # which examples are drawn
     smoke: bool = False  # tiny fast run (tests)

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from cirlib import data as cdata
 from cirlib import paths
+from cirlib.data.check import CheckReport, check_dataset
 from cirlib.workbook.config import DataConfig
 
 SMOKE_EXAMPLES = 2  # triplets drawn when cfg.smoke
@@ -21,6 +22,20 @@ def load(cfg: DataConfig) -> cdata.SplitData:
     root = paths.data_root(cfg.data_root or None)
     category = cfg.category if cfg.dataset == "fashioniq" else None
     return cdata.load_split(cfg.dataset, root, cfg.split, category)
+
+
+def check_download(cfg: DataConfig) -> CheckReport | None:
+    """Check the whole dataset folder (every split's annotation files and images) and print the report, as
+    `python -m cirlib.data check` does; None when `cfg.check_images` is off.
+
+    The full list of problems goes to outputs/data_check/<dataset>_image_problems.tsv (the report names it).
+    """
+    if not cfg.check_images:
+        print("check_images=False: the download is not checked (python -m cirlib.data check does it)")
+        return None
+    report = check_dataset(cfg.dataset, paths.data_root(cfg.data_root or None))
+    print(report.text())
+    return report
 
 
 def split_summary(cfg: DataConfig) -> pd.DataFrame:
