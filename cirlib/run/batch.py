@@ -27,12 +27,14 @@ import os
 import re
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
 from cirlib import paths
+from cirlib.progress import PROGRESS_ENV
 from cirlib.workbook import config as config_module
 
 # Keys the batch consumes itself (never forwarded as such).
@@ -274,6 +276,22 @@ def sync_parameters_cells(notebook_dir: str | os.PathLike | None = None) -> list
     return changed
 
 
+@contextmanager
+def _text_progress_in_kernels() -> Iterator[None]:
+    """Kernels started meanwhile draw plain text progress bars (cirlib.progress): nobody watches a widget in a batch
+    run, and an executed copy keeps a widget only as its first text form ("0%"). The kernel inherits this process's
+    environment; the previous value is restored afterwards."""
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "text"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
+
+
 def run_batch(
     params: Mapping[str, Any] | str | os.PathLike,
     notebooks: Sequence[str] | None = None,
@@ -315,9 +333,10 @@ def run_batch(
         target = out / nb.name
         print(f"[batch] {nb.name} -> {target} with {nb_params}", flush=True)
         try:
-            papermill.execute_notebook(str(nb), str(target), parameters=nb_params, kernel_name=KERNEL,
-                                       cwd=str(nb.parent), progress_bar=False, log_output=log_output,
-                                       execution_timeout=cell_timeout_s)
+            with _text_progress_in_kernels():
+                papermill.execute_notebook(str(nb), str(target), parameters=nb_params, kernel_name=KERNEL,
+                                           cwd=str(nb.parent), progress_bar=False, log_output=log_output,
+                                           execution_timeout=cell_timeout_s)
         except PapermillExecutionError as e:
             raise BatchError(_describe_failure(nb, e) + f"; executed copy with the traceback: {target}") from e
         except CellTimeoutError as e:
