@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m cirlib.demo
+
+# On a CUDA machine: benchmark in fp32 and bf16, training steps, feature-store build; one JSON summary (~2-4 min on an
+# H100). Without CUDA: one line saying so, exit 0.
+gpu-check: $(VENV)/.installed
+	$(PY) -m cirlib.gpu_check
 
 clean:
 	rm -rf $(VENV) outputs/demo

@@ -16,6 +16,16 @@ tokens come from the stage-II ViT once per image (not per pair), before either p
   max_pairs=B: the original's loop). Shared path: `Stage2Model.forward`. Dropout is 0 in this benchmark
   so that losses and gradients can be compared exactly.
 
+- "eval-cirr-shaped" (`bench_eval_cirr`, opt-in: `--cases eval-cirr-shaped`): CIRR validation's shape. A 2,297-image
+  gallery; N queries each with its own top-50 drawn without replacement from a Zipf popularity (`zipf_topk_lists`;
+  exponent 1.2 = `calibrate_zipf()`: the most skewed popularity for which, at N = 4,181, the mean number of lists an
+  image appears in is still CIRR val's 91, i.e. every image appears). Scored as `rerank` scores: batches of 16
+  queries through `score_indexed` (pairs grouped by candidate within a batch, 512 per pass). Per-pair path on a
+  sample of whole batches, extrapolated to N. Also "split-wide": the shared path with all N queries in one batch.
+- "memory-stage2" (`bench_memory`, opt-in): activation memory of a stage-II training step at B (and B/2) with and
+  without gradient checkpointing of the text encoder, stage I's per-sample memory, the frozen ViT's no_grad forward
+  per image, and from them the largest per-GPU batch at 24/40/80 GB (`fits_table`).
+
 Peak activation memory: on CPU the process resident-set high-water mark (reset through /proc/self/clear_refs)
 minus the resident set just before the path runs, after freed heap memory was returned to the system
 (glibc malloc_trim); parameter gradients are allocated before the baseline, so only activations count. On CUDA the
@@ -40,10 +50,16 @@ import torch
 import torch.nn.functional as F
 
 from cirlib.models.config import ModelConfig, preset
-from cirlib.models.stage2 import RerankQuery, Stage2Model
+from cirlib.models.stage2 import RerankQuery, Stage2Model, _chunks
+from cirlib.retrieval.rerank import score_indexed
 
 ENC_TOKEN_ID = 30523  # [ENC], replaces [CLS] at position 0 (the original's tokenisation)
 SEP_TOKEN_ID = 102
+# CIRR validation (the released split): queries, gallery images, candidates re-ranked per query (the original's k).
+CIRR_VAL_QUERIES, CIRR_VAL_GALLERY, CIRR_K = 4181, 2297, 50
+CIRR_VAL_REUSE = CIRR_VAL_QUERIES * CIRR_K / CIRR_VAL_GALLERY  # 91.0: lists per image if every image appears
+from cirlib.bench_store import STORE_CASES, bench_store  # noqa: E402  (feature-store cases, issue 13)
+CASES = ("eval", "train", "eval-cirr-shaped", "memory-stage2", *STORE_CASES)
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,18 @@ class BenchConfig:
     max_pairs: int = 4096  # shared path: pairs per forward pass
     seed: int = 0  # weights and inputs
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # eval-cirr-shaped (CIRR validation's shape; see bench_eval_cirr)
+    cirr_queries: int = 64  # N simulated queries (CIRR val: 4,181)
+    cirr_gallery: int = CIRR_VAL_GALLERY  # gallery images
+    cirr_k: int = CIRR_K  # candidates per query (each query's own top-k)
+    cirr_zipf: float = 1.2  # Zipf exponent of image popularity; calibrate_zipf() -> 1.2 (mean reuse 91 at N = 4,181)
+    cirr_batch: int = 16  # queries per batch, as `rerank` batches them (its batch_size default)
+    cirr_max_pairs: int = 512  # pairs per forward pass (EvaluateConfig.max_pairs default)
+    cirr_text_len: int = 13  # longest text in tokens (CIRR captions with [ENC] and [SEP]); others up to 4 shorter
+    cirr_sample: int = 16  # per-pair path: the first this many queries (whole batches), extrapolated to N
+    cirr_token_pool: int = 64  # distinct random token sets the gallery cycles through (memory); 0 = one per image
+    cirr_split_wide: bool = True  # also time the shared path with all N queries in one batch
+    memory_batch: int = 16  # memory-stage2: training batch B (also measured at B/2 to fit the memory model)
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -356,6 +384,307 @@ def _result(pp_s: float, shared_s: float, flops: dict, mem_pp: PeakMemory, mem_s
     }
 
 
+# ------------------------------------------------------------------------------------- CIRR-shaped evaluation
+def zipf_topk_lists(gallery: int, k: int, queries: int, exponent: float, gen: torch.Generator) -> torch.Tensor:
+    """Simulated stage-I top-k lists: (queries, k) distinct gallery rows per query, drawn without replacement with
+    probability proportional to a Zipf popularity rank**-exponent (image i has rank i + 1).
+
+    Successive sampling without replacement is the Gumbel top-k trick: the k largest log p_i + Gumbel noise.
+    """
+    if not 0 < k <= gallery:
+        raise ValueError(f"each list needs 0 < k <= gallery, got k={k}, gallery={gallery}")
+    log_p = -exponent * torch.log(torch.arange(1, gallery + 1, dtype=torch.float32))
+    lists = torch.empty(queries, k, dtype=torch.long)
+    for s in range(0, queries, 1024):  # rows in blocks: a (4181, 2297) noise matrix at once is 38 MB, fine, but bounded
+        n = min(1024, queries - s)
+        u = torch.rand(n, gallery, generator=gen).clamp_min(1e-20)
+        lists[s:s + n] = torch.topk(log_p - torch.log(-torch.log(u)), k, dim=1).indices
+    return lists
+
+
+def mean_reuse(lists: torch.Tensor) -> float:
+    """Mean number of lists an image appears in, over the images that appear in any list."""
+    return lists.numel() / max(1, torch.unique(lists).numel())
+
+
+def calibrate_zipf(gallery: int = CIRR_VAL_GALLERY, k: int = CIRR_K, queries: int = CIRR_VAL_QUERIES,
+                   target: float = CIRR_VAL_REUSE, tol: float = 0.001, seed: int = 0, steps: int = 12) -> float:
+    """The largest Zipf exponent whose simulated lists have a mean reuse within `tol` of `target` (bisection).
+
+    Mean reuse over the images that appear is at least queries * k / gallery (every image appears) and grows as a
+    stronger skew leaves tail images out of every list. Real CIRR val's 4,181 x 50 / 2,297 = 91 says (nearly) every
+    image appears, which bounds the skew from above; the most skewed popularity consistent with it is the one most
+    favourable to sharing candidates between queries, so speedups measured with it are upper bounds of this model.
+    """
+    goal = max(target, queries * k / gallery) * (1 + tol)
+    lo, hi = 0.0, 3.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        reuse = mean_reuse(zipf_topk_lists(gallery, k, queries, mid, torch.Generator().manual_seed(seed)))
+        lo, hi = (mid, hi) if reuse <= goal else (lo, mid)
+    return round(lo, 3)
+
+
+class PooledTokens:
+    """A (G, T, Dv) gallery of image tokens whose row g is pool[g % len(pool)]: the gallery's G distinct indices (what
+    the pair grouping sees) at the memory of the pool (2,297 blip-base images in fp32 would hold 4 GiB). Supports what
+    `Stage2Model.score` reads with max_pairs set: `shape`, `device`, and indexing by a row tensor."""
+
+    def __init__(self, pool: torch.Tensor, rows: int):
+        self.pool, self.shape, self.device, self.dtype = pool, (rows, *pool.shape[1:]), pool.device, pool.dtype
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return self.pool[index.to(self.device) % self.pool.shape[0]]
+
+
+def _pass_structure(lists: torch.Tensor, batch: int, max_pairs: int) -> list[tuple[int, int, int]]:
+    """(queries, pairs, candidates) of every forward pass the shared path makes when the pipeline scores `lists` in
+    query batches of `batch` (`rerank`), each batch's pairs sorted by candidate and cut into <= max_pairs passes at
+    candidate boundaries (`Stage2Model.score`, the same `_chunks`)."""
+    passes = []
+    for s in range(0, lists.shape[0], batch):
+        flat = lists[s:s + batch].reshape(-1)
+        pair_query = torch.arange(min(batch, lists.shape[0] - s)).repeat_interleave(lists.shape[1])
+        order = torch.argsort(flat, stable=True)
+        _, runs = torch.unique_consecutive(flat[order], return_counts=True)
+        for start, end in _chunks(runs.tolist(), max_pairs):
+            pairs = order[start:end]
+            passes.append((torch.unique(pair_query[pairs]).numel(), end - start, torch.unique(flat[pairs]).numel()))
+    return passes
+
+
+def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> dict:
+    """CIRR-validation-shaped evaluation: N queries, each with its own top-k of a G-image gallery drawn with a Zipf
+    popularity (`zipf_topk_lists`), scored as `cirlib.retrieval.rerank.rerank` scores them: query batches of
+    `cirr_batch`, each through `score_indexed(..., scoring, max_pairs)`. The shared path runs on all N queries; the
+    per-pair path on the first `cirr_sample` (whole batches) and is extrapolated to N. A second shared run scores
+    all N queries as one batch ("split-wide"): what grouping pairs by candidate over the whole split would give."""
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    model.eval()
+    n, k, g, batch, length = cfg.cirr_queries, cfg.cirr_k, cfg.cirr_gallery, cfg.cirr_batch, cfg.cirr_text_len
+    lists = zipf_topk_lists(g, k, n, cfg.cirr_zipf, gen)
+    reuse_val = mean_reuse(zipf_topk_lists(g, k, CIRR_VAL_QUERIES, cfg.cirr_zipf, torch.Generator().manual_seed(0)))
+    width, n_tok = model.config.vision.width, model.config.vision.num_tokens
+    # Random unit-variance tokens (the ViT's last LayerNorm output has that scale); the ViT is in neither path.
+    pool = torch.randn(min(g, cfg.cirr_token_pool or g), n_tok, width, generator=gen).to(device)
+    gallery = PooledTokens(pool, g)
+    refs = torch.randint(0, g, (n,), generator=gen)  # each query's reference image
+    ids, mask, _ = _texts(n, length, gen)
+    z_t = (torch.randn(n, length, model.config.text.hidden_size, generator=gen).to(device)
+           if model.config.reranker == "dual" else None)
+
+    def query(start: int, stop: int) -> RerankQuery:
+        # Padded to the batch's longest text, as the pipeline's tokenizer pads a batch.
+        width_b = int(mask[start:stop].sum(1).max())
+        return RerankQuery(ids[start:stop, :width_b].to(device), mask[start:stop, :width_b].to(device),
+                           z_t=None if z_t is None else z_t[start:stop, :width_b],
+                           ref_tokens=gallery[refs[start:stop]] if model.config.reranker == "joint" else None)
+
+    def pipeline(stop: int, scoring: str, query_batch: int) -> tuple[torch.Tensor, list[float]]:
+        out, batch_s = [], []
+        for s in range(0, stop, query_batch):
+            e = min(s + query_batch, stop)
+            scores, seconds = _timed(
+                lambda: score_indexed(model, query(s, e), gallery, lists[s:e], cfg.cirr_max_pairs, scoring, device),
+                device)
+            out.append(scores)
+            batch_s.append(seconds)
+        return torch.cat(out), batch_s
+
+    sample = min(n, max(batch, -(-cfg.cirr_sample // batch) * batch))  # whole pipeline batches
+    with torch.inference_mode(), _autocast(cfg, device):
+        score_indexed(model, query(0, 2), gallery, lists[:2, :2], cfg.cirr_max_pairs, "pairs", device)  # warm-up
+        score_indexed(model, query(0, 2), gallery, lists[:2, :2], cfg.cirr_max_pairs, "shared", device)
+        (shared_scores, shared_batches), shared_s = _timed(lambda: pipeline(n, "shared", batch), device)
+        (pp_scores, _), pp_s = _timed(lambda: pipeline(sample, "pairs", batch), device)
+        wide_s = None
+        if cfg.cirr_split_wide:
+            (wide_scores, _), wide_s = _timed(lambda: pipeline(n, "shared", n), device)
+    flops_pp = analytic_flops(model.config, queries=1, pairs=n * k, candidates=1, text_len=length)["per_pair"]
+
+    def shared_flops(query_batch: int) -> tuple[float, float]:
+        passes = _pass_structure(lists, query_batch, cfg.cirr_max_pairs)
+        total = sum(analytic_flops(model.config, queries=q, pairs=p, candidates=c, text_len=length)["shared"]
+                    for q, p, c in passes)
+        return total, sum(p for _, p, _ in passes) / sum(c for _, _, c in passes)
+
+    flops_sh, pass_reuse = shared_flops(batch)
+    pp_extrapolated = pp_s * n / sample
+    half = len(shared_batches) // 2
+    result = {
+        "case": "eval-cirr-shaped", **_common(cfg, model, device), "text_len": length, "gallery": g, "queries": n,
+        "candidates_per_query": k, "pairs": n * k, "query_batch": batch, "max_pairs": cfg.cirr_max_pairs,
+        "popularity": "zipf", "zipf_exponent": cfg.cirr_zipf, "mean_reuse": round(mean_reuse(lists), 2),
+        "mean_reuse_at_cirr_val_n": round(reuse_val, 2), "unique_candidates": int(torch.unique(lists).numel()),
+        "pass_reuse": round(pass_reuse, 3),
+        "shared_s": round(shared_s, 4), "shared_s_per_query": round(shared_s / n, 5),
+        # steady state: seconds per query of the first and second half of the batches
+        "shared_s_per_query_first_half": round(sum(shared_batches[:half]) / max(1, half * batch), 5),
+        "shared_s_per_query_second_half": round(sum(shared_batches[half:]) / max(1, n - half * batch), 5),
+        "per_pair_sample_queries": sample, "per_pair_sample_s": round(pp_s, 4),
+        "per_pair_s_extrapolated": round(pp_extrapolated, 4), "per_pair_extrapolated": sample < n,
+        "speedup": round(pp_extrapolated / shared_s, 3),
+        "per_pair_gflop": round(flops_pp / 1e9, 3), "shared_gflop": round(flops_sh / 1e9, 3),
+        "flop_ratio": round(flops_pp / flops_sh, 3),
+        "max_abs_score_diff": float((shared_scores[:sample] - pp_scores).abs().max()),
+        "score_std": float(pp_scores.std()),
+    }
+    if wide_s is not None:
+        flops_wide, wide_reuse = shared_flops(n)
+        result.update({
+            "split_wide_shared_s": round(wide_s, 4), "split_wide_speedup": round(pp_extrapolated / wide_s, 3),
+            "split_wide_flop_ratio": round(flops_pp / flops_wide, 3), "split_wide_pass_reuse": round(wide_reuse, 3),
+            "split_wide_max_abs_score_diff": float((wide_scores - shared_scores).abs().max()),
+        })
+    return result
+
+
+# ------------------------------------------------------------------------------------------ training memory
+GIB = 2**30
+ADAMW_BYTES_PER_TRAINABLE = 16  # fp32 weight + gradient + AdamW's two moments
+FROZEN_BYTES_PER_PARAM = 4  # fp32 weight
+CUDA_RESERVE_BYTES = 1.5 * GIB  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (rule of thumb)
+
+
+def _params_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * (ADAMW_BYTES_PER_TRAINABLE if p.requires_grad else FROZEN_BYTES_PER_PARAM)
+               for p in model.parameters())
+
+
+def fits_table(fixed_bytes: float, per_sample_bytes: float, per_sample_sq_bytes: float = 0.0,
+               budgets_gb: tuple[float, ...] = (24, 40, 80), reserve_bytes: float = CUDA_RESERVE_BYTES) -> dict:
+    """Largest per-GPU batch B whose training step fits each memory budget:
+    fixed + per_sample * B + per_sample_sq * B^2 + reserve <= budget (GB = 10^9 bytes, as GPUs are sold).
+
+    Args:
+        fixed_bytes: weights, gradients and optimizer state (`_params_bytes`).
+        per_sample_bytes, per_sample_sq_bytes: measured activation memory per sample and per sample squared (stage
+            II's in-batch objective scores B x B pairs, so its text activations grow with B^2).
+    Returns:
+        {"24GB": B, ...}; 0 where not even one sample fits.
+    """
+    out = {}
+    for gb in budgets_gb:
+        room = gb * 1e9 - fixed_bytes - reserve_bytes
+        b = 0
+        if room > 0:
+            a, c = per_sample_sq_bytes, per_sample_bytes
+            b = int(room // c) if a <= 0 else int((-c + (c * c + 4 * a * room) ** 0.5) / (2 * a))
+        out[f"{gb:g}GB"] = max(b, 0)
+    return out
+
+
+def _train_peak(model: torch.nn.Module, step: Callable[[], torch.Tensor], device: torch.device) -> tuple[int, float]:
+    """Peak activation bytes and seconds of one forward + backward (`step` returns the loss); gradients of the
+    trainable parameters are allocated before the baseline, so only activations count."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with peak_memory(device) as mem:
+        _, seconds = _timed(lambda: step().backward(), device)
+    for p in params:
+        p.grad = None
+    return mem.peak_bytes, seconds
+
+
+def bench_memory(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> dict:
+    """Activation memory of a stage-II training step (the shared path's in-batch objective) at batch B with and without
+    gradient checkpointing of the text encoder, and at B/2 to separate the per-pair (B^2) and per-candidate (B)
+    terms; the same for stage I (text encoder over precomputed reference tokens, linear in B) and the peak of the
+    frozen ViT's no_grad forward per image; from these, the largest per-GPU batch at 24, 40 and 80 GB (`fits_table`).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    b = cfg.memory_batch
+    half = max(1, b // 2)
+    mc = model.config
+    n_tok, width = mc.vision.num_tokens, mc.vision.width
+    model.train()
+    model.visual_encoder.eval()  # frozen: its tokens are an input here
+
+    def stage2_step(n: int, checkpointing: bool) -> tuple[int, float]:
+        model.set_gradient_checkpointing(checkpointing)
+        tokens = torch.randn(n, n_tok, width, generator=gen).to(device)
+        query, _ = _query(model, n, cfg.text_len, torch.randn(n, n_tok, width, generator=gen).to(device), gen, device)
+
+        def step() -> torch.Tensor:
+            with _autocast(cfg, device):
+                return model(query, tokens).loss
+        return _train_peak(model, step, device)
+
+    s2 = {(n, ck): stage2_step(n, ck) for n in (b, half) for ck in (False, True)}
+    model.set_gradient_checkpointing(False)
+    # M(B) = a B^2 + c B through the two measured points (without checkpointing)
+    m_b, m_h = s2[(b, False)][0], s2[(half, False)][0]
+    a2 = max(0.0, (m_b / b - m_h / half) / (b - half)) if b != half else 0.0
+    c2 = max(0.0, m_b / b - a2 * b)
+    mk_b, mk_h = s2[(b, True)][0], s2[(half, True)][0]
+    a2k = max(0.0, (mk_b / b - mk_h / half) / (b - half)) if b != half else 0.0
+    c2k = max(0.0, mk_b / b - a2k * b)
+    # With checkpointing the per-sample terms are a few MiB, below what RSS resolves at a small B: floor them at what
+    # checkpointing must hold, one layer's activations (the recompute) plus every layer's input hidden states.
+    layers, streams = mc.text.num_layers, 2 if mc.reranker == "dual" else 1
+    boundary = layers * streams * cfg.text_len * mc.text.hidden_size * 4  # fp32 bytes per pair
+    a2k, c2k = max(a2k, a2 / layers + boundary), max(c2k, c2 / layers)
+
+    # Stage I: a fresh model of the same geometry (the ViT is frozen and reads no gradient).
+    from cirlib.models.stage1 import Stage1Model
+    torch.manual_seed(cfg.seed)
+    s1_model = Stage1Model(mc).to(device).train()
+    s1_model.visual_encoder.requires_grad_(False).eval()
+
+    def stage1_step(n: int, checkpointing: bool) -> tuple[int, float]:
+        s1_model.set_gradient_checkpointing(checkpointing)
+        ref = torch.randn(n, n_tok, width, generator=gen).to(device)
+        ids, mask, _ = _texts(n, cfg.text_len, gen)
+        ids, mask = ids.to(device), mask.to(device)
+        targets = F.normalize(torch.randn(n, mc.projection_dim, generator=gen), dim=-1).to(device)
+
+        def step() -> torch.Tensor:
+            with _autocast(cfg, device):
+                return s1_model(ref, ids, mask, targets).loss
+        return _train_peak(s1_model, step, device)
+
+    s1 = {(n, ck): stage1_step(n, ck) for n in (b, half) for ck in (False, True)}
+    per1 = max(0.0, (s1[(b, False)][0] - s1[(half, False)][0]) / max(1, b - half)) or s1[(b, False)][0] / b
+    per1k = max(0.0, (s1[(b, True)][0] - s1[(half, True)][0]) / max(1, b - half)) or s1[(b, True)][0] / b
+    per1k = max(per1k, per1 / layers + layers * cfg.text_len * mc.text.hidden_size * 4)  # floor, as for stage II
+    vit_images = 2
+    with torch.no_grad(), peak_memory(device) as vit_mem:
+        s1_model.encode_image(torch.randn(vit_images, 3, mc.vision.image_size, mc.vision.image_size, generator=gen)
+                              .to(device))
+    vit_per_image = vit_mem.peak_bytes / vit_images
+    fixed1, fixed2 = _params_bytes(s1_model), _params_bytes(model)
+    # The fits also hold each sample's input image tokens (the reference for stage I, the candidate for stage II),
+    # which the measurement allocated before its baseline: fp32 (T, Dv) per sample.
+    token_bytes = n_tok * width * 4
+    per1, per1k, c2, c2k = per1 + token_bytes, per1k + token_bytes, c2 + token_bytes, c2k + token_bytes
+    # Without the feature store each sample also decodes and encodes 2 images (stage I) or 2 + negatives (stage II)
+    # under no_grad: a transient peak before the text encoder's activations build up, so the larger of the two counts.
+    mib = 2**20
+    return {
+        "case": "memory-stage2", **_common(cfg, model, device), "batch": b, "half_batch": half,
+        "stage2_peak_mib": round(s2[(b, False)][0] / mib, 1),
+        "stage2_peak_checkpointed_mib": round(s2[(b, True)][0] / mib, 1),
+        "stage2_checkpointing_memory_ratio": round(s2[(b, True)][0] / max(1, s2[(b, False)][0]), 3),
+        "stage2_step_s": round(s2[(b, False)][1], 3), "stage2_step_checkpointed_s": round(s2[(b, True)][1], 3),
+        "stage2_half_batch_peak_mib": round(s2[(half, False)][0] / mib, 1),
+        "stage2_half_batch_peak_checkpointed_mib": round(s2[(half, True)][0] / mib, 1),
+        "stage2_per_pair_mib": round(a2 / mib, 3), "stage2_per_sample_mib": round(c2 / mib, 3),
+        "stage2_per_pair_checkpointed_mib": round(a2k / mib, 3),
+        "stage2_per_sample_checkpointed_mib": round(c2k / mib, 3),
+        "stage1_peak_mib": round(s1[(b, False)][0] / mib, 1),
+        "stage1_peak_checkpointed_mib": round(s1[(b, True)][0] / mib, 1),
+        "stage1_step_s": round(s1[(b, False)][1], 3), "stage1_step_checkpointed_s": round(s1[(b, True)][1], 3),
+        "stage1_per_sample_mib": round(per1 / mib, 3), "stage1_per_sample_checkpointed_mib": round(per1k / mib, 3),
+        "vit_no_grad_forward_per_image_mib": round(vit_per_image / mib, 3),
+        "stage1_fixed_gib": round(fixed1 / GIB, 3), "stage2_fixed_gib": round(fixed2 / GIB, 3),
+        "fits_reserve_gib": round(CUDA_RESERVE_BYTES / GIB, 2),
+        "fits_stage1": fits_table(fixed1, per1), "fits_stage1_checkpointed": fits_table(fixed1, per1k),
+        "fits_stage2": fits_table(fixed2, c2, a2), "fits_stage2_checkpointed": fits_table(fixed2, c2k, a2k),
+        "memory_method": vit_mem.method,
+    }
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def run(cfg: BenchConfig, emit: Callable[[dict], None] = lambda r: print(json.dumps(r), flush=True)) -> list[dict]:
     """Run every requested case and reranker; each result is passed to `emit` (default: one JSON line on stdout)."""
@@ -364,9 +693,9 @@ def run(cfg: BenchConfig, emit: Callable[[dict], None] = lambda r: print(json.du
         raise ValueError("--device cuda requested but torch sees no CUDA device")
     if cfg.dtype == "fp16" and device.type != "cuda":
         raise ValueError("--dtype fp16 needs --device cuda (CPU autocast supports bf16)")
-    unknown = set(cfg.cases) - {"eval", "train"}
+    unknown = set(cfg.cases) - set(CASES)
     if unknown:
-        raise ValueError(f"unknown cases {sorted(unknown)}; choose from eval, train")
+        raise ValueError(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rerankers = ("dual", "joint") if cfg.reranker == "both" else (cfg.reranker,)
@@ -374,7 +703,9 @@ def run(cfg: BenchConfig, emit: Callable[[dict], None] = lambda r: print(json.du
     for reranker in rerankers:
         model = _build(cfg, reranker, device)
         for case in cfg.cases:
-            result = (bench_eval if case == "eval" else bench_train)(cfg, model, device)
+            result = bench_store(case, cfg, device) if case in STORE_CASES else {
+                "eval": bench_eval, "train": bench_train, "eval-cirr-shaped": bench_eval_cirr,
+                "memory-stage2": bench_memory}[case](cfg, model, device)
             result["machine"] = _machine(device)
             emit(result)
             results.append(result)
@@ -402,7 +733,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="python -m cirlib.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=d.preset, choices=["blip-base", "tiny"])
     p.add_argument("--reranker", default=d.reranker, choices=["dual", "joint", "both"])
-    p.add_argument("--cases", default=",".join(d.cases), help="comma-separated: eval,train")
+    p.add_argument("--cases", default=",".join(d.cases), help=f"comma-separated: {','.join(CASES)}")
     p.add_argument("--queries", type=int, default=d.queries)
     p.add_argument("--gallery", type=int, default=d.gallery)
     p.add_argument("--text-len", type=int, default=d.text_len)
@@ -412,12 +743,20 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--max-pairs", type=int, default=d.max_pairs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--memory-batch", type=int, default=d.memory_batch)
+    for f in dataclasses.fields(BenchConfig):  # the eval-cirr-shaped options: --cirr-queries, ...
+        if f.name.startswith("cirr_"):
+            kind = (lambda v: v.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     a = p.parse_args(argv)
     if a.text_len < 3:
         p.error("--text-len must be at least 3 ([ENC], a word, [SEP])")
     return BenchConfig(preset=a.preset, reranker=a.reranker, cases=tuple(c for c in a.cases.split(",") if c),
                        queries=a.queries, gallery=a.gallery, text_len=a.text_len, train_batch=a.train_batch,
-                       device=a.device, dtype=a.dtype, max_pairs=a.max_pairs, seed=a.seed, threads=a.threads)
+                       device=a.device, dtype=a.dtype, max_pairs=a.max_pairs, seed=a.seed, threads=a.threads,
+                       memory_batch=a.memory_batch,
+                       **{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchConfig)
+                          if f.name.startswith("cirr_")})
 
 
 def main(argv: list[str] | None = None) -> None:

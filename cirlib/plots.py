@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from cirlib.eval.rank_shift import RankShift, rank_shift
 from cirlib.paths import FIGURES, atomic_write
@@ -108,11 +109,29 @@ def plot_rank_shift(
         if title:
             top.set_title(title)
         bottom.plot(x, shift.counts, "chocolate", linewidth=0.9)
-        bottom.set_yscale("symlog")
+        _count_axis(bottom, int(np.max(shift.counts, initial=0)))
         bottom.set_ylabel("Number of samples")
         bottom.set_xlabel("Initial ranking (index)")
         bottom.grid(linestyle="--", alpha=0.6)
     return _maybe_save(fig, save_name, out_dir)
+
+
+def _count_axis(ax, max_count: int) -> None:
+    """The panel's "Number of samples" axis: symlog (linear up to 1, then decades) from 0, never below.
+
+    Counts are never negative, but matplotlib's autoscale pads the limits below 0 and, on a small category whose
+    counts are all 0 or 1, labels the padding (-5x10^-2 beside 0, overlapping). The axis starts at 0 and ends at 1.5x
+    the largest count (at least 1), with ticks 0, 1, 10, 100, ... up to it: a decade apart, so labels never overlap.
+    """
+    top = max(1, max_count)
+    ticks, decade = [0], 1
+    while decade <= top:
+        ticks.append(decade)
+        decade *= 10
+    ax.set_yscale("symlog", base=10, linthresh=1, linscale=1)
+    ax.set_ylim(0, 1.5 * top)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 # ------------------------------------------------------------------------------------------------ recall curves
@@ -182,11 +201,23 @@ def _as_image(img: Any, where: str) -> np.ndarray:
     raise ValueError(f"{where}: expected a PIL image or an (H, W[, 3|4]) array, got shape {arr.shape}")
 
 
+# Qualitative grids are read on screen, scaled to the notebook's width: type sizes in points at which the names stay
+# legible (>= ~10 px) when a 1.3-inch cell is shown at ~75 % of its size.
+GRID_CELL_IN = 1.3  # inches per candidate image
+GRID_TITLE_PT = 9.0  # candidate names above the images
+GRID_TEXT_PT = 10.0  # the reference's modification text and the stage labels
+GRID_NAME_CHARS = 20  # a title longer than this wraps (at hyphens first) onto a second line
+
+
+def _grid_name(name: str) -> str:
+    return "\n".join(textwrap.wrap(name, GRID_NAME_CHARS, break_on_hyphens=True)) or name
+
+
 def _show(ax, img: np.ndarray, caption: str, highlight: bool) -> None:
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(caption, fontsize=6, pad=2)
+    ax.set_title(caption, fontsize=GRID_TITLE_PT, pad=3)
     for spine in ax.spines.values():
         spine.set_visible(highlight)
         if highlight:
@@ -219,23 +250,31 @@ def plot_qualitative_grid(
                 f"row {r}: stage1 and stage2 must both list the same n >= 1 candidates as row 0 ({n}), got "
                 f"{len(row.stage1)} and {len(row.stage2)}"
             )
-    cell = 0.9  # inches per image
+    texts = ["\n".join(textwrap.wrap(row.text, wrap)) or "(empty text)" for row in rows]
+    text_lines = max(t.count("\n") + 1 for t in texts)
+    # Each block is two image rows plus room for two-line names above each and the reference's text below it, so
+    # one query's text never runs into the next query's names.
+    cell = GRID_CELL_IN
+    title_in = 2.4 * GRID_TITLE_PT / 72  # two lines of names
+    text_in = (text_lines + 0.8) * 1.25 * GRID_TEXT_PT / 72
+    block_in = 2 * (cell + title_in) + text_in
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(cell * (n + 1.7), cell * 2.5 * len(rows)))
-        outer = GridSpec(len(rows), 1, figure=fig, hspace=0.3)
+        fig = Figure(figsize=(cell * (n + 1.7), block_in * len(rows)), layout="constrained")
+        outer = GridSpec(len(rows), 1, figure=fig)
         for r, row in enumerate(rows):
             # column 1 is an empty spacer so the stage labels do not run into the reference's text
-            inner = outer[r].subgridspec(2, n + 2, width_ratios=[1.4, 0.3] + [1] * n, hspace=0.3, wspace=0.08)
+            inner = outer[r].subgridspec(2, n + 2, width_ratios=[1.4, 0.3] + [1] * n)
             ref_ax = fig.add_subplot(inner[:, 0])
-            _show(ref_ax, _as_image(row.reference, f"row {r} reference"), row.reference_name or "reference", False)
-            ref_ax.set_xlabel("\n".join(textwrap.wrap(row.text, wrap)) or "(empty text)", fontsize=7)
+            _show(ref_ax, _as_image(row.reference, f"row {r} reference"), _grid_name(row.reference_name or "reference"),
+                  False)
+            ref_ax.set_xlabel(texts[r], fontsize=GRID_TEXT_PT)
             for s, (stage, cands) in enumerate((("Stage I", row.stage1), ("Stage II", row.stage2))):
                 for j, (name, img) in enumerate(cands):
                     ax = fig.add_subplot(inner[s, j + 2])
                     image = _as_image(img, f"row {r} {stage} #{j + 1} ({name})")
-                    _show(ax, image, f"{j + 1}. {name}", name == row.target)
+                    _show(ax, image, _grid_name(f"{j + 1}. {name}"), name == row.target)
                     if j == 0:
-                        ax.set_ylabel(stage, fontsize=7)
+                        ax.set_ylabel(stage, fontsize=GRID_TEXT_PT)
     return _maybe_save(fig, save_name, out_dir)
 
 

@@ -2,6 +2,7 @@
 
     outputs/stage1/<run>/                     outputs/stage2/<run>/
       config.json          training config      config.json            training config
+      provenance.json      what produced it     provenance.json        (code, weights, data hashes, packages, ...)
       done.json            completion record    done.json              completion record
       metrics.jsonl, metrics.csv  training log  metrics.jsonl, metrics.csv
       checkpoints/{last,best}/  resumable state checkpoints/{last,best}/
@@ -9,7 +10,12 @@
       metrics.json         final evaluation     metrics.json           stage I vs stage II (evaluation record)
       topk_<split>[_<category>].pt  top-k files stage2_labels_<split>[_<category>].pt   label tensors
       candidate_recall.json                     reranked_<split>[_<category>].pt        re-ranked top-K (top-k format)
-      .lock                one writer at a time submission/                            CIRR test-server files
+      .lock                one writer at a time stage2_labels_<...>.provenance.json   each label tensor's sidecar
+                                                submission/                            CIRR test-server files
+                                                submission_<name>.provenance.json      each submission's sidecar
+
+A result's provenance record (`cirlib.provenance`) also sits in done.json and metrics.json ("provenance") and in each
+top-k file's metadata; sha256 results of large files are cached under `<outputs>/.cache/` (`hash_cache_file`).
 
 "Finished" has one definition (`RunFolder.finished`): the completion record `done.json`, written last, holds exactly
 the config being asked for. A run that is (re)started removes its completion record before anything else, so an
@@ -31,6 +37,9 @@ from cirlib import paths
 
 STAGES = ("stage1", "stage2")
 CONFIG_FILE = "config.json"
+PROVENANCE_FILE = "provenance.json"  # beside config.json: what produced the run (config.json stays the bare config)
+SIDECAR_SUFFIX = ".provenance.json"  # <file stem> + this: the provenance sidecar of a result file without metadata
+HASH_CACHE_FILE = ".cache/sha256.json"  # under the outputs root: sha256 of large files by (path, size, mtime)
 COMPLETION_FILE = "done.json"
 LOG_FILE = "metrics.jsonl"
 LOG_CSV_FILE = "metrics.csv"
@@ -42,6 +51,8 @@ CANDIDATE_RECALL_FILE = "candidate_recall.json"
 SUBMISSION_DIR = "submission"
 LOCK_FILE = ".lock"
 TENSORBOARD_DIR = "tensorboard"
+DROPPED_QUERIES_FILE = "dropped_queries.json"  # what missing_images="drop" left out, per step and split
+MISSING_IMAGES_FILE = "missing_images.tsv"  # every missing image, when missing_images="error" stopped a step
 
 
 class RunFolderError(RuntimeError):
@@ -66,7 +77,23 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def hash_cache_file(outputs: str | os.PathLike | None = None) -> Path:
+    """The outputs root's on-disk sha256 cache (see `cirlib.provenance.file_sha256`)."""
+    return outputs_root(outputs) / HASH_CACHE_FILE
+
+
+def sidecar_file(result: str | os.PathLike) -> Path:
+    """The provenance sidecar of a result file that has no room for metadata: `<stem>.provenance.json` beside it."""
+    result = Path(result)
+    return result.with_name(result.stem + SIDECAR_SUFFIX)
+
+
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def remember_sha256(path: str | os.PathLike, size: int, mtime_ns: int, digest: str) -> None:
+    """Seed this process's sha256 cache with a digest known from elsewhere (the on-disk cache)."""
+    _SHA_CACHE[(str(Path(path).resolve()), int(size), int(mtime_ns))] = digest
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -119,6 +146,11 @@ class RunFolder:
         return self.path / CONFIG_FILE
 
     @property
+    def provenance_file(self) -> Path:
+        """What produced the run (`cirlib.provenance` record), written with config.json at every (re)start."""
+        return self.path / PROVENANCE_FILE
+
+    @property
     def completion_file(self) -> Path:
         return self.path / COMPLETION_FILE
 
@@ -156,9 +188,23 @@ class RunFolder:
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD_DIR
 
+    @property
+    def dropped_queries_file(self) -> Path:
+        """The queries and gallery images missing_images="drop" left out (counts, rows, pair ids, missing names)."""
+        return self.path / DROPPED_QUERIES_FILE
+
+    @property
+    def missing_images_file(self) -> Path:
+        """Every missing image file, written when missing_images="error" stopped a step before it started."""
+        return self.path / MISSING_IMAGES_FILE
+
     def topk_file(self, split: str, category: str | None = None) -> Path:
         """A stage-I top-k file (the original's format plus our metadata)."""
         return self.path / f"topk_{_suffix(split, category)}.pt"
+
+    def topk_files(self) -> list[Path]:
+        """Every top-k file in the run folder, by name."""
+        return sorted(self.path.glob("topk_*.pt"))
 
     @property
     def candidate_recall_file(self) -> Path:
@@ -172,9 +218,18 @@ class RunFolder:
         """The re-ranked top-K of an evaluation, in the top-k file format (names, stage-I and stage-II scores)."""
         return self.path / f"reranked_{_suffix(split, category)}.pt"
 
+    def labels_provenance_file(self, split: str, category: str | None = None) -> Path:
+        """The sidecar of a label tensor (bare tensors have no room for metadata)."""
+        return sidecar_file(self.labels_file(split, category))
+
     @property
     def submission_dir(self) -> Path:
         return self.path / SUBMISSION_DIR
+
+    def submission_provenance_file(self, name: str) -> Path:
+        """The sidecar of the submission files named `name` (outside submission/, which holds the server's files
+        only)."""
+        return self.path / f"{SUBMISSION_DIR}_{name}{SIDECAR_SUFFIX}"
 
     @property
     def lock_file(self) -> Path:
@@ -199,10 +254,15 @@ class RunFolder:
             return None
         return record
 
-    def start(self, config: Mapping[str, Any]) -> None:
-        """Begin (or resume) training: drop the completion record first, then write the config being trained."""
+    def start(self, config: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> None:
+        """Begin (or resume) training: drop the completion record first, then write the config being trained (and
+        beside it, when given, the provenance record of this start: `provenance_file`)."""
         paths.check_writable(self.path, f"run folder of {self.stage} run {self.name!r}")
         self.completion_file.unlink(missing_ok=True)
+        if provenance is not None:
+            paths.write_json(self.provenance_file, dict(provenance))
+        else:  # a record of an earlier start would describe another run
+            self.provenance_file.unlink(missing_ok=True)
         paths.write_json(self.config_file, dict(config))
 
     def complete(self, config: Mapping[str, Any], **record: Any) -> dict[str, Any]:

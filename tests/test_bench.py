@@ -79,3 +79,72 @@ def test_parse_args_and_bad_options():
         run(BenchConfig(preset="tiny", dtype="fp16"))
     with pytest.raises(ValueError, match="unknown cases"):
         run(BenchConfig(preset="tiny", cases=("speed",)))
+
+
+# ------------------------------------------------------------------------------- CIRR-shaped evaluation, memory
+def test_zipf_lists_and_calibration():
+    from cirlib.bench import calibrate_zipf, mean_reuse, zipf_topk_lists
+    lists = zipf_topk_lists(100, 10, 300, 1.0, torch.Generator().manual_seed(0))
+    assert lists.shape == (300, 10)
+    assert all(len(set(row.tolist())) == 10 for row in lists)  # each query's top-k holds distinct images
+    counts = torch.bincount(lists.reshape(-1), minlength=100)
+    assert counts[:10].sum() > 3 * counts[-10:].sum()  # skewed: popular images are in many more lists
+    assert mean_reuse(lists) == pytest.approx(3000 / torch.unique(lists).numel())
+    assert mean_reuse(zipf_topk_lists(100, 10, 300, 3.0, torch.Generator().manual_seed(0))) > mean_reuse(lists)
+    # calibrated exponent: every image still appears (reuse = 300 x 10 / 100 = 30) but a stronger skew would not
+    s = calibrate_zipf(gallery=100, k=10, queries=300, target=30.0, steps=8)
+    assert 0 < s < 3
+    assert mean_reuse(zipf_topk_lists(100, 10, 300, s, torch.Generator().manual_seed(0))) <= 30 * 1.001
+    assert mean_reuse(zipf_topk_lists(100, 10, 300, s + 0.5, torch.Generator().manual_seed(0))) > 30 * 1.001
+
+
+def test_bench_eval_cirr_shaped_tiny():
+    cfg = BenchConfig(preset="tiny", reranker="dual", cases=("eval-cirr-shaped",), cirr_gallery=60, cirr_queries=12,
+                      cirr_k=5, cirr_batch=4, cirr_sample=3, cirr_max_pairs=8, cirr_token_pool=7)
+    (r,) = run(cfg, emit=lambda _: None)
+    assert r["case"] == "eval-cirr-shaped" and r["pairs"] == 60 and r["gallery"] == 60
+    assert r["per_pair_sample_queries"] == 4 and r["per_pair_extrapolated"]  # whole batches: 3 -> 4 queries
+    assert r["per_pair_s_extrapolated"] == pytest.approx(r["per_pair_sample_s"] * 12 / 4, rel=1e-3)
+    assert r["speedup"] == pytest.approx(r["per_pair_s_extrapolated"] / r["shared_s"], rel=1e-2)
+    assert r["max_abs_score_diff"] <= 1e-4 and r["split_wide_max_abs_score_diff"] <= 1e-4 and r["score_std"] > 0
+    assert r["mean_reuse"] >= 1 and r["mean_reuse_at_cirr_val_n"] > 1
+    # grouping over the whole split shares at least as much as grouping within batches of 4
+    assert r["split_wide_pass_reuse"] >= r["pass_reuse"] >= 1 and r["split_wide_flop_ratio"] > 0
+
+
+def test_fits_table_solves_the_memory_model():
+    from cirlib.bench import fits_table
+    gib = 2**30
+    linear = fits_table(2e9, 0.5e9, budgets_gb=(24,), reserve_bytes=0)
+    assert linear == {"24GB": 44}  # (24 - 2) / 0.5
+    quad = fits_table(0, 0, 1e9, budgets_gb=(16, 80), reserve_bytes=0)
+    assert quad == {"16GB": 4, "80GB": 8}  # B^2 <= budget
+    assert fits_table(30 * gib, 1e6, budgets_gb=(24,)) == {"24GB": 0}
+
+
+def test_bench_memory_case_tiny():
+    (r,) = run(BenchConfig(preset="tiny", cases=("memory-stage2",), memory_batch=4, text_len=8), emit=lambda _: None)
+    assert r["case"] == "memory-stage2" and r["batch"] == 4 and r["half_batch"] == 2
+    assert r["stage2_peak_mib"] > 0 and r["stage1_peak_mib"] > 0 and r["vit_no_grad_forward_per_image_mib"] >= 0
+    for table in ("fits_stage1", "fits_stage2", "fits_stage2_checkpointed"):
+        assert set(r[table]) == {"24GB", "40GB", "80GB"}
+        assert r[table]["24GB"] <= r[table]["40GB"] <= r[table]["80GB"]
+
+
+def test_bench_store_cases_tiny_print_json_with_equal_losses():
+    """store-stage1 / store-stage2 through the CLI: one JSON line each, the step with and without the feature store
+    (issue 13), the same loss in fp32 (timings are not asserted: the tiny preset proves nothing about speed)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cirlib.bench", "--preset", "tiny", "--cases", "store-stage1,store-stage2",
+         "--train-batch", "4"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["store-stage1", "store-stage2"]
+    for r in rows:
+        assert {"speedup", "loss_abs_diff", "without_store_s", "with_store_s", "store_build_s", "optimizer_s",
+                "store_bytes_per_image", "batch", "machine"} <= set(r)
+        assert r["batch"] == 4 and r["without_store_s"] > 0 and r["with_store_s"] > 0
+        assert r["speedup"] == pytest.approx(r["without_store_s"] / r["with_store_s"], rel=1e-2)
+        assert r["loss_abs_diff"] <= 1e-5 and r["loss_with_store"] > 0
+    assert rows[0]["images_per_step"] == 8 and rows[1]["images_per_step"] == 4 * 5

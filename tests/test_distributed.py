@@ -161,7 +161,9 @@ def test_sharded_evaluation_equals_one_process(world, tmp_path):
         (two / "stage1/s1/candidate_recall.json").read_text())
     # the evaluation records agree except for what produced them (the top-k files' bytes may differ in float noise)
     m1, m2 = (json.loads((d / "stage2/s2/metrics.json").read_text()) for d in (one, two))
-    assert {k: v for k, v in m1.items() if k != "produced_by"} == {k: v for k, v in m2.items() if k != "produced_by"}
+    made = ("produced_by", "provenance")
+    assert {k: v for k, v in m1.items() if k not in made} == {k: v for k, v in m2.items() if k not in made}
+    assert (m1["provenance"]["processes"], m2["provenance"]["processes"]) == (1, 2)  # each says how it ran
     assert torch.equal(torch.load(one / "stage2/s2/stage2_labels_val.pt", weights_only=True),
                        torch.load(two / "stage2/s2/stage2_labels_val.pt", weights_only=True))
 

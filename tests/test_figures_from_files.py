@@ -17,7 +17,7 @@ from cirlib.run_folder import RunFolder
 from cirlib.workbook import figures, inputs, steps
 from cirlib.workbook.config import (AnalysisConfig, EvaluateConfig, ExplorerConfig, Stage1Config,
                                     Stage2TrainConfig, TopKConfig)
-from cirlib.workbook.explorer import Explorer
+from cirlib.workbook.explorer import SHOWN, Explorer
 
 K, FUSION = 12, 0.25  # the evaluation's settings (fusion above 0, so the fused path is what gets checked)
 
@@ -102,7 +102,8 @@ def test_explorer_changes_k_and_fusion_weight_from_the_files(finished_run):
     assert list(ex.ranking(0, 10, 1.0).final_names) == list(scored.sorted_index_names[0, :10])  # stage I alone
     with pytest.raises(ValueError, match=f"k must lie in 1..{K}"):
         ex.ranking(0, K + 1)
-    assert len(ex.figure(1, 8, FUSION).axes) == 1 + 2 * 8
+    assert len(ex.figure(1, 8, FUSION).axes) == 1 + 2 * SHOWN  # K = 8 re-ranked, the first SHOWN drawn
+    assert len(ex.figure(1, 3, FUSION).axes) == 1 + 2 * 3  # fewer re-ranked than SHOWN: all of them
 
 
 def test_missing_reranked_file_is_named_with_its_maker(finished_run, tmp_path):

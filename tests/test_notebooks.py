@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 import shutil
 import uuid
 
@@ -213,6 +214,26 @@ def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
         batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src, cell_timeout_s=3)
 
 
+def test_executed_copies_show_finished_text_progress(tmp_path):
+    """A batch run's kernels draw text bars: the executed copy ends at 100%, with no widget left at its first 0%."""
+    src = tmp_path / "nbs"
+    src.mkdir()
+    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+    params = nbformat.v4.new_code_cell('steps: int = 3  # bar length')
+    params.metadata["tags"] = ["parameters"]
+    body = "from cirlib.progress import progress_bar\nfor _ in progress_bar(range(steps), desc='epochs'):\n    pass"
+    book.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(book, str(src / "01_bars.ipynb"))
+    (tmp_path / "p.yaml").write_text("steps: 4\n")
+    (executed,) = batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
+    outputs = nbformat.read(executed, as_version=4).cells[-1].outputs
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "epochs: 100%" in text and "4/4" in text
+    assert os.environ.get("CIRLIB_PROGRESS") is None  # the runner's own environment is restored
+
+
 # ------------------------------------------------------------------------------------------------ original's labels
 
 
@@ -345,3 +366,47 @@ def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
         assert sorted(ranking.final_names) == sorted(ranking.stage1_names)
     fused = ex.ranking(0, 10, fusion_weight=1.0)  # stage I alone: the file's order back
     assert list(fused.final_names) == list(fused.stage1_names)
+
+
+# ------------------------------------------------------------------------------------------------ FashionIQ end to end
+
+
+def test_every_notebook_runs_on_a_fashioniq_world_with_hard_negatives(tmp_path):
+    """The batch on a FashionIQ-layout world (three categories) as a user runs it with the paper's file, made tiny:
+    train top-K for stage-II hard negatives (notebook 02 used to fail ranking train queries), per-category
+    evaluation, Figure 8 per category; notebook 05 says FashionIQ has no test server and writes nothing."""
+    # 10 val queries per category: a 60-image val gallery, enough for K = 50 (FashionIQ's R@50 needs k >= 50)
+    world = synth.generate(synth.SynthConfig(layout="fashioniq", n_train=48, n_val=30, n_test=6, seed=3),
+                           root=tmp_path / "fashionIQ_dataset")
+    data, _ = batch.load_params(paths.REPO_ROOT / "params" / "fashioniq.yaml")
+    params = {k: v for k, v in data.items() if k not in ("notebooks", "tokenizer", "pretrained", "num_workers")}
+    params.update({
+        "batch_name": "pytest_fiq", "smoke": True, "data_root": str(world), "outputs": str(tmp_path / "outputs"),
+        "figures_dir": str(tmp_path / "figures"), "preset": "tiny", "precision": "fp32", "train_image_encoder": True,
+        "reranker": "joint", "init": "scratch", "scoring": "pairs",
+        "topk_k": 60, "topk_splits": "val,train", "k": 50, "hard_negatives": 2, "mining_k": 20,
+        # stage II without its per-epoch validation (3 x 10 x 50 pairs re-ranked on two CPU cores): notebook 04 re-ranks
+        # them once; smoke would force validation on
+        "notebooks": {"00_data_preview": {"image_size": 48},
+                      "03_stage2_train": {"smoke": False, "epochs": 1, "max_epoch": 1, "max_steps_per_epoch": 1,
+                                          "batch_size": 4, "validate_every": 0}},
+    })
+    assert (params["dataset"], params["categories"]) == ("fashioniq", "dress,shirt,toptee")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    executed = batch.run_batch(tmp_path / "params.yaml", output_dir=tmp_path / "executed", cell_timeout_s=600)
+    assert [p.name for p in executed] == [f"{stem}.ipynb" for stem in NOTEBOOKS]
+    for p in executed:
+        book = nbformat.read(p, as_version=4)
+        assert not [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    s1 = tmp_path / "outputs" / "stage1" / params["stage1_run"]
+    s2 = tmp_path / "outputs" / "stage2" / params["stage2_run"]
+    for cat in ("dress", "shirt", "toptee"):
+        assert (s1 / f"topk_val_{cat}.pt").is_file() and (s1 / f"topk_train_{cat}.pt").is_file()
+        assert (s2 / f"stage2_labels_val_{cat}.pt").is_file()
+        for stem in (f"fig8_rank_shift_fashioniq_{cat}", f"recall_curves_fashioniq_{cat}"):
+            assert (tmp_path / "figures" / f"{stem}.png").stat().st_size > 1000
+    record = json.loads((s2 / "done.json").read_text())
+    assert record["config"]["hard_negatives"] == 2 and len(record["inputs"]["train_topk"]) == 3
+    metrics = json.loads((s2 / "metrics.json").read_text())
+    assert metrics["k"] == 50 and {"dress_R@10", "avg_R@50", "average_recall"} <= set(metrics["stage2"])
+    assert not (s2 / "submission").exists()

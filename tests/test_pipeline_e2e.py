@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cirlib.workbook import steps
 from cirlib.eval import submission
@@ -50,6 +51,10 @@ def test_two_stage_pipeline(world, outputs):
     log = [json.loads(line) for line in (s1.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [0, 1] and all("loss" in r for r in log if r["kind"] == "epoch")
     assert [r["kind"] for r in log].count("val") == 2 and (s1.run_dir / "metrics.csv").exists()
+    # the same records as TensorBoard curves in the run folder (tests/test_tracking.py compares every value)
+    tb = EventAccumulator(str(s1.run_dir / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in tb.Scalars("val/R@1")] == [(r["step"], pytest.approx(r["val/R@1"]))
+                                                                   for r in log if r["kind"] == "val"]
     # a finished run with the same config is reused, not retrained
     assert steps.train_stage1(_stage1(world, outputs)).reused
 
@@ -75,6 +80,7 @@ def test_two_stage_pipeline(world, outputs):
                              epochs=1, max_epoch=1, lr=1e-3, batch_size=8, max_steps_per_epoch=3, outputs=outputs)
     s2 = steps.train_stage2(cfg2)
     assert (s2.run_dir / "model" / "model.safetensors").exists()
+    assert "epoch/loss" in EventAccumulator(str(s2.run_dir / "tensorboard")).Reload().Tags()["scalars"]
     comparison = steps.evaluate(EvaluateConfig(stage2_run="s2", k=32, outputs=outputs))
     table = comparison.table()
     assert {"R@1", "R@5", "R@10", "Rsubset@1"} <= set(table.index)

@@ -163,6 +163,46 @@ def test_qualitative_grid(tmp_path):
         plots.plot_qualitative_grid([neg])
 
 
+def _texts_px(fig, shown_width_px: float):
+    """Every non-empty text of a drawn figure: (text, bbox, font size in screen pixels) when the figure is shown
+    scaled to `shown_width_px` (a notebook shrinks a figure wider than its output area to fit)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    dpi = 100  # the inline backend's figure dpi
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    scale = min(1.0, shown_width_px / (fig.get_figwidth() * dpi))
+    out = []
+    for t in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_fontsize")):
+        if t.get_visible() and t.get_text().strip():
+            out.append((t.get_text(), t.get_window_extent(renderer), t.get_fontsize() * dpi / 72 * scale))
+    return out
+
+
+@pytest.mark.parametrize("n_shown", [5])  # the explorer's SHOWN and notebook 06's QUALITATIVE_TOP
+def test_qualitative_grid_is_legible_and_nothing_overlaps(n_shown):
+    from cirlib.workbook import explorer, figures
+
+    assert explorer.SHOWN == n_shown and figures.QUALITATIVE_TOP == n_shown
+    rng = np.random.default_rng(0)
+    img = lambda: rng.integers(0, 255, size=(40, 60, 3), dtype=np.uint8)  # noqa: E731
+    # CIRR-length names and a long caption: the case that ran into the next row before
+    names = [f"test1-{1000 + j}-{j % 3}-img{j % 2}" for j in range(n_shown)]
+    text = "change the dog to a cat sitting on a wooden bench next to a bicycle in the rain at night"
+    rows = [plots.QualitativeRow(reference=img(), text=text, stage1=[(n, img()) for n in names],
+                                 stage2=[(n, img()) for n in reversed(names)], target=names[1],
+                                 reference_name=f"dev-{r}-0-img0-reference-long") for r in range(3)]
+    fig = plots.plot_qualitative_grid(rows)
+    texts = _texts_px(fig, shown_width_px=900)  # a JupyterLab output area on a laptop screen
+    assert len(texts) >= 3 * (1 + 2 * n_shown)
+    small = [(t, round(px, 1)) for t, _, px in texts if px < 10]
+    assert not small, f"text below 10 px on screen: {small[:5]}"
+    overlaps = [(a, b) for i, (a, ba, _) in enumerate(texts) for (b, bb, _) in texts[i + 1:] if ba.overlaps(bb)]
+    assert not overlaps, f"texts drawn over each other: {overlaps[:3]}"
+
+
 def test_save_figure_rejects_path_like_names(tmp_path):
     fig = plots.plot_recall_curves({"a": {"R@1": 1.0}}, (1,))
     with pytest.raises(ValueError, match="plain file stem"):
@@ -174,3 +214,32 @@ def test_save_figure_creates_its_folder_and_leaves_no_temporary_files(tmp_path):
     fig = plots.plot_recall_curves({"a": {"R@1": 1.0, "R@5": 2.0}}, (1, 5))
     _assert_saved(plots.save_figure(fig, "curves", tmp_path / "new" / "deeper"))
     assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["curves.pdf", "curves.png"]
+
+
+def _count_tick_labels(fig) -> tuple[tuple[float, float], list[tuple[float, str]], list]:
+    """The count axis' limits, its (position, label) ticks inside them, and their drawn bounding boxes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    bottom = fig.axes[1]
+    lo, hi = bottom.get_ylim()
+    shown = [t for t in bottom.get_yticklabels() if lo <= t.get_position()[1] <= hi and t.get_text()]
+    boxes = [t.get_window_extent(canvas.get_renderer()) for t in shown]
+    return (lo, hi), [(t.get_position()[1], t.get_text()) for t in shown], boxes
+
+
+@pytest.mark.parametrize("n, k, expected_ticks", [(5, 100, [0, 1]), (16, 100, [0, 1]), (3000, 20, [0, 1, 10, 100])])
+def test_figure8_count_axis_starts_at_zero_without_negative_or_overlapping_labels(n, k, expected_ticks):
+    # a small FashionIQ category (a few queries: counts 0 or 1) and a large one; matplotlib's autoscale used to pad
+    # the symlog axis below 0 and label the padding "-5x10^-2" right beside "0"
+    rng = np.random.default_rng(n)
+    r1 = rng.integers(0, k, size=n)
+    r2 = np.minimum(r1, rng.integers(0, k, size=n))
+    shift = rank_shift(_labels(r1, k), _labels(r2, k))
+    (lo, hi), ticks, boxes = _count_tick_labels(plots.plot_rank_shift(shift))
+    assert lo == 0 and hi >= shift.counts.max()
+    assert [pos for pos, _ in ticks] == expected_ticks
+    assert not any(text.startswith(("-", "\N{MINUS SIGN}")) or "{-" in text for _, text in ticks), ticks
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), f"tick labels overlap: {ticks}"

@@ -202,7 +202,7 @@ CODE_PATHS = {
                         Stage2TrainConfig.stage2_folder),
     EvaluateConfig: (steps.evaluate, steps.resolve, EvaluateConfig.stage2_folder),
     SubmissionConfig: (steps.submit_cirr, SubmissionConfig.stage2_folder),
-    DataConfig: (preview.load, preview.split_summary, preview.show_triplets),
+    DataConfig: (preview.load, preview.check_download, preview.split_summary, preview.show_triplets),
     AnalysisConfig: (figures.make_figures, figures.label_sources, figures._stage2_folder, figures.load_label_pair,
                      figures.qualitative_rows, figures.val_split, figures.rank_shift_table),
     ExplorerConfig: (Explorer.__init__, Explorer.split, Explorer.topk, Explorer.widget, figures.label_sources,

@@ -4,13 +4,16 @@ BLIP tokenizer and the synthetic CIR world. Imports nothing from cirlib but the 
 The readers' public names are re-exported here (`from cirlib import data as cdata; cdata.load_split(...)`).
 """
 from cirlib.data.datasets import GalleryDataset, QueryDataset, TripletDataset, collate
-from cirlib.data.readers import (CIRR_SPLITS, DATASETS, FIQ_CATEGORIES, FIQ_SPLITS, FIQ_TRAIN_ORDER, DatasetError,
-                                 DroppedImages, Query, SplitData, fiq_caption_join, load_image, load_split, query_text)
+from cirlib.data.readers import (CIRR_SPLITS, DATASETS, FIQ_CATEGORIES, FIQ_SPLITS, FIQ_TRAIN_ORDER,
+                                 MISSING_IMAGES_POLICIES, DatasetError, DroppedImages, Query, SplitData,
+                                 check_missing_images_policy, drop_missing, fiq_caption_join, load_image, load_split,
+                                 missing_images_error, query_images, query_text, raise_if_missing, split_label)
 from cirlib.data.transforms import CLIP_MEAN, CLIP_STD, SquarePad, TargetPad, squarepad_transform, targetpad_transform
 
 __all__ = [
     "CIRR_SPLITS", "CLIP_MEAN", "CLIP_STD", "DATASETS", "DatasetError", "DroppedImages", "FIQ_CATEGORIES",
-    "FIQ_SPLITS", "FIQ_TRAIN_ORDER", "GalleryDataset", "Query", "QueryDataset", "SplitData", "SquarePad", "TargetPad",
+    "FIQ_SPLITS", "FIQ_TRAIN_ORDER", "GalleryDataset", "MISSING_IMAGES_POLICIES", "check_missing_images_policy",
+    "drop_missing", "missing_images_error", "query_images", "raise_if_missing", "split_label", "Query", "QueryDataset", "SplitData", "SquarePad", "TargetPad",
     "TripletDataset", "collate", "fiq_caption_join", "load_image", "load_split", "query_text",
     "squarepad_transform", "targetpad_transform",
 ]

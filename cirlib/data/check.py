@@ -26,6 +26,7 @@ import PIL.Image
 
 from cirlib import paths
 from cirlib.data.readers import CIRR_SPLITS, FIQ_CATEGORIES, FIQ_SPLITS, DatasetError, SplitData, load_split
+from cirlib.progress import progress_bar
 
 # The public release (shared/data/real-annotations/README.md): sha256 of each annotation file, by its path under
 # the dataset root, and the (queries, gallery images) of each split. CIRR's train captions (28,225 queries) were not
@@ -224,8 +225,6 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
         problems_file: where the full list of image problems goes (default
             `outputs/data_check/<dataset>_image_problems.tsv`).
     """
-    from tqdm.auto import tqdm
-
     dataset = str(dataset).lower()
     if dataset not in PUBLIC_SHA256:
         raise ValueError(f"unknown dataset {dataset!r}; expected 'cirr' or 'fashioniq'")
@@ -270,7 +269,7 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
     chunks = [all_paths[i:i + _CHUNK] for i in range(0, len(all_paths), _CHUNK)]
     n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     results: list[str | None] = []
-    with tqdm(total=len(all_paths), desc=f"{dataset} images", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(all_paths), desc=f"{dataset} images", unit="img", disable=not progress) as bar:
         if n_workers > 0 and len(chunks) > 1:
             with ProcessPoolExecutor(max_workers=n_workers) as pool:
                 for out in pool.map(_inspect_chunk, chunks):

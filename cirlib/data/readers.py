@@ -36,6 +36,7 @@ Quirks of the real annotation files, each handled deliberately:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -48,6 +49,7 @@ from typing import Any
 
 import PIL.Image
 
+from cirlib import paths
 from cirlib.paths import data_root
 
 DATASETS = ("cirr", "fashioniq")
@@ -112,6 +114,11 @@ class DroppedImages:
     gallery: tuple[str, ...]  # gallery names removed (their image is missing)
     queries_before: int  # queries in the caption file (after any query limit)
     gallery_before: int  # gallery images in the split file
+
+    def missing_of(self, query: Query) -> list[str]:
+        """The images of `query` (reference, target, img_set members) whose file is missing, in that order."""
+        missing = set(self.missing)
+        return [name for name in query_images(query) if name in missing]
 
 
 @dataclass(frozen=True)
@@ -485,6 +492,116 @@ def _read_fiq_captions(root: Path, cat: str, split: str, gallery: set[str], spli
             )
         )
     return queries
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Missing images: the two policies of `missing_images`
+
+MISSING_IMAGES_POLICIES = ("error", "drop")
+MISSING_SHOWN = 20  # missing files named in an error message; the full list goes to a file
+
+
+def check_missing_images_policy(value: str) -> str:
+    """The `missing_images` setting, validated: "error" (stop before training, listing every missing image) or
+    "drop" (leave out the queries whose images are missing, counting them)."""
+    if value not in MISSING_IMAGES_POLICIES:
+        raise ValueError(f"missing_images={value!r}; expected one of {list(MISSING_IMAGES_POLICIES)}: \"error\" stops "
+                         "before training and lists every missing image, \"drop\" leaves out the queries that use them")
+    return value
+
+
+def query_images(query: Query) -> tuple[str, ...]:
+    """Every image a query uses: reference, target (if any) and its CIRR img_set members, each once, in that order."""
+    names = (query.reference, *(() if query.target is None else (query.target,)), *(query.members or ()))
+    return tuple(dict.fromkeys(names))
+
+
+def drop_missing(sd: SplitData) -> SplitData:
+    """The split without the queries and gallery images whose image file is missing (`missing_images="drop"`).
+
+    Every gallery image is stat-ed (not opened). A query is dropped when ANY image it names is missing: its
+    reference, its target, or (CIRR) any of its img_set members. Members count because Recall_subset ranks the
+    target among the other members: with one missing the query would be ranked among fewer candidates (an easier,
+    different task), and neither a hit nor a miss can honestly be recorded; on train the members are stage II's
+    `set_negatives`. (A CIRR train member that is not in the train split file is not an image of the split; it is
+    never read and never counted.) Missing gallery images leave the gallery. Queries and gallery keep their order,
+    so the kept queries of the first N rows are the first kept queries of the whole file (top-k rows still match).
+
+    Returns:
+        the split itself when nothing is missing (`dropped` None), else a copy with `dropped` recording exactly what
+        was removed and the counts before.
+    """
+    missing = set(sd.missing_images())
+    if not missing:
+        return sd
+    kept: list[Query] = []
+    removed: list[Query] = []
+    for q in sd.queries:
+        (removed if any(name in missing for name in query_images(q)) else kept).append(q)
+    gallery = [name for name in sd.gallery if name not in missing]
+    missing_in_order = tuple(name for name in sd.gallery if name in missing)
+    dropped = DroppedImages(missing=missing_in_order, queries=tuple(removed), gallery=missing_in_order,
+                            queries_before=len(sd.queries), gallery_before=len(sd.gallery))
+    return dataclasses.replace(sd, queries=kept, gallery=gallery, dropped=dropped)
+
+
+def split_label(sd: SplitData) -> str:
+    """'cirr val' or 'fashioniq val dress': how messages name a split."""
+    return f"{sd.dataset} {sd.split}" + (f" {sd.category}" if sd.category else "")
+
+
+def missing_images_error(sets: Sequence[SplitData], list_file: str | os.PathLike | None = None) -> DatasetError | None:
+    """One error naming EVERY missing image file of all these splits (None when every file exists).
+
+    The message shows the first `MISSING_SHOWN` paths, the count per split, and what to do; the full list (one path
+    a line, with the split) is written to `list_file` (default: a new file in the temporary folder), whose path the
+    message gives.
+
+    Args:
+        sets: the splits a step reads (e.g. val and train of every category).
+        list_file: where to write the full list (a run folder's file when the step has one).
+    """
+    rows: list[tuple[str, Path]] = []
+    per_split: list[str] = []
+    seen: set[Path] = set()
+    for sd in sets:
+        names = sd.missing_images()
+        if names:
+            per_split.append(f"{split_label(sd)}: {len(names):,} of {len(sd.gallery):,}")
+        for name in names:
+            path = sd.image_path(name)
+            if path not in seen:
+                seen.add(path)
+                rows.append((split_label(sd), path))
+    if not rows:
+        return None
+    text = "".join(f"{label}\t{path}\n" for label, path in rows)
+    if list_file is None:
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="cirlib_missing_images_", suffix=".tsv")
+        os.close(fd)
+        list_file = name
+    list_path = paths.atomic_write_text(list_file, text)
+    shown = "\n".join(f"  {path}" for _, path in rows[:MISSING_SHOWN])
+    more = f"\n  ... and {len(rows) - MISSING_SHOWN:,} more" if len(rows) > MISSING_SHOWN else ""
+    first = sets[0]
+    return DatasetError(
+        f"{len(rows):,} image files named by the splits are missing ({'; '.join(per_split)}), under {first.root}:\n"
+        f"{shown}{more}\n"
+        f"The full list ({len(rows):,} files) is in {list_path}.\n"
+        f"What to do: run `python -m cirlib.data check --dataset {first.dataset} {first.root}` for a report of the "
+        "whole download, then restore the files (re-download or re-extract), or set missing_images=\"drop\" to "
+        "leave out the queries whose images are missing (the counts are recorded in dropped_queries.json of the run "
+        "folder and in every metrics.json; such numbers are not comparable with published ones)."
+    )
+
+
+def raise_if_missing(sets: Sequence[SplitData], list_file: str | os.PathLike | None = None) -> None:
+    """Raise `missing_images_error` (every missing file of all these splits, in one error) when any is missing."""
+    err = missing_images_error(sets, list_file)
+    if err is not None:
+        raise err
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from cirlib.models.config import TextConfig
@@ -142,9 +143,18 @@ def ffn(intermediate: Dense, output: DenseNorm, x: torch.Tensor) -> torch.Tensor
 
 
 class LayerList(nn.Module):
-    """`encoder.layer.{i}` container (BERT naming)."""
+    """`encoder.layer.{i}` container (BERT naming), which runs the layers, optionally with gradient checkpointing."""
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
         self.layer = nn.ModuleList(layers)
+        # Recompute each layer's activations in the backward pass instead of keeping them (training with gradients
+        # only). use_reentrant=False keeps the RNG state, so dropout masks, losses and gradients are unchanged.
+        self.gradient_checkpointing = False
+
+    def run(self, method, *args):
+        """`method(*args)` (a layer's bound forward_pairs / forward_shared), checkpointed when enabled and useful."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(method, *args, use_reentrant=False)
+        return method(*args)
 

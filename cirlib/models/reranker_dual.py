@@ -113,7 +113,7 @@ class DualStreamEncoder(nn.Module):
         h0, h1 = z_t, self.embeddings(input_ids)  # stream 0 takes z_t as is: no embedding, LayerNorm or dropout
         mask_add = additive_mask(attention_mask, h1.dtype)
         for layer in self.encoder.layer:
-            h0, h1 = layer.forward_pairs(h0, h1, mask_add, cand_tokens)
+            h0, h1 = self.encoder.run(layer.forward_pairs, h0, h1, mask_add, cand_tokens)
         return torch.cat([h0[:, 0], h1[:, 0]], dim=-1)
 
     def forward_shared(self, z_t, input_ids, attention_mask, cand_tokens, pair_query, grouping) -> torch.Tensor:
@@ -122,7 +122,7 @@ class DualStreamEncoder(nn.Module):
         mask_add = additive_mask(attention_mask, h1.dtype)  # (B, L)
         rows: torch.Tensor | None = pair_query  # hidden states stay per query until the first cross-attention
         for layer in self.encoder.layer:
-            h0, h1 = layer.forward_shared(h0, h1, rows, mask_add, cand_tokens, grouping)
+            h0, h1 = self.encoder.run(layer.forward_shared, h0, h1, rows, mask_add, cand_tokens, grouping)
             if rows is not None:
                 mask_add, rows = mask_add[rows], None
         return torch.cat([h0[:, 0], h1[:, 0]], dim=-1)

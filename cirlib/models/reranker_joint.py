@@ -77,7 +77,7 @@ class JointEncoder(nn.Module):
         h = self.embeddings(input_ids)
         mask_add = additive_mask(attention_mask, h.dtype)
         for layer in self.encoder.layer:
-            h = layer.forward_pairs(h, mask_add, image_tokens)
+            h = self.encoder.run(layer.forward_pairs, h, mask_add, image_tokens)
         return h[:, 0]
 
     def forward_shared(self, input_ids, attention_mask, ref_tokens, ref_grouping, cand_tokens, cand_grouping,
@@ -87,7 +87,8 @@ class JointEncoder(nn.Module):
         mask_add = additive_mask(attention_mask, h.dtype)
         rows: torch.Tensor | None = pair_query
         for layer in self.encoder.layer:
-            h = layer.forward_shared(h, rows, mask_add, ref_tokens, ref_grouping, cand_tokens, cand_grouping)
+            h = self.encoder.run(layer.forward_shared, h, rows, mask_add, ref_tokens, ref_grouping, cand_tokens,
+                                 cand_grouping)
             if rows is not None:
                 mask_add, rows = mask_add[rows], None
         return h[:, 0]

@@ -6,7 +6,10 @@ encoder.layer.N.{intermediate.dense, output.{dense,LayerNorm}}). There is no tok
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.utils.checkpoint
 from transformers import BlipTextConfig, BlipTextModel
 
 from cirlib.models.config import TextConfig
@@ -52,6 +55,20 @@ def build_text_encoder(cfg: TextConfig, encoder_width: int) -> BlipTextModel:
         encoder_width: width Dv of the image tokens its cross-attention reads (keys/values Dv -> hidden).
     """
     return BlipTextModel(blip_text_config(cfg, encoder_width), add_pooling_layer=False)
+
+
+def set_gradient_checkpointing(text_encoder: BlipTextModel, enabled: bool) -> None:
+    """Recompute each text layer's activations in the backward pass instead of keeping them (training mode only).
+
+    transformers' `BlipTextModel` does not offer `gradient_checkpointing_enable`, but its layers are
+    `GradientCheckpointingLayer`s, which checkpoint through the function their `_gradient_checkpointing_func` holds
+    when `gradient_checkpointing` is set (what `PreTrainedModel.gradient_checkpointing_enable` assigns): here
+    `torch.utils.checkpoint.checkpoint` with use_reentrant=False, which keeps the RNG state, so dropout masks and
+    therefore losses and gradients are the same as without it.
+    """
+    for layer in text_encoder.encoder.layer:
+        layer.gradient_checkpointing = enabled
+        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
 def extended_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

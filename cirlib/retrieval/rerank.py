@@ -11,11 +11,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
 from cirlib.models.stage2 import RerankQuery
+from cirlib.progress import progress_bar
 from cirlib.retrieval.search import GalleryFeatures, query_texts
 from cirlib.retrieval.topk import TopK
 
@@ -79,7 +79,7 @@ def rerank(
     share = dist.shard_range(len(queries), batch_size)
     width = 0 if subset_names is None else subset_names.shape[1]
     stage2_scores, subset_scores = [torch.empty(0, k)], [torch.empty(0, width)]
-    for start in tqdm(range(share.start, share.stop, batch_size), desc="re-rank", leave=False,
+    for start in progress_bar(range(share.start, share.stop, batch_size), desc="re-rank", leave=False,
                       disable=not dist.is_main_process()):
         stop = min(start + batch_size, share.stop)
         chunk = queries[start:stop]

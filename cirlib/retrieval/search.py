@@ -7,10 +7,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
+from cirlib.progress import progress_bar
 from cirlib.retrieval.topk import TopK
 
 
@@ -61,7 +61,7 @@ def encode_gallery(
     loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     names: list[str] = []
     tokens, embeds = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not dist.is_main_process()):
+    for batch in progress_bar(loader, desc=desc, leave=False, disable=not dist.is_main_process()):
         tok, emb = encode(batch["image"].to(device))
         names.extend(batch["name"])
         if keep_tokens and tok is not None:
@@ -99,7 +99,15 @@ def stage2_encoder(model) -> Callable:
 
 
 def query_texts(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"]) -> list[str]:
-    """Evaluation texts (FashionIQ: the fixed "c1 and c2" join; CIRR: the caption)."""
+    """Ranking texts, on every split (FashionIQ: the fixed "C1 and c2" join; CIRR: the caption).
+
+    Ranking is deterministic, also on the train split (mining stage-II negatives from its top-K): a FashionIQ train
+    query is ranked with the validation join, as `QueryDataset` does, never with one of the four random training
+    joins (`query_text` on "train" draws those and refuses without a generator). The original mines nothing and
+    ranks FashionIQ val only, always with "C1 and c2".
+    """
+    if split_data.dataset == "fashioniq":
+        return [cdata.fiq_caption_join(q.captions) for q in queries]
     return [cdata.query_text(q, split_data.dataset, split_data.split, None) for q in queries]
 
 
@@ -119,7 +127,8 @@ def encode_queries(
     queries = list(split_data.queries if queries is None else queries)
     texts = query_texts(split_data, queries)
     out = []
-    for start in tqdm(range(0, len(queries), batch_size), desc=desc, leave=False, disable=not dist.is_main_process()):
+    for start in progress_bar(range(0, len(queries), batch_size), desc=desc, leave=False,
+                              disable=not dist.is_main_process()):
         chunk = queries[start:start + batch_size]
         ref = gallery.tokens[gallery.positions([q.reference for q in chunk])].to(device, torch.float32)
         ids, mask = tokenizer(texts[start:start + batch_size])

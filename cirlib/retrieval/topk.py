@@ -12,7 +12,10 @@ code reads our files and we read the original's released ones:
     'dress_types'         str                     FashionIQ only (the category)
 
 plus our own metadata under 'cirlib' (format version, dataset, category, k, scores, stage-I run name, whether the
-reference was removed, the CIRR subset names, the cirlib version, and after stage II the stage-II scores).
+reference was removed, the CIRR subset names, the cirlib version, and after stage II the stage-II scores). Two records
+say what made the file: `provenance`, the narrow key reuse decisions compare (weights hash, settings), and
+`produced_by`, the full `cirlib.provenance` record (commit, package versions, annotation hashes, ...), which is only
+kept and shown: comparing it would make every commit invalidate every file.
 
 The same format holds the stage-II result (`outputs/stage2/<run>/reranked_<split>[_<category>].pt`): the K re-ranked
 candidates in STAGE-I order with their stage-I `scores` and their `stage2_scores` (plus `group_stage2_scores` for the
@@ -151,6 +154,8 @@ class TopK:
     stage1_run: str | None = None  # name of the stage-I run that produced the ranking
     # what produced the file (JSON-able): e.g. the stage-I weights' sha256, the config hash; reuse decisions read it
     provenance: dict[str, Any] | None = None
+    # the full record of what produced the file (`cirlib.provenance.record`): described, never compared for reuse
+    produced_by: dict[str, Any] | None = None
     # (N, K) float32 stage-II score of each candidate (column-aligned with sorted_index_names); None before stage II
     stage2_scores: torch.Tensor | None = None
     # (N, 5) float32 stage-II score of each CIRR subset member (column-aligned with group_names); None before stage II
@@ -410,6 +415,7 @@ class TopK:
             "scores": None if self.scores is None else self.scores.contiguous().clone(),
             "stage1_run": self.stage1_run,
             "provenance": None if self.provenance is None else dict(self.provenance),
+            "produced_by": None if self.produced_by is None else dict(self.produced_by),
             "reference_removed": bool(self.reference_removed),
             "group_names": None if self.group_names is None else np.ascontiguousarray(self.group_names, dtype=str),
             "stage2_scores": None if self.stage2_scores is None else self.stage2_scores.contiguous().clone(),
@@ -473,6 +479,7 @@ class TopK:
             reference_removed=meta.get("reference_removed"),
             stage1_run=meta.get("stage1_run"),
             provenance=meta.get("provenance"),
+            produced_by=meta.get("produced_by"),
             stage2_scores=meta.get("stage2_scores"),
             group_stage2_scores=meta.get("group_stage2_scores"),
         )

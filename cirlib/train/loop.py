@@ -20,6 +20,9 @@ the best checkpoint); `fit(task, cfg, run_dir)` does the rest:
   and atomic checkpoints (`cirlib.train.checkpoints`): `checkpoints/last/` after every epoch (and when a time budget
   stops the run), written BEFORE the epoch's validation so a failing validation never loses the epoch, and
   `checkpoints/best/` whenever the selection metric improves;
+- experiment tracking through Accelerate's trackers (`cfg.trackers`): every record of the training log also goes to
+  TensorBoard (event files in the run folder's `tensorboard/`; `tensorboard --logdir outputs/`) and/or Weights &
+  Biases or Comet, at the same global steps, on the main process; a resumed run continues the same curves;
 - exact resume: a run interrupted after any epoch (or after any step, when stopped by `time_budget_s`, or during a
   validation) and resumed reaches bit-identical weights and optimizer state to an uninterrupted run;
 - one writer: the main process holds the run folder's lock (`RunFolder.lock`) for the whole call, after checking the
@@ -34,11 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +51,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import gather_object
+from accelerate.tracking import TensorBoardTracker
+from accelerate.utils import ProjectConfiguration, gather_object
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, default_collate
-from tqdm.auto import tqdm
 
 from cirlib import distributed as dist
 from cirlib import paths
+from cirlib.progress import progress_bar, progress_write
 from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.train.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_dir, existing_checkpoint,
                                       load_weights, read_info, read_state, rng_state, set_rng_state, update_info,
@@ -62,10 +68,17 @@ from cirlib.train.runtime import RuntimeInfo, resolve_precision, runtime_info, s
 from cirlib.train.schedules import SCHEDULES, lr_at, make_scheduler, warmup_steps_for
 
 __all__ = ["TrainConfig", "Task", "FitResult", "fit", "lr_at", "warmup_steps_for", "epoch_seed", "checkpoint_dir",
-           "load_weights", "read_metrics", "CheckpointError", "SCHEDULES"]
+           "load_weights", "read_metrics", "CheckpointError", "SCHEDULES", "TRACKERS", "parse_trackers",
+           "require_trackers", "tracker_scalars"]
 
 # Fields that may change between an interrupted run and its resumption without changing what is computed.
-RESUMABLE_FIELDS = ("epochs", "time_budget_s", "log_every", "num_workers", "progress")
+RESUMABLE_FIELDS = ("epochs", "time_budget_s", "log_every", "num_workers", "progress", "trackers")
+
+# Experiment trackers `fit` can log to besides metrics.jsonl, by Accelerate's name: (the module that must be
+# importable, the pip extra of cirlib that installs it; "" = a core dependency).
+TRACKERS: dict[str, tuple[str, str]] = {"tensorboard": ("tensorboard", ""), "wandb": ("wandb", "wandb"),
+                                        "comet_ml": ("comet_ml", "comet")}
+TRACKER_PROJECT = "cirlib"  # the W&B / Comet project the runs go to (TensorBoard: the run folder's tensorboard/)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,6 +114,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     drop_last: bool = True  # drop the last incomplete batch (original: True)
     progress: bool = True  # tqdm bars and one line per validation (main process only)
+    # Where the training log's records also go: "tensorboard" (event files in <run>/tensorboard/), "wandb",
+    # "comet_ml", several comma-separated, or "none". How to log, not what is computed: a resumed run may change it.
+    trackers: str = "tensorboard"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -140,6 +156,7 @@ class TrainConfig:
         need(self.time_budget_s is None or self.time_budget_s > 0,
              f"time_budget_s must be None or > 0, got {self.time_budget_s}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        parse_trackers(self.trackers)  # names only; whether the packages are installed is fit's check
         # JSON round-trips give lists; keep the frozen value hashable and comparable.
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
@@ -163,6 +180,80 @@ class TrainConfig:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Experiment trackers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_trackers(spec: str) -> tuple[str, ...]:
+    """'tensorboard,wandb' -> ('tensorboard', 'wandb'); 'none' -> (). Unknown names are refused."""
+    names = [t.strip() for t in spec.split(",") if t.strip()] if isinstance(spec, str) else []
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in TRACKERS]
+    if not names or unknown:
+        raise ValueError(f"trackers={spec!r}: unknown tracker(s) {unknown or names}; give one or several of "
+                         f"{sorted(TRACKERS)}, comma-separated, or 'none'")
+    return tuple(dict.fromkeys(names))
+
+
+def require_trackers(spec: str) -> tuple[str, ...]:
+    """`parse_trackers`, and a one-line refusal of a tracker whose package is not installed (Accelerate would skip it
+    silently), naming the pip extra that installs it. Call it before any work."""
+    names = parse_trackers(spec)
+    for name in names:
+        module, extra = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            how = f"pip install -e '.[{extra}]'" if extra else f"pip install -e . (cirlib depends on {module})"
+            raise ImportError(f"trackers={spec!r} needs the {module} package, which is not installed: {how}")
+    return names
+
+
+def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one training-log record as tracker scalars, named by kind: a "train" record gives train/loss,
+    train/lr and the step's other outputs (train/<name>); an "epoch" record epoch/loss, epoch/lr, ...; a "val"
+    record its val/<metric> values and val/selection. Bookkeeping (epoch, step, time, is_best) stays out: the step is
+    the tracker's x axis, and trackers keep their own wall time."""
+    kind = record["kind"]
+    skip = {"kind", "epoch", "step", "time", "is_best"} | ({"lr"} if kind == "val" else set())
+    out = {}
+    for key, value in record.items():
+        if key in skip or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key if key.startswith(f"{kind}/") else f"{kind}/{key}"] = float(value)
+    return out
+
+
+def _flat_hparams(values: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested settings as the flat {name: bool, int, float or str} that TensorBoard's hparams (and every tracker)
+    takes: nested names joined with '/', lists as JSON, None as 'none'."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_hparams(value, name + "/"))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif value is None:
+            out[name] = "none"
+        else:
+            out[name] = json.dumps(value, default=str)
+    return out
+
+
+class _RunTensorBoard(TensorBoardTracker):
+    """Accelerate's TensorBoard tracker writing into the run folder's tensorboard/ itself (the tracker Accelerate makes
+    by name writes into <logging_dir>/<project name>/, and the project name is W&B's and Comet's project)."""
+
+    def __init__(self, logging_dir: Path):
+        super().__init__("", logging_dir)
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run: its new event file starts with a purge marker at `step` (torch's SummaryWriter purge_step),
+        so TensorBoard drops the earlier files' events from that step on (what a crashed run logged past its
+        checkpoint) and shows the ones logged again from the kept log instead: the curves equal metrics.jsonl."""
+        self.init_kwargs["purge_step"] = step
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -508,8 +599,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool =
     _check_task(task)
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"fit needs a TrainConfig, got {type(cfg).__name__}")
+    trackers = require_trackers(cfg.trackers)
     run = RunFolder.at(Path(run_dir).expanduser())
-    accelerator = _make_accelerator(cfg)
+    accelerator = _make_accelerator(cfg, run, trackers)
     with _own_run_folder(run, accelerator):
         if overwrite:
             _on_main(accelerator, lambda: _clear_training_files(run))
@@ -520,8 +612,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool =
         return _Trainer(task, cfg, run, accelerator, last_dir, info).train()
 
 
-def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+def _make_accelerator(cfg: TrainConfig, run: RunFolder, trackers: tuple[str, ...]) -> Accelerator:
     return Accelerator(
+        log_with=[_RunTensorBoard(run.tensorboard_dir) if t == "tensorboard" else t for t in trackers] or None,
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.tensorboard_dir)),
         mixed_precision="no",  # process-wide in Accelerate; each fit applies its own precision (see _Precision)
         gradient_accumulation_steps=cfg.grad_accumulation_steps,
         rng_types=[],  # our sampler is seeded per epoch; nothing for Accelerate to synchronise
@@ -607,6 +701,13 @@ def _clear_training_files(run: RunFolder) -> None:
         path.unlink(missing_ok=True)
     if run.checkpoints_dir.exists():
         shutil.rmtree(run.checkpoints_dir)
+    _clear_tracker_files(run)
+
+
+def _clear_tracker_files(run: RunFolder) -> None:
+    # The TensorBoard curves of a run that restarts from scratch (W&B and Comet start a new run of their own).
+    if run.tensorboard_dir.exists():
+        shutil.rmtree(run.tensorboard_dir)
 
 
 def _where_run_stands(run: RunFolder, cfg: TrainConfig, resume: bool,
@@ -690,8 +791,10 @@ class _Trainer:
     def train(self) -> FitResult:
         try:
             self._start()
+            self._start_trackers()
             status = self._epochs()
         finally:
+            self._end_trackers()
             # Drop the DDP wrapper (its hooks on the task's parameters) and Accelerate's references to it.
             self.step_module = None
             self.acc.free_memory()
@@ -711,6 +814,52 @@ class _Trainer:
             seed_everything(self.cfg.seed + self.acc.process_index)
         else:
             set_rng_state(rng)
+
+    def _start_trackers(self) -> None:
+        """Open the experiment trackers (main process), each holding the whole kept log. A fresh run starts with an
+        empty tensorboard/ folder, as its log starts empty. A resumed run writes a new event file beside the earlier
+        ones (TensorBoard merges a folder's files) from the step it resumes at, with the kept log's records from
+        there on; a tracker that holds nothing of this run yet (a new W&B or Comet run, or TensorBoard chosen only
+        now) is given the whole kept log first."""
+        if self.info is None:
+            _on_main(self.acc, lambda: _clear_tracker_files(self.run))
+        if not self.acc.log_with:
+            return
+        continued = self.info is not None and any(self.run.tensorboard_dir.glob("events.out.tfevents.*"))
+        resumed_at = self.progress.global_step
+        for tracker in self.acc.log_with:
+            if continued and isinstance(tracker, _RunTensorBoard):
+                tracker.resume_at(resumed_at)
+        hparams = {"train": self.cfg.to_dict()}
+        if self.run.config_file.is_file():  # the settings the run folder was started with (the workbook's steps)
+            hparams["run"] = paths.read_json(self.run.config_file, "run config")
+        self.acc.init_trackers(
+            TRACKER_PROJECT, config=_flat_hparams(hparams),
+            init_kwargs={"wandb": {"name": f"{self.run.stage}/{self.run.name}", "dir": str(self.run.path)}},
+        )
+        for tracker in self.acc.trackers:
+            first = resumed_at if continued and isinstance(tracker, _RunTensorBoard) else 0
+            for record in self.log.records:
+                scalars = tracker_scalars(record)
+                if record["step"] >= first and scalars:
+                    tracker.log(scalars, step=record["step"])  # main process only (Accelerate)
+
+    def _end_trackers(self) -> None:
+        # Each tracker's own finish (closes TensorBoard's writer), not `accelerator.end_training()`: that also
+        # destroys the process group, which the steps after training (top-K extraction in the same launch) still use.
+        trackers, self.acc.trackers = self.acc.trackers, []
+        for tracker in trackers:
+            tracker.finish()
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        """One training-log record to every sink: metrics.jsonl (and .csv) and the experiment trackers."""
+        self.log.append(record)
+        self._to_trackers(record)
+
+    def _to_trackers(self, record: dict[str, Any]) -> None:
+        scalars = tracker_scalars(record)
+        if scalars and self.acc.trackers:
+            self.acc.log(scalars, step=record["step"])  # main process only (Accelerate)
 
     def _restore(self, state: dict[str, Any]) -> dict[str, Any]:
         p, path = self.progress, self.last_dir / "state.pt"
@@ -744,8 +893,8 @@ class _Trainer:
         p, cfg = self.progress, self.cfg
         if p.pending_validation is not None:  # the last call stopped inside this validation; its epoch is saved
             self._validate(p.pending_validation)
-        bar = tqdm(total=cfg.epochs, initial=min(p.epochs_completed, cfg.epochs), desc="epochs", unit="epoch",
-                   disable=not (self.is_main and cfg.progress))
+        bar = progress_bar(total=cfg.epochs, initial=min(p.epochs_completed, cfg.epochs), desc="epochs",
+                           unit="epoch", disable=not (self.is_main and cfg.progress))
         try:
             for epoch in range(p.epochs_completed, cfg.epochs):
                 stopped, complete = self._train_epoch(epoch)
@@ -771,8 +920,8 @@ class _Trainer:
         steps_per_epoch = self._epoch_length(epoch, n_batches)
         steps_in_epoch = math.ceil(p.batches_done / cfg.grad_accumulation_steps)
         _hook(self.task, "train_mode")()
-        bar = tqdm(total=steps_per_epoch, initial=steps_in_epoch, desc=f"epoch {epoch}", unit="step", leave=False,
-                   disable=not (self.is_main and cfg.progress))
+        bar = progress_bar(total=steps_per_epoch, initial=steps_in_epoch, desc=f"epoch {epoch}", unit="step",
+                           leave=False, disable=not (self.is_main and cfg.progress))
         stop = False
         if steps_in_epoch < steps_per_epoch:
             iterator = iter(batches)
@@ -855,8 +1004,8 @@ class _Trainer:
         means = self.window.reduced_means(self.acc)
         self.window.reset()
         _check_finite(means, epoch, self.progress.global_step)
-        self.log.append({"kind": "train", "epoch": epoch, "step": self.progress.global_step, "lr": lr, **means,
-                         "time": round(self._elapsed(), 3)})
+        self._emit({"kind": "train", "epoch": epoch, "step": self.progress.global_step, "lr": lr, **means,
+                    "time": round(self._elapsed(), 3)})
         bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{lr:.3g}")
 
     def _end_epoch(self, epoch: int) -> None:
@@ -864,8 +1013,8 @@ class _Trainer:
         p = self.progress
         means = self.epoch_means.reduced_means(self.acc)
         _check_finite(means, epoch, p.global_step)
-        self.log.append({"kind": "epoch", "epoch": epoch, "step": p.global_step, "lr": self._epoch_lr(epoch),
-                         **means, "time": round(self._elapsed(), 3)})
+        self._emit({"kind": "epoch", "epoch": epoch, "step": p.global_step, "lr": self._epoch_lr(epoch),
+                    **means, "time": round(self._elapsed(), 3)})
         p.epochs_completed, p.batches_done = epoch + 1, 0
         p.pending_validation = epoch if _validation_due(self.cfg, epoch) else None
         self._save_last()
@@ -885,12 +1034,12 @@ class _Trainer:
         if improved:
             p.best_metric, p.best_epoch, p.best_metrics = selection, epoch, metrics
         p.last_val_metrics = metrics
-        self.log.append({"kind": "val", "epoch": epoch, "step": p.global_step, "lr": self._epoch_lr(epoch),
-                         **{f"val/{k}": v for k, v in metrics.items()}, "selection": selection,
-                         "is_best": improved, "time": round(self._elapsed(), 3)})
+        self._emit({"kind": "val", "epoch": epoch, "step": p.global_step, "lr": self._epoch_lr(epoch),
+                    **{f"val/{k}": v for k, v in metrics.items()}, "selection": selection,
+                    "is_best": improved, "time": round(self._elapsed(), 3)})
         if self.is_main and self.cfg.progress:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            tqdm.write(f"epoch {epoch}: {shown} | selection={selection:.4g}{' (best)' if improved else ''}")
+            progress_write(f"epoch {epoch}: {shown} | selection={selection:.4g}{' (best)' if improved else ''}")
         if improved:
             best = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "epochs_completed": epoch + 1,
                     "global_step": p.global_step, "selection_metric": selection, "val_metrics": metrics,

@@ -41,6 +41,21 @@ def _global_batch(gathered: torch.Tensor, b: int) -> torch.Tensor:
     return gathered
 
 
+class _NamedTriplets(Dataset):
+    """A TripletDataset's items without the images ({"reference", "target", "text"}): with a feature store the
+    images' encoder outputs are read from the store by name, so no image file is opened or decoded."""
+
+    def __init__(self, triplets: "cdata.TripletDataset"):
+        self.triplets = triplets
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.triplets.data.queries[i]
+        return {"reference": q.reference, "target": q.target, "text": self.triplets.text(i)}
+
+
 SCORING = ("shared", "pairs")
 
 
@@ -77,13 +92,18 @@ class Stage1Task(_StageTask):
     def __init__(self, model, tokenizer, train_sets: Sequence["cdata.SplitData"], transform: Callable, *,
                  batch_size: int, train_image_encoder: bool, validate_fn: Callable[[], dict], selection_key: str,
                  symmetric_loss: bool = False, seed: int = 0, num_workers: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", store=None):
+        """store: a stage-I `FeatureStore` (tokens + embeds of the frozen ViT and vision_proj) holding every training
+        image, or None (the original: both images decoded and encoded at every step)."""
+        if store is not None and train_image_encoder:
+            raise ValueError("a feature store holds a frozen ViT's outputs; it cannot serve train_image_encoder=True")
         self.model = model
+        self.store = store
         self.symmetric_loss = symmetric_loss
         self.tokenizer = tokenizer
         self.train_image_encoder = train_image_encoder
         self.triplets = [cdata.TripletDataset(s, transform, seed=seed) for s in train_sets]
-        self.dataset = ConcatDataset(self.triplets)
+        self.dataset = ConcatDataset(self.triplets if store is None else [_NamedTriplets(t) for t in self.triplets])
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._validate = validate_fn
@@ -108,11 +128,15 @@ class Stage1Task(_StageTask):
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         ids, mask = self.tokenizer(list(batch["text"]))
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = torch.cat([batch["reference_image"], batch["target_image"]]).to(self.device)
-        b = batch["reference_image"].shape[0]
-        with torch.set_grad_enabled(self.train_image_encoder):
-            feats = self.model.encode_image(images)
-        ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
+        b = ids.shape[0]
+        if self.store is not None:  # the frozen ViT's eval-mode outputs, computed once per image
+            ref_tokens = self.store.tokens(batch["reference"]).to(self.device)
+            target_embeds = self.store.embeddings(batch["target"]).to(self.device)
+        else:
+            images = torch.cat([batch["reference_image"], batch["target_image"]]).to(self.device)
+            with torch.set_grad_enabled(self.train_image_encoder):
+                feats = self.model.encode_image(images)
+            ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
         # Several processes: each scores its own queries against the targets of ALL processes (gathered with
         # gradient), labels offset by its rank; the loop averages gradients, so N x b trains as one process with N*b.
         all_targets = _global_batch(dist.all_gather_with_grad(target_embeds), b)  # (N*b, P)
@@ -135,8 +159,11 @@ class MinedTripletDataset(Dataset):
     """
 
     def __init__(self, split_data: "cdata.SplitData", transform: Callable, topk_names: np.ndarray | None,
-                 n_topk: int, seed: int = 0, n_set: int = 0):
+                 n_topk: int, seed: int = 0, n_set: int = 0, images: bool = True):
+        """images=False: items carry names only ("reference", "target", "text", "negatives": [names]) for a task
+        that reads the images' encoder outputs from a feature store; no image file is opened."""
         self.base = cdata.TripletDataset(split_data, transform, seed=seed)
+        self.images = images
         self.split_data = split_data
         self.transform = transform
         self.topk_names = topk_names
@@ -173,7 +200,11 @@ class MinedTripletDataset(Dataset):
         return picks
 
     def __getitem__(self, i: int) -> dict:
-        item = self.base[i]
+        if self.images:
+            item = self.base[i]
+        else:
+            q = self.split_data.queries[i]
+            item = {"reference": q.reference, "target": q.target, "text": self.base.text(i)}
         if self.n_negatives > 0:
             q = self.split_data.queries[i]
             rng = random.Random(f"neg:{self.seed}:{self.epoch_seed}:{i}")
@@ -183,8 +214,11 @@ class MinedTripletDataset(Dataset):
             if self.n_topk > 0:
                 pool = [n for n in self.topk_names[i] if n not in (q.target, q.reference) and n not in picks]
                 picks += self._draw(rng, pool, self.n_topk)
-            item["negative_images"] = torch.stack(
-                [self.transform(cdata.load_image(self.split_data.image_path(n))) for n in picks])
+            if not self.images:
+                item["negatives"] = picks
+            else:
+                item["negative_images"] = torch.stack(
+                    [self.transform(cdata.load_image(self.split_data.image_path(n))) for n in picks])
         return item
 
 
@@ -194,8 +228,18 @@ class Stage2Task(_StageTask):
     def __init__(self, model, stage1, tokenizer, dataset: Dataset, *, batch_size: int, hard_negatives: int,
                  inbatch_negatives: int, stage1_train_mode: bool, zt_from_stage1_vit: bool,
                  validate_fn: Callable[[], dict], selection_key: str, scoring: str = "shared",
-                 num_workers: int = 0, device: torch.device | str = "cpu"):
+                 num_workers: int = 0, device: torch.device | str = "cpu", store=None, zt_store=None):
+        """store: a tokens `FeatureStore` of stage II's frozen ViT holding every training image (the dataset then
+        yields names: `MinedTripletDataset(..., images=False)`), or None (images encoded at every step);
+        zt_store: the store of stage I's ViT tokens, needed with a store when zt_from_stage1_vit."""
+        if store is not None and stage1_train_mode:
+            raise ValueError("a feature store holds the frozen ViT's eval-mode outputs; stage1_train_mode=True "
+                             "(drop-path active, the original) needs the images encoded at every step")
+        if store is not None and zt_from_stage1_vit and zt_store is None:
+            raise ValueError("z_t from stage I's ViT with a feature store needs zt_store (stage I's ViT tokens)")
         self.model = model
+        self.store = store
+        self.zt_store = zt_store
         self.stage1 = stage1
         self.tokenizer = tokenizer
         self.dataset = dataset
@@ -253,11 +297,17 @@ class Stage2Task(_StageTask):
         ids, mask = self.tokenizer(texts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         b = ids.shape[0]
-        images = [batch["reference_image"], batch["target_image"]]
-        if self.hard_negatives > 0:
-            images.append(batch["negative_images"].flatten(0, 1))
         with torch.no_grad():
-            tokens = self.model.encode_image(torch.cat(images).to(self.device))  # (B + B + B*H, T, Dv)
+            if self.store is not None:  # the frozen ViT's eval-mode tokens, computed once per image
+                names = list(batch["reference"]) + list(batch["target"])
+                if self.hard_negatives > 0:
+                    names += [n for row in batch["negatives"] for n in row]
+                tokens = self.store.tokens(names).to(self.device)  # (B + B + B*H, T, Dv)
+            else:
+                images = [batch["reference_image"], batch["target_image"]]
+                if self.hard_negatives > 0:
+                    images.append(batch["negative_images"].flatten(0, 1))
+                tokens = self.model.encode_image(torch.cat(images).to(self.device))  # (B + B + B*H, T, Dv)
             ref_tokens = tokens[:b]
             # Several processes: the targets of every process are candidates (in-batch negatives of the global
             # batch); hard negatives stay with their own query. One process: [targets (B); hard negatives (B*H)].
@@ -265,7 +315,9 @@ class Stage2Task(_StageTask):
             z_t = None
             if self.model.needs_z_t:
                 zt_ref = ref_tokens
-                if self.zt_from_stage1_vit:
+                if self.zt_from_stage1_vit and self.zt_store is not None:
+                    zt_ref = self.zt_store.tokens(batch["reference"]).to(self.device)
+                elif self.zt_from_stage1_vit:
                     zt_ref = self.stage1.encode_image(batch["reference_image"].to(self.device)).tokens
                 z_t = self.stage1.encode_query(zt_ref, ids, mask).hidden
         query = self.model.make_query(ids, mask, ref_tokens=ref_tokens, z_t=z_t)

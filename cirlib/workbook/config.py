@@ -24,6 +24,7 @@ class DataConfig:
     data_root: str = ""  # dataset root (the cirr_dataset / fashionIQ_dataset folder); "" = $CIR_DATA
     split: str = "val"  # CIRR: train | val | test1; FashionIQ: train | val | test
     category: str = "dress"  # FashionIQ category (ignored for CIRR)
+    missing_images: str = "error"  # "error": stop before training, listing every missing image | "drop": leave out queries whose images are missing (counts recorded)
     n_examples: int = 4  # triplets shown
     check_images: bool = True  # check the whole download first: every split's annotation files and images (as `python -m cirlib.data check`; minutes on real data)
     image_size: int = 384  # preprocessing output side in pixels
@@ -39,11 +40,13 @@ class Stage1Config:
     dataset: str = "cirr"  # "cirr" | "fashioniq"
     data_root: str = ""  # dataset root; "" = $CIR_DATA
     categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
+    missing_images: str = "error"  # "error": stop before training, listing every missing image | "drop": leave out queries whose images are missing (counts recorded)
     tokenizer: str = ""  # vocab.txt or local bert-base-uncased folder; "" = <data_root>/vocab.txt
     preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
     pretrained: str = ""  # BLIP pre-trained file (model_base.pth); "" = random initialisation
     init_checkpoint: str = ""  # an original stage-I checkpoint (BLIP_Retrieval .pt) or our run folder to start from
     train_image_encoder: bool = False  # the original freezes the ViT; a world with no pre-trained ViT must train it
+    feature_store: str = ""  # "" = off (images decoded and encoded every step, the original) | "float32" | "float16": read the frozen ViT's outputs from a store under <outputs>/features/ (built once; needs train_image_encoder=False)
     symmetric_loss: bool = False  # add the target-to-query direction to the in-batch loss (original: query-to-target only)
     epochs: int = 20  # training epochs (0 = evaluate only)
     max_epoch: int = 20  # cosine period in epochs (original: 20 FashionIQ, 10 CIRR)
@@ -55,6 +58,7 @@ class Stage1Config:
     batch_size: int = 512  # training triplets per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" (bf16/fp16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False  # recompute text-encoder activations in the backward pass (less memory, ~30% slower steps)
     validate_every: int = 1  # epochs between validations (0 = never; the final evaluation still runs)
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
@@ -62,6 +66,7 @@ class Stage1Config:
     search: str = "exact"  # validation gallery search: "exact" (one query x gallery product, full ranks) | "faiss" (a FAISS index; pip install -e '.[faiss]')
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
     num_workers: int = 0  # DataLoader workers
+    trackers: str = "tensorboard"  # where training curves go besides metrics.jsonl: "tensorboard" (event files in <run>/tensorboard/; `tensorboard --logdir outputs/`), "wandb" (pip install -e '.[wandb]'), "comet_ml" (pip install -e '.[comet]'), comma-separated, or "none"
     seed: int = 0  # python/numpy/torch seed
     overwrite: bool = False  # retrain even when the run finished with this config
     smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
@@ -81,7 +86,7 @@ class TopKConfig:
     topk_k: int = 200  # candidates per query written to the top-k file
     topk_splits: str = "val"  # splits to extract top-K for, comma-separated (add "train" to mine stage-II negatives, "test1" for CIRR submissions)
     search: str = "exact"  # gallery search: "exact" (one query x gallery product) | "faiss" (a FAISS index, for galleries too big for that product)
-    mining_queries: int = 0  # train top-K for the first N train queries only, ranked among their img_set images (0 = all, full gallery)
+    mining_queries: int = 0  # train top-K for the first N train queries only (0 = all, full gallery): CIRR ranks them among their img_set images, FashionIQ (no img_sets) in the full category gallery
     max_val_queries: int = 0  # val top-K for the first N validation queries only (0 = all)
     overwrite: bool = False  # re-extract even when a file made by these weights and settings exists
     smoke: bool = False  # tiny fast run: few validation queries
@@ -103,6 +108,7 @@ class Stage2TrainConfig:
     dataset: str = "cirr"  # "cirr" | "fashioniq"
     data_root: str = ""  # dataset root; "" = $CIR_DATA
     categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
+    missing_images: str = "error"  # "error": stop before training, listing every missing image | "drop": leave out queries whose images are missing (counts recorded)
     tokenizer: str = ""  # with stage1_checkpoint: vocab.txt or bert-base-uncased folder ("" = <data_root>/vocab.txt); else the stage-I run's
     preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
     reranker: str = "dual"  # "dual" (the original's dual stream) | "joint" (text over [reference; candidate] tokens)
@@ -113,10 +119,11 @@ class Stage2TrainConfig:
     vision_from_stage1: bool = True  # stage-II ViT weights copied from stage I (equal to BLIP's with real weights)
     k: int = 50  # candidates re-ranked per validation query (original: 100 FashionIQ, 50 CIRR)
     hard_negatives: int = 0  # negatives per query drawn from its stage-I train top-K (original: 0)
-    set_negatives: int = 0  # negatives per query drawn from its own CIRR img_set, the target's near-duplicates (original: 0)
+    set_negatives: int = 0  # negatives per query drawn from its own CIRR img_set, the target's near-duplicates (CIRR only; original: 0)
     inbatch_negatives: int = -1  # other targets of the global batch (all processes) used as negatives (-1 = all B-1, the original)
     mining_k: int = 50  # top-K of the train split from which hard negatives are drawn
     stage1_train_mode: bool = False  # original: True (dropout on z_t and drop-path in the frozen ViTs while training)
+    feature_store: str = ""  # "" = off (images decoded and encoded every step, the original) | "float32" | "float16": read the frozen ViTs' tokens from stores under <outputs>/features/ (needs stage1_train_mode=False: a store holds eval-mode outputs)
     epochs: int = 50  # training epochs (0 = no training: the initialised model is saved)
     max_epoch: int = 50  # cosine period in epochs (original: 50 FashionIQ, 80 CIRR)
     schedule: str = "cosine_per_epoch"  # see Stage1Config.schedule
@@ -127,6 +134,7 @@ class Stage2TrainConfig:
     batch_size: int = 16  # queries per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False  # recompute text-encoder activations in the backward pass (less memory, ~30% slower steps)
     validate_every: int = 1  # epochs between validations (0 = never)
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     max_steps_per_epoch: int = 0  # cap optimiser steps per epoch (0 = all)
@@ -135,6 +143,7 @@ class Stage2TrainConfig:
     scoring: str = "shared"  # "shared": candidate keys/values computed once per image (fast at blip-base) | "pairs": one pass per pair (the original; faster for tiny models)
     target_ratio: float = 1.25  # TargetPad aspect-ratio threshold
     num_workers: int = 0  # DataLoader workers
+    trackers: str = "tensorboard"  # where training curves go besides metrics.jsonl: "tensorboard" (event files in <run>/tensorboard/; `tensorboard --logdir outputs/`), "wandb" (pip install -e '.[wandb]'), "comet_ml" (pip install -e '.[comet]'), comma-separated, or "none"
     seed: int = 0  # python/numpy/torch seed
     overwrite: bool = False  # retrain even when the run finished with this config and these inputs
     smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
@@ -237,9 +246,10 @@ RENAMED = {
     "run_name_stage2": "stage2_run",
 }
 
-# Fields that say how to run, not what a run is: a run finished with overwrite=True, or written under another outputs
-# root, is the same run.
-NOT_IDENTITY = ("overwrite", "outputs")
+# Fields that say how to run, not what a run is: a run finished with overwrite=True, written under another outputs
+# root, or logged to other experiment trackers, is the same run (changing `trackers` never retrains); gradient
+# checkpointing changes memory and speed, not the losses or gradients.
+NOT_IDENTITY = ("overwrite", "outputs", "trackers", "gradient_checkpointing")
 
 
 def identity(cfg: Any) -> dict[str, Any]:

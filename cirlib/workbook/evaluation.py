@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -17,18 +17,130 @@ from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.search import (Ranking, encode_gallery, encode_queries, rank_gallery, stage1_encoder,
                                      stage2_encoder, topk_from_ranking)
 from cirlib.retrieval.topk import TopK, TopKError
-from cirlib.run_folder import RunFolder
+from cirlib.run_folder import RunFolder, file_sha256
 from cirlib.workbook.config import split_list
 from cirlib.workbook.factories import abs_path, device
 
 EVAL_SPLIT = "val"  # both datasets are reported on their validation split (test labels are the servers')
 
 
-def split_sets(dataset: str, root: Path, split: str, categories: str) -> list["cdata.SplitData"]:
-    """One SplitData per FashionIQ category (in the configured order), or the one CIRR split."""
+def split_sets(dataset: str, root: Path, split: str, categories: str, *, max_queries: int = 0,
+               missing_images: str | None = None, list_file: Path | None = None) -> list["cdata.SplitData"]:
+    """One SplitData per FashionIQ category (in the configured order), or the one CIRR split.
+
+    Args:
+        max_queries: keep the first N queries of each caption file (0 = all), before any is dropped.
+        missing_images: None reads the annotation files only (no image is looked at); "error" raises one
+            `DatasetError` listing every missing image of these splits; "drop" leaves out the queries and gallery
+            images whose files are missing (`cdata.drop_missing`; `SplitData.dropped` says what).
+        list_file: where "error" writes the full list of missing files (default: a temporary file).
+    """
     if dataset == "fashioniq":
-        return [cdata.load_split("fashioniq", root, split, c) for c in split_list(categories)]
-    return [cdata.load_split(dataset, root, split)]
+        sets = [cdata.load_split("fashioniq", root, split, c) for c in split_list(categories)]
+    else:
+        sets = [cdata.load_split(dataset, root, split)]
+    sets = [limit_queries(sd, max_queries) for sd in sets]
+    if missing_images is None:
+        return sets
+    if cdata.check_missing_images_policy(missing_images) == "error":
+        cdata.raise_if_missing(sets, list_file)
+        return sets
+    return [cdata.drop_missing(sd) for sd in sets]
+
+
+def step_sets(step: str, dataset: str, root: Path, categories: str, splits: dict[str, int], missing_images: str,
+              run: RunFolder | None) -> dict[str, list["cdata.SplitData"]]:
+    """Every split a step reads, with the `missing_images` policy applied to all of them at once, before any work.
+
+    "error": one `DatasetError` lists every missing image of all the splits (the full list goes to the run folder's
+    `missing_images_file`, or a temporary file without a run folder). "drop": the queries and gallery images whose
+    files are missing are left out; what was left out is printed and recorded under `step` in the run folder's
+    `dropped_queries_file` (nothing is written when nothing is missing and no earlier record exists).
+
+    Args:
+        step: the step's name, the key of its record ("train_stage1", "extract_topk", ...).
+        splits: split -> how many of its first queries to read (0 = all).
+        run: the run folder the step writes (where the record and the list go), or None.
+    """
+    policy = cdata.check_missing_images_policy(missing_images)
+    sets = {split: split_sets(dataset, root, split, categories, max_queries=n) for split, n in splits.items()}
+    if policy == "error":
+        cdata.raise_if_missing([sd for ss in sets.values() for sd in ss],
+                               None if run is None else run.missing_images_file)
+        return sets
+    sets = {split: [cdata.drop_missing(sd) for sd in ss] for split, ss in sets.items()}
+    if dist.is_main_process():
+        for ss in sets.values():
+            for sd in ss:
+                line = dropped_line(sd, run)
+                if line:
+                    print(f"{step}: {line}", flush=True)
+        if run is not None:
+            record_dropped(run, step, [sd for ss in sets.values() for sd in ss])
+    return sets
+
+
+def _split_name(sd: "cdata.SplitData") -> str:
+    return sd.split + (f" {sd.category}" if sd.category else "")
+
+
+def dropped_line(sd: "cdata.SplitData", run: RunFolder | None = None) -> str | None:
+    """'val: evaluated on 4,103 of 4,181 queries; 78 dropped (missing images), listed in dropped_queries.json; 80 of
+    2,297 gallery images missing, left out of the gallery', or None when nothing was dropped."""
+    d = sd.dropped
+    if d is None:
+        return None
+    verb = "evaluated on" if sd.split == EVAL_SPLIT else "uses"
+    where = f", listed in {run.dropped_queries_file}" if run is not None else ""
+    return (f"{_split_name(sd)}: {verb} {len(sd.queries):,} of {d.queries_before:,} queries; {len(d.queries):,} "
+            f"dropped (missing images){where}; {len(d.gallery):,} of {d.gallery_before:,} gallery images missing, "
+            "left out of the gallery")
+
+
+def record_dropped(run: RunFolder, step: str, sets: Sequence["cdata.SplitData"]) -> Path | None:
+    """Write (or update) the run folder's `dropped_queries_file`: under `step`, per split and category the counts and
+    missing images, and each dropped query (split, category, caption-file row, pair id, its missing images).
+
+    Other steps' records in the file are kept. Nothing is written when nothing was dropped and no file exists.
+    """
+    path = run.dropped_queries_file
+    if all(sd.dropped is None for sd in sets) and not path.exists():
+        return None
+    record = paths.read_json(path, "dropped-queries record") if path.exists() else {}
+    splits, queries = [], []
+    for sd in sets:
+        d = sd.dropped
+        splits.append({"split": sd.split, "category": sd.category, "queries_in_split": len(sd.queries) + (
+            len(d.queries) if d else 0), "queries_kept": len(sd.queries), "queries_dropped": len(d.queries) if d else 0,
+            "gallery_in_split": d.gallery_before if d else len(sd.gallery),
+            "gallery_removed": len(d.gallery) if d else 0, "missing_images": list(d.missing) if d else []})
+        for q in (d.queries if d else ()):
+            queries.append({"split": sd.split, "category": q.category or sd.category, "row": q.index,
+                            "pair_id": q.pair_id, "reference": q.reference, "target": q.target,
+                            "missing": d.missing_of(q)})
+    record[step] = {"missing_images": "drop", "splits": splits, "queries": queries}
+    return paths.write_json(path, record)
+
+
+def query_counts(sets: Sequence["cdata.SplitData"], run: RunFolder | None) -> dict[str, dict[str, Any]]:
+    """The counts a metrics.json records, per split: queries evaluated, in the split (after any query limit),
+    dropped for missing images, the gallery before and after, and the file listing the dropped queries (None when
+    none); FashionIQ adds the same per category under "by_category"."""
+    def counts(ss: Sequence["cdata.SplitData"]) -> dict[str, Any]:
+        dropped = sum(len(sd.dropped.queries) for sd in ss if sd.dropped)
+        return {"evaluated": sum(len(sd.queries) for sd in ss), "in_split": sum(len(sd.queries) for sd in ss) + dropped,
+                "dropped": dropped, "gallery": sum(len(sd.gallery) for sd in ss),
+                "gallery_in_split": sum(sd.dropped.gallery_before if sd.dropped else len(sd.gallery) for sd in ss),
+                "dropped_file": (run.dropped_queries_file.name if run is not None and any(sd.dropped for sd in ss)
+                                 else None)}
+
+    out: dict[str, dict[str, Any]] = {}
+    for split in dict.fromkeys(sd.split for sd in sets):
+        ss = [sd for sd in sets if sd.split == split]
+        out[split] = counts(ss)
+        if any(sd.category for sd in ss):
+            out[split]["by_category"] = {sd.category: counts([sd]) for sd in ss}
+    return out
 
 
 def limit_queries(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
@@ -39,17 +151,61 @@ def limit_queries(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
 
 
 def mining_subset(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
-    """The first n queries with a gallery of only the images they use (reference, target, img_set members).
+    """The first n queries, ranked (CIRR) among only the images they use: reference, target, img_set members.
 
-    Ranking a 120k-image train gallery to mine stage-II negatives costs minutes on a CPU; the images of a few
-    thousand queries' own img_sets are a smaller pool that still holds every query's near-duplicates.
+    Ranking a 17k-image train gallery to mine stage-II negatives costs minutes on a CPU; the images of a few
+    thousand queries' own img_sets are a smaller pool that still holds every query's near-duplicates. FashionIQ has
+    no img_sets: the references and targets of n queries alone would be an arbitrary sample of the category, and
+    negatives mined from it no harder than random ones, so a FashionIQ query keeps its category's whole gallery
+    (the one stage II re-ranks at inference) and only the queries are cut.
     """
     if n <= 0 or n >= len(split_data.queries):
         return split_data
+    if split_data.dataset != "cirr":
+        return limit_queries(split_data, n)
     queries = list(split_data.queries[:n])
     used = {name for q in queries for name in (q.reference, q.target, *(q.members or ()))}
     gallery = [g for g in split_data.gallery if g in used]
     return dataclasses.replace(split_data, queries=queries, gallery=gallery)
+
+
+FIQ_MIN_RERANK_K = 50  # FashionIQ is reported as R@10 and R@50 over the re-ranked list
+
+
+def refuse_unsupported(cfg: Any, dataset: str, categories: str = "") -> None:
+    """Refuse, before any work, settings that the dataset cannot honour, each with the reason (one error for all).
+
+    Checks the fields a config has: `topk_splits` (the dataset's split names), `set_negatives` (CIRR img_sets only),
+    `k` (FashionIQ's R@50 needs k >= 50) and `topk_path` (several FashionIQ categories need "{category}" in it).
+
+    Args:
+        cfg: a TopKConfig, Stage2TrainConfig or EvaluateConfig (any object with some of those fields).
+        dataset: the dataset the step runs on ("cirr" | "fashioniq"): the stage-I or stage-II run's, for the steps
+            that take it from a run folder.
+        categories: the FashionIQ categories the step runs on (comma-separated).
+    Raises:
+        ValueError: naming each refused field, its value and why.
+    """
+    fiq = dataset == "fashioniq"
+    problems = []
+    if hasattr(cfg, "topk_splits"):
+        known = cdata.FIQ_SPLITS if fiq else cdata.CIRR_SPLITS
+        unknown = [s for s in split_list(cfg.topk_splits) if s not in known]
+        if unknown:
+            hint = ' ("test1" is CIRR\'s test split)' if fiq else ' ("test" is FashionIQ\'s test split)'
+            problems.append(f"topk_splits={cfg.topk_splits!r}: {unknown} are not {dataset} splits; expected some of "
+                            f"{list(known)}" + (hint if {"test", "test1"} & set(unknown) else ""))
+    if fiq and getattr(cfg, "set_negatives", 0) > 0:
+        problems.append(f"set_negatives={cfg.set_negatives}: negatives from the query's img_set need CIRR's image "
+                        "sets; FashionIQ has none (use hard_negatives, drawn from the train top-K, instead)")
+    if fiq and hasattr(cfg, "k") and cfg.k < FIQ_MIN_RERANK_K:
+        problems.append(f"k={cfg.k}: FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be "
+                        f">= {FIQ_MIN_RERANK_K} (the paper uses 100)")
+    if fiq and getattr(cfg, "topk_path", "") and "{category}" not in cfg.topk_path and len(split_list(categories)) > 1:
+        problems.append(f"topk_path={cfg.topk_path!r}: FashionIQ has one top-k file per category; write "
+                        "{category} where the category goes (e.g. .../fiq_top_200_val_{category}.pt)")
+    if problems:
+        raise ValueError(f"{type(cfg).__name__} on {dataset}: " + "; ".join(problems))
 
 
 def match_rows(tk: TopK, sd: "cdata.SplitData", path: Path) -> TopK:
@@ -94,13 +250,16 @@ def load_val_topks(files: Sequence[Path], sets: Sequence["cdata.SplitData"], k: 
 
 def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, image_size: int, target_ratio: float,
                     k: int | None = None, stage1_run: str | None = None, batch_size: int = 64,
-                    dev: torch.device | None = None, search: str = "exact") -> tuple[dict[str, float], list[TopK]]:
+                    dev: torch.device | None = None, search: str = "exact", store=None
+                    ) -> tuple[dict[str, float], list[TopK]]:
     """Rank each split's gallery for its queries: metrics over the full ranking, and (if k) the top-K artifacts.
 
     Collective under several processes: the gallery and the queries are split into contiguous shares (whole
     batches), each process ranks the gallery for its queries, and every process receives the same metrics and
     top-K files as one process would compute. `search="faiss"` ranks with a FAISS index (see
     `retrieval.rank_gallery`); recall is then computed within the searched head, which is at least 50 deep.
+    `store`: a stage-I `FeatureStore` holding every gallery image of `sets` (`workbook.stores.stage1_store`): the
+    gallery's tokens and embeddings are read from it instead of decoding and encoding the images.
     """
     dev = dev or device()
     model.eval()
@@ -110,8 +269,11 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
     topks: list[TopK] = []
     for sd in sets:
         ks = M.REPORTED_KS[sd.dataset]
-        gallery = encode_gallery(stage1_encoder(model), sd, transform, batch_size=batch_size, device=dev,
-                                 desc=f"gallery {sd.category or sd.split}")
+        if store is not None:
+            gallery = store.gallery_features(sd.gallery)
+        else:
+            gallery = encode_gallery(stage1_encoder(model), sd, transform, batch_size=batch_size, device=dev,
+                                     desc=f"gallery {sd.category or sd.split}")
         share = dist.shard_range(len(sd.queries), batch_size)
         mine = sd.queries[share.start:share.stop]
         q_emb = encode_queries(model, tokenizer, sd, gallery, queries=mine, batch_size=batch_size, device=dev)
@@ -136,7 +298,8 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
 
 
 def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: float, max_pairs: int, scoring: str,
-                    target_ratio: float, dev=None, save_to: RunFolder | None = None
+                    target_ratio: float, dev=None, save_to: RunFolder | None = None,
+                    provenance: dict[str, Any] | None = None, store=None, zt_store=None
                     ) -> tuple[dict[str, float], dict[str, float], list[TopK]]:
     """Stage-I and stage-II metrics on the same queries (stage II re-ranks the first k of each top-K).
 
@@ -146,6 +309,12 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
         save_to: the stage-II run folder, or None (validation). The main process writes there, per split, the
             label tensor (`labels_file`, the original's bare (N, K) bool) and the re-ranked file (`reranked_file`:
             the scored top-K in stage-I order, from which the figures and the explorer re-rank without a model).
+        provenance: with save_to, the `cirlib.provenance` record of this evaluation: written beside each label
+            tensor (`labels_provenance_file`, the bare tensor has no room for it) and as each re-ranked file's
+            `produced_by`.
+        store, zt_store: the tokens stores of stage II's ViT and (z_t from stage I's ViT) stage I's
+            (`workbook.stores.stage2_stores`) holding every gallery image of `sets`, or None: the galleries are
+            encoded from the images.
     """
     dev = dev or device()
     stage1.eval()
@@ -155,14 +324,23 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
     s2: dict[str, float] = {}
     per1, per2 = {}, {}
     results = []
-    if sets and sets[0].dataset == "fashioniq" and k < 50:
-        raise ValueError(f"FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be >= 50 "
-                         f"(got k={k}; the paper uses 100)")
+    if sets and sets[0].dataset == "fashioniq" and k < FIQ_MIN_RERANK_K:
+        raise ValueError(f"FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be >= "
+                         f"{FIQ_MIN_RERANK_K} (got k={k}; the paper uses 100)")
     for sd, tk in zip(sets, topks):
-        gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="stage-II gallery")
+        if store is not None:
+            gallery = store.gallery_features(sd.gallery)
+        else:
+            gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="stage-II gallery")
         zt_gallery = None
         if stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual":
-            zt_gallery = encode_gallery(stage1_encoder(stage1), sd, transform, device=dev, desc="stage-I gallery")
+            if zt_store is not None:
+                zt_gallery = zt_store.gallery_features(sd.gallery)
+            elif store is not None:
+                raise ValueError("z_t from stage I's ViT with a feature store needs zt_store (stage I's ViT tokens)")
+            else:
+                zt_gallery = encode_gallery(stage1_encoder(stage1), sd, transform, device=dev,
+                                            desc="stage-I gallery")
         scored = rerank(stage1, stage2, tok, sd, tk, gallery, k=k, fusion_weight=fusion_weight,
                         zt_gallery=zt_gallery, max_pairs=max_pairs, scoring=scoring, device=dev,
                         provenance=None if save_to is None else {"run": save_to.name})
@@ -182,7 +360,11 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
         if save_to is not None and dist.is_main_process():
             labels = res.labels.contiguous()
             paths.atomic_write(save_to.labels_file(sd.split, sd.category), lambda tmp: torch.save(labels, tmp))
-            scored.save(save_to.reranked_file(sd.split, sd.category))
+            if provenance is not None:  # the sidecar names its tensor by content, so a stale pair shows
+                written = save_to.labels_file(sd.split, sd.category)
+                paths.write_json(save_to.labels_provenance_file(sd.split, sd.category),
+                                 {"file": written.name, "sha256": file_sha256(written), "provenance": provenance})
+            dataclasses.replace(scored, produced_by=provenance).save(save_to.reranked_file(sd.split, sd.category))
     if per1:
         s1.update(M.fashioniq_summary(per1))
         s2.update(M.fashioniq_summary(per2))

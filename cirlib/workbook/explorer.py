@@ -21,7 +21,7 @@ from cirlib.retrieval.topk import TopK
 from cirlib.workbook import figures
 from cirlib.workbook.config import ExplorerConfig
 
-SHOWN = 8  # candidates drawn per stage in the explorer figure
+SHOWN = 5  # candidates drawn per stage in the explorer figure (more would shrink the names below legibility)
 
 
 @dataclass(frozen=True)

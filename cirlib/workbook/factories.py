@@ -56,9 +56,11 @@ def tokenizer_for(cfg: Any, root: Path):
 
 def build_stage1(cfg: Stage1Config, tokenizer) -> Stage1Model:
     """A stage-I model as `cfg` names it (preset, BLIP pre-trained file, checkpoint to start from)."""
-    return factory.build_stage1(cfg.preset, tokenizer.vocab_size,
-                                pretrained=abs_path(cfg.pretrained) if cfg.pretrained else None,
-                                init_checkpoint=abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+    model = factory.build_stage1(cfg.preset, tokenizer.vocab_size,
+                                 pretrained=abs_path(cfg.pretrained) if cfg.pretrained else None,
+                                 init_checkpoint=abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    return model
 
 
 def build_stage2(cfg: Stage2TrainConfig, tokenizer, stage1: Stage1Model | None) -> Stage2Model:
@@ -66,11 +68,13 @@ def build_stage2(cfg: Stage2TrainConfig, tokenizer, stage1: Stage1Model | None) 
     copy of stage I's text encoder), stage I's ViT when `vision_from_stage1`, and a checkpoint to start from."""
     if cfg.joint_difference and cfg.scoring != "pairs":
         raise ValueError("joint_difference=True scores (candidate - reference) tokens per pair: set scoring='pairs'")
-    return factory.build_stage2(
+    model = factory.build_stage2(
         cfg.preset, tokenizer.vocab_size, reranker=cfg.reranker, joint_difference=cfg.joint_difference,
         init=cfg.init, pretrained=abs_path(cfg.pretrained) if cfg.pretrained else None, stage1=stage1,
         vision_from_stage1=cfg.vision_from_stage1 and stage1 is not None,
         init_checkpoint=abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    return model
 
 
 def _folder(run: RunFolder | str | os.PathLike) -> RunFolder:

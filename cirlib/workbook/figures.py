@@ -276,9 +276,17 @@ def rank_shift_table(cfg: AnalysisConfig) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ qualitative grids
 
 
-def val_split(cfg: AnalysisConfig, category: str | None) -> cdata.SplitData:
-    """The validation split (of a FashionIQ category) whose queries the analysis top-K rows belong to."""
-    return cdata.load_split(cfg.dataset, paths.data_root(cfg.data_root or None), "val", category)
+def val_split(cfg: AnalysisConfig | ExplorerConfig, category: str | None) -> cdata.SplitData:
+    """The validation split (of a FashionIQ category) whose queries the analysis top-K rows belong to.
+
+    A stage-II run trained with missing_images="drop" (its config.json) evaluated the split without the queries
+    whose images are missing: they are left out here too, so row i is still query i.
+    """
+    sd = cdata.load_split(cfg.dataset, paths.data_root(cfg.data_root or None), "val", category)
+    run = _stage2_folder(cfg)
+    if run.config_file.is_file() and run.saved_config().get("missing_images", "error") == "drop":
+        return cdata.drop_missing(sd)
+    return sd
 
 
 def check_rows_belong_to(topk: TopK, sd: cdata.SplitData, path: Path | str) -> None:

@@ -17,11 +17,22 @@ from cirlib.workbook.config import DataConfig
 SMOKE_EXAMPLES = 2  # triplets drawn when cfg.smoke
 
 
-def load(cfg: DataConfig) -> cdata.SplitData:
-    """The split a DataConfig names (its category for FashionIQ, none for CIRR)."""
+def load(cfg: DataConfig, *, apply_missing_images: bool = False) -> cdata.SplitData:
+    """The split a DataConfig names (its category for FashionIQ, none for CIRR).
+
+    Args:
+        apply_missing_images: apply `cfg.missing_images` as the pipeline does: "error" raises one error listing every
+            missing image of the split, "drop" leaves out the queries and gallery images whose files are missing.
+    """
     root = paths.data_root(cfg.data_root or None)
     category = cfg.category if cfg.dataset == "fashioniq" else None
-    return cdata.load_split(cfg.dataset, root, cfg.split, category)
+    sd = cdata.load_split(cfg.dataset, root, cfg.split, category)
+    if not apply_missing_images:
+        return sd
+    if cdata.check_missing_images_policy(cfg.missing_images) == "error":
+        cdata.raise_if_missing([sd])
+        return sd
+    return cdata.drop_missing(sd)
 
 
 def check_download(cfg: DataConfig) -> CheckReport | None:
@@ -59,6 +70,9 @@ def split_summary(cfg: DataConfig) -> pd.DataFrame:
         # stats every gallery file: catches a half-copied image folder before a long run does
         "gallery images missing on disk": len(sd.missing_images()),
     }
+    if cdata.check_missing_images_policy(cfg.missing_images) == "drop":
+        dropped = cdata.drop_missing(sd).dropped
+        rows["queries dropped (missing_images=\"drop\")"] = 0 if dropped is None else len(dropped.queries)
     return pd.DataFrame({"value": pd.Series(rows, dtype=object)})
 
 
@@ -81,7 +95,7 @@ def show_triplets(cfg: DataConfig) -> Figure:
     Args:
         cfg: the data configuration; `seed` picks the queries.
     """
-    sd = load(cfg)
+    sd = load(cfg, apply_missing_images=True)  # "error": every missing image listed; "drop": kept queries only
     if not sd.queries:
         raise cdata.DatasetError(f"{sd.dataset} {sd.split} has no queries to show (root {sd.root})")
     n = min(cfg.n_examples, len(sd.queries), SMOKE_EXAMPLES if cfg.smoke else cfg.n_examples)

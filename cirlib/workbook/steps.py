@@ -27,22 +27,25 @@ import torch
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
-from cirlib import paths
+from cirlib import paths, provenance
 from cirlib.eval import metrics as M
 from cirlib.models import loading
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.search import encode_gallery, stage2_encoder
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError, config_hash, file_sha256
-from cirlib.train.loop import TrainConfig, fit
-from cirlib.train.runtime import seed_everything
+from cirlib.train.loop import TrainConfig, fit, require_trackers
+from cirlib.train.runtime import resolve_precision, seed_everything
 from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
 from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig,
                                     identity, split_list)
 from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_stage2, limit_queries, load_val_topks,
-                                        match_rows, mining_subset, split_sets, val_topk_paths)
-from cirlib.workbook.factories import (build_stage1, build_stage2, data_root, dataset_root, device, load_stage1_run,  # noqa: F401
+                                        match_rows, mining_subset, query_counts, refuse_unsupported, step_sets,
+                                        val_topk_paths)
+from cirlib.workbook.factories import (abs_path, build_stage1, build_stage2, data_root, dataset_root, device,  # noqa: F401
+                                       load_stage1_run,
                                        load_stage2_run, stage1_for, stage1_weights_file, tokenizer_for)
+from cirlib.workbook.stores import check_feature_store, provenance_of, stage1_store, stage2_stores
 
 SUBMISSION_LENGTH = 50  # names per query in a CIRR recall submission
 
@@ -78,8 +81,23 @@ def _train_config(cfg) -> TrainConfig:
         max_grad_norm=cfg.max_grad_norm or None, batch_size=cfg.batch_size,  # recorded; the stage tasks batch with it
         precision=cfg.precision, validate_every=cfg.validate_every or None, seed=cfg.seed,
         max_steps_per_epoch=cfg.max_steps_per_epoch or None,
-        time_budget_s=(cfg.time_budget_s or None), num_workers=cfg.num_workers,
+        time_budget_s=(cfg.time_budget_s or None), num_workers=cfg.num_workers, trackers=cfg.trackers,
     )
+
+
+def _record(step: str, cfg, sets, *, dataset: str, root: Path, preset: str, precision: str, seed: int,
+            weights: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None, **extra: Any
+            ) -> dict[str, Any]:
+    """The provenance record of a result this step writes (`cirlib.provenance.record`): `cfg`'s fields, the files it
+    read (weights, inputs, the splits' annotation files), and where and how it ran."""
+    return provenance.record(step, identity(cfg), weights=weights, inputs=inputs, splits=sets, dataset=dataset,
+                             data_root=root, preset=preset, device=device(), precision=precision, seed=seed,
+                             outputs=cfg.outputs, **extra)
+
+
+def _training_precision(cfg, dev) -> str:
+    """The precision a training run computes in ("auto" resolved); evaluation alone (epochs=0) runs in fp32."""
+    return resolve_precision(cfg.precision, dev) if cfg.epochs > 0 else "fp32"
 
 
 def _save_model(run: RunFolder, model, tok) -> str:
@@ -113,38 +131,63 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     record = None if cfg.overwrite else _on_main(lambda: run.finished(ident))
     if record is not None:
         return RunSummary(run.path, record["metrics"], True, 0.0)
+    check_feature_store(cfg)
+    if cfg.epochs > 0:
+        require_trackers(cfg.trackers)  # an unknown or uninstalled tracker is refused before any work
     seed_everything(cfg.seed)
     root = data_root(cfg)
+    # every split this run reads, checked (or dropped from) before anything is built or trained
+    data = step_sets("train_stage1", cfg.dataset, root, cfg.categories,
+                     {EVAL_SPLIT: cfg.max_val_queries, **({"train": 0} if cfg.epochs > 0 else {})}, cfg.missing_images,
+                     run)
     tok = tokenizer_for(cfg, root)
     dev = device()
     model = build_stage1(cfg, tok).to(dev)
     size = model.config.vision.image_size
     transform = cdata.targetpad_transform(cfg.target_ratio, size)
-    val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg.dataset, root, EVAL_SPLIT, cfg.categories)]
+    val_sets = data[EVAL_SPLIT]
+    train_sets = data.get("train", [])
+    # The frozen ViT's outputs of every training and validation image, read instead of encoding them (a store of
+    # these weights and preprocessing is reused; the first run builds it).
+    store = stage1_store(model, cfg.feature_store, [*train_sets, *val_sets], target_ratio=cfg.target_ratio,
+                         outputs=cfg.outputs, device=dev)
 
     def validate() -> dict[str, float]:
         m, _ = evaluate_stage1(model, tok, val_sets, image_size=size, target_ratio=cfg.target_ratio, dev=dev,
-                               search=cfg.search)
+                               search=cfg.search, store=store)
         return m
 
+    read = {"pretrained": abs_path(cfg.pretrained) if cfg.pretrained else None,
+            "init_checkpoint": abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None}
+
+    precision = _training_precision(cfg, dev)  # on every process: a bad precision stops them all
+
+    def record(**weights: Any) -> dict[str, Any]:
+        return _record("train_stage1", cfg, [*val_sets, *train_sets], dataset=cfg.dataset, root=root,
+                       preset=cfg.preset, precision=precision, seed=cfg.seed,
+                       weights={**read, **weights}, **provenance_of(store))
+
     if dist.is_main_process():
-        run.start(ident)
+        run.start(ident, record())
     dist.barrier()
     epochs_completed = 0
     if cfg.epochs > 0:
-        task = Stage1Task(model, tok, split_sets(cfg.dataset, root, "train", cfg.categories), transform,
+        task = Stage1Task(model, tok, train_sets, transform,
                           batch_size=cfg.batch_size, train_image_encoder=cfg.train_image_encoder,
                           validate_fn=validate, selection_key="selection", symmetric_loss=cfg.symmetric_loss,
-                          seed=cfg.seed, num_workers=cfg.num_workers, device=dev)
+                          seed=cfg.seed, num_workers=cfg.num_workers, device=dev, store=store)
         result = fit(task, _train_config(cfg), run.path, overwrite=cfg.overwrite)
         result.load_best_into(model)
         epochs_completed = result.epochs_completed
     weights = _on_main(lambda: _save_model(run, model, tok))
     final = validate()
     if dist.is_main_process():
+        made_by = record(stage1=run.weights_file)  # the weights evaluated are the ones this run wrote
         paths.write_json(run.evaluation_file, {"final": final, "split": EVAL_SPLIT, "config_hash": config_hash(ident),
-                                               "weights_sha256": weights})
-        run.complete(ident, epochs_completed=epochs_completed, metrics=final, weights_sha256=weights)
+                                               "weights_sha256": weights, "provenance": made_by,
+                                               "query_counts": query_counts(val_sets, run)})
+        run.complete(ident, epochs_completed=epochs_completed, metrics=final, weights_sha256=weights,
+                     provenance=made_by)
     dist.barrier()
     return RunSummary(run.path, final, False, time.time() - t0)
 
@@ -154,7 +197,11 @@ def _topk_provenance(cfg: TopKConfig, trained: dict[str, Any], weights: str, sd:
     return {"stage1_run": cfg.stage1_run, "stage1_weights_sha256": weights,
             "config": {"topk_k": cfg.topk_k, "search": cfg.search, "target_ratio": trained["target_ratio"],
                        "dataset": trained["dataset"], "split": sd.split, "category": sd.category,
-                       "queries": len(sd.queries), "gallery": len(sd.gallery)}}
+                       "queries": len(sd.queries), "gallery": len(sd.gallery),
+                       # only with a store (files made from decoded images keep their provenance)
+                       **({"feature_store": trained["feature_store"]} if trained.get("feature_store") else {}),
+                       # only when images were dropped, so files made from complete data keep their provenance
+                       **({} if sd.dropped is None else {"dropped_images": config_hash({"missing": sd.dropped.missing})})}}
 
 
 def _stale_reason(path: Path, want: dict[str, Any]) -> str | None:
@@ -171,6 +218,11 @@ def _stale_reason(path: Path, want: dict[str, Any]) -> str | None:
     return f"it was made with other settings ({have.get('config')} != {want['config']})"
 
 
+def topk_records(run: RunFolder) -> dict[Path, dict[str, Any] | None]:
+    """Each top-k file of a stage-I run and the provenance record it carries (`produced_by`; None: none recorded)."""
+    return {path: TopK.load(path).produced_by for path in run.topk_files()}
+
+
 def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
     """Write the stage-I top-K file of each split in `topk_splits` and report candidate recall at several K.
 
@@ -181,15 +233,19 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
     run = cfg.stage1_folder
     model, tok = load_stage1_run(run)
     trained = run.saved_config()
+    refuse_unsupported(cfg, trained["dataset"], trained["categories"])
     weights = _on_main(lambda: file_sha256(run.weights_file))
     dev = device()
     model.to(dev).eval()
     root = dataset_root(trained["data_root"])
     rows = []
-    for split in split_list(cfg.topk_splits):
-        sets = split_sets(trained["dataset"], root, split, trained["categories"])
-        if split == EVAL_SPLIT:
-            sets = [limit_queries(s, cfg.max_val_queries) for s in sets]
+    splits = split_list(cfg.topk_splits)
+    # the stage-I run's missing_images policy (runs of older versions: "error"), on every split at once
+    data = step_sets("extract_topk", trained["dataset"], root, trained["categories"],
+                     {split: cfg.max_val_queries if split == EVAL_SPLIT else 0 for split in splits},
+                     trained.get("missing_images", "error"), run)
+    for split in splits:
+        sets = data[split]
         if split == "train":
             sets = [mining_subset(s, cfg.mining_queries) for s in sets]
         wanted = [_topk_provenance(cfg, trained, weights, sd) for sd in sets]
@@ -207,12 +263,19 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
 
         todo = _on_main(stale)
         if todo:
+            # a run trained with a store ranks with it too (its saved config; older runs: none)
+            store = stage1_store(model, trained.get("feature_store", ""), [sets[i] for i in todo],
+                                 target_ratio=trained["target_ratio"], outputs=cfg.outputs, device=dev)
             _, topks = evaluate_stage1(model, tok, [sets[i] for i in todo], image_size=model.config.vision.image_size,
                                        target_ratio=trained["target_ratio"], k=cfg.topk_k, stage1_run=cfg.stage1_run,
-                                       dev=dev, search=cfg.search)
+                                       dev=dev, search=cfg.search, store=store)
             if dist.is_main_process():
                 for i, tk in zip(todo, topks):
-                    dataclasses.replace(tk, provenance=wanted[i]).save(run.topk_file(split, sets[i].category))
+                    made_by = _record("extract_topk", cfg, [sets[i]], dataset=trained["dataset"], root=root,
+                                      preset=trained["preset"], precision="fp32", seed=None,
+                                      weights={"stage1": run.weights_file}, **provenance_of(store))
+                    dataclasses.replace(tk, provenance=wanted[i], produced_by=made_by).save(
+                        run.topk_file(split, sets[i].category))
             dist.barrier()
         for sd in sets:
             path = run.topk_file(split, sd.category)
@@ -254,10 +317,15 @@ def _stage2_inputs(cfg: Stage2TrainConfig, val_files: list[Path]) -> dict[str, A
 def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
     """Train the stage-II re-ranker (stage I frozen) into <outputs>/stage2/<stage2_run>/."""
     cfg = resolve(cfg)
+    refuse_unsupported(cfg, cfg.dataset, cfg.categories)
+    check_feature_store(cfg)
     t0 = time.time()
     run, ident = cfg.stage2_folder, identity(cfg)
     root = data_root(cfg)
-    val_sets = [limit_queries(s, cfg.max_val_queries) for s in split_sets(cfg.dataset, root, EVAL_SPLIT, cfg.categories)]
+    data = step_sets("train_stage2", cfg.dataset, root, cfg.categories,
+                     {EVAL_SPLIT: cfg.max_val_queries, **({"train": 0} if cfg.epochs > 0 else {})}, cfg.missing_images,
+                     run)
+    val_sets = data[EVAL_SPLIT]
     val_files = val_topk_paths(cfg.stage1_folder, cfg.topk_path, val_sets)
     inputs = _on_main(lambda: _stage2_inputs(cfg, val_files))
     record = None if cfg.overwrite else _on_main(lambda: run.finished(ident))
@@ -267,29 +335,50 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
             return RunSummary(run.path, record["metrics"], True, 0.0)
         _say(f"[train_stage2] retraining {run.path}: its stage-I weights or top-k files changed since it finished")
         fresh = True
+    if cfg.epochs > 0:
+        require_trackers(cfg.trackers)  # an unknown or uninstalled tracker is refused before any training
     seed_everything(cfg.seed)
     dev = device()
     stage1, tok = stage1_for(cfg)
     stage1.to(dev).eval()
     model = build_stage2(cfg, tok, stage1).to(dev)
     val_topks = load_val_topks(val_files, val_sets, cfg.k)
+    train_sets = data.get("train", [])
+    # the frozen ViTs' tokens of every training and validation image (stage II's, and stage I's for z_t if needed)
+    store, zt_store = stage2_stores(stage1, model, cfg.feature_store, [*train_sets, *val_sets],
+                                    target_ratio=cfg.target_ratio, outputs=cfg.outputs, device=dev)
 
     def validate() -> dict[str, float]:
         # stage II alone (fusion weight 0, the original) selects the best epoch: fusion is an evaluation setting
         _, m2, _ = evaluate_stage2(stage1, model, tok, val_sets, val_topks, k=cfg.k, fusion_weight=0.0,
                                    max_pairs=cfg.max_pairs, scoring=cfg.scoring, target_ratio=cfg.target_ratio,
-                                   dev=dev)
+                                   dev=dev, store=store, zt_store=zt_store)
         return m2
 
+    read = {"stage1": stage1_weights_file(cfg),
+            "pretrained": abs_path(cfg.pretrained) if cfg.pretrained and cfg.init == "pretrained" else None,
+            "init_checkpoint": abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None}
+    topk_read = {p.name: p for p in val_files}
+    if cfg.hard_negatives > 0:
+        topk_read.update({p.name: p for p in (cfg.stage1_folder.topk_file("train", sd.category) for sd in train_sets)
+                          if p.exists()})
+
+    precision = _training_precision(cfg, dev)  # on every process: a bad precision stops them all
+
+    def record(**weights: Any) -> dict[str, Any]:
+        return _record("train_stage2", cfg, [*val_sets, *train_sets], dataset=cfg.dataset, root=root,
+                       preset=cfg.preset, precision=precision, seed=cfg.seed,
+                       weights={**read, **weights}, inputs=topk_read, **provenance_of(store, zt_store))
+
     if dist.is_main_process():
-        run.start(ident)
+        run.start(ident, record())
     dist.barrier()
     best: dict[str, float] = {}
     epochs_completed = 0
     if cfg.epochs > 0:
         transform = cdata.targetpad_transform(cfg.target_ratio, model.config.vision.image_size)
         datasets = []
-        for sd in split_sets(cfg.dataset, root, "train", cfg.categories):
+        for sd in train_sets:
             names = None
             if cfg.hard_negatives > 0:
                 p = cfg.stage1_folder.topk_file("train", sd.category)
@@ -300,20 +389,22 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
                                   k=cfg.mining_k).sorted_index_names
                 sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
             datasets.append(MinedTripletDataset(sd, transform, names, cfg.hard_negatives, seed=cfg.seed,
-                                                n_set=cfg.set_negatives))
+                                                n_set=cfg.set_negatives, images=store is None))
         dataset = datasets[0] if len(datasets) == 1 else _ConcatMined(datasets)
         task = Stage2Task(model, stage1, tok, dataset, batch_size=cfg.batch_size,
                           hard_negatives=cfg.hard_negatives + cfg.set_negatives,
                           inbatch_negatives=cfg.inbatch_negatives, stage1_train_mode=cfg.stage1_train_mode,
                           zt_from_stage1_vit=model.config.zt_source == "stage1_vit", validate_fn=validate,
-                          selection_key="selection", scoring=cfg.scoring, num_workers=cfg.num_workers, device=dev)
+                          selection_key="selection", scoring=cfg.scoring, num_workers=cfg.num_workers, device=dev,
+                          store=store, zt_store=zt_store)
         result = fit(task, _train_config(cfg), run.path, overwrite=fresh)
         result.load_best_into(model)
         best = result.best_metrics or {}
         epochs_completed = result.epochs_completed
     weights = _on_main(lambda: _save_model(run, model, tok))
     if dist.is_main_process():
-        run.complete(ident, epochs_completed=epochs_completed, metrics=best, weights_sha256=weights, inputs=inputs)
+        run.complete(ident, epochs_completed=epochs_completed, metrics=best, weights_sha256=weights, inputs=inputs,
+                     provenance=record(stage2=run.weights_file))
     dist.barrier()
     return RunSummary(run.path, best, False, time.time() - t0)
 
@@ -345,6 +436,24 @@ class Comparison:
     k: int
     run_dir: Path
     reused: bool = False  # True when a saved evaluation record made by the same models, file and settings was returned
+    query_counts: dict[str, Any] | None = None  # metrics.json's "query_counts": per split evaluated / in split / dropped
+
+    def dropped_line(self) -> str | None:
+        """'evaluated on 90 of 100 validation queries; 10 dropped (missing images), listed in <file>', or None when
+        nothing was dropped (missing_images="drop" found every image)."""
+        counts = (self.query_counts or {}).get(EVAL_SPLIT)
+        if not counts or not counts.get("dropped"):
+            return None
+        listed = f", listed in {self.run_dir / counts['dropped_file']}" if counts.get("dropped_file") else ""
+        return (f"evaluated on {counts['evaluated']:,} of {counts['in_split']:,} validation queries; "
+                f"{counts['dropped']:,} dropped (missing images){listed}; dropped queries are neither hits nor misses, "
+                "so these numbers are not comparable with ones on the full split")
+
+    def print_dropped(self) -> None:
+        """Print `dropped_line` when queries were dropped; nothing otherwise (notebook 04, beside the metrics)."""
+        line = self.dropped_line()
+        if line:
+            print(line)
 
     def table(self) -> pd.DataFrame:
         df = pd.DataFrame({"stage I": self.stage1, "stage II": self.stage2})
@@ -361,17 +470,21 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
     cfg = resolve(cfg)
     run = cfg.stage2_folder
     trained = trained_config(cfg)
+    refuse_unsupported(cfg, trained.dataset, trained.categories)
     load_stage2_run(run)  # refuses an unfinished run before anything is hashed
     root = data_root(trained)
-    sets = [limit_queries(s, cfg.max_val_queries)
-            for s in split_sets(trained.dataset, root, EVAL_SPLIT, trained.categories)]
+    sets = step_sets("evaluate", trained.dataset, root, trained.categories, {EVAL_SPLIT: cfg.max_val_queries},
+                     trained.missing_images, run)[EVAL_SPLIT]
+    counts = query_counts(sets, run)
     files = val_topk_paths(trained.stage1_folder, cfg.topk_path or trained.topk_path, sets)
 
     def produced_by() -> dict[str, Any]:
         return {"settings": identity(cfg), "stage2_config_hash": config_hash(run.saved_config()),
                 "stage1_weights_sha256": file_sha256(stage1_weights_file(trained)),
                 "stage2_weights_sha256": file_sha256(run.weights_file),
-                "topk_sha256": {str(p): file_sha256(p) for p in files if p.exists()}}
+                "topk_sha256": {str(p): file_sha256(p) for p in files if p.exists()},
+                # only when images were dropped (records made from complete data stay valid)
+                **({"query_counts": counts} if any(sd.dropped for sd in sets) else {})}
 
     def saved_record() -> dict[str, Any] | None:
         if cfg.overwrite or not run.evaluation_file.is_file():
@@ -381,22 +494,31 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
 
     reused = _on_main(saved_record)
     if reused is not None:
-        return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True)
+        return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True,
+                          query_counts=reused.get("query_counts"))
     dev = device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
     stage1.to(dev)
     stage2.to(dev)
     topks = load_val_topks(files, sets, cfg.k)
+    # a stage-II run trained with stores re-ranks from them (its saved config): reused, or built for this split
+    store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, sets, target_ratio=trained.target_ratio,
+                                    outputs=cfg.outputs, device=dev)
+    made_by = _record("evaluate", cfg, sets, dataset=trained.dataset, root=root, preset=trained.preset,
+                      precision="fp32", seed=None, inputs={p.name: p for p in files},
+                      weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
+                      stage2_config=identity(trained), **provenance_of(store, zt_store)) if dist.is_main_process() else None
     s1, s2, _ = evaluate_stage2(stage1, stage2, tok, sets, topks, k=cfg.k, fusion_weight=cfg.fusion_weight,
                                 max_pairs=cfg.max_pairs, scoring=cfg.scoring, target_ratio=trained.target_ratio,
-                                dev=dev, save_to=run)
+                                dev=dev, save_to=run, provenance=made_by, store=store, zt_store=zt_store)
     if dist.is_main_process():
         paths.write_json(run.evaluation_file, {
             "stage1": s1, "stage2": s2, "k": cfg.k, "split": EVAL_SPLIT, "fusion_weight": cfg.fusion_weight,
-            "scoring": cfg.scoring, "queries": sum(len(s.queries) for s in sets), "produced_by": produced_by()})
+            "scoring": cfg.scoring, "queries": sum(len(s.queries) for s in sets), "query_counts": counts, "produced_by": produced_by(),
+            "provenance": made_by})
     dist.barrier()
-    return Comparison(s1, s2, cfg.k, run.path)
+    return Comparison(s1, s2, cfg.k, run.path, query_counts=counts)
 
 
 def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
@@ -410,12 +532,22 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
         _say(f"stage-II run {cfg.stage2_run!r} is on {trained.dataset!r}: test submissions exist for CIRR only")
         return {}
     root = data_root(trained)
+    sd = step_sets("submit_cirr", "cirr", root, trained.categories, {"test1": 0}, trained.missing_images,
+                   run)["test1"][0]
+    if sd.dropped is not None:
+        d = sd.dropped
+        raise cdata.DatasetError(
+            f"refusing to write a CIRR test submission: {len(d.missing):,} test1 images are missing, so "
+            f"{len(d.queries):,} of {d.queries_before:,} test1 queries were dropped (missing_images=\"drop\"; listed "
+            f"in {run.dropped_queries_file}). The server scores every pair id, and no honest answer exists for a "
+            "dropped query: without its reference image there is no query to encode, and without one of its img_set "
+            "members the set cannot be ranked. Restore the images (`python -m cirlib.data check --dataset cirr "
+            f"{root}` lists them), extract the test1 top-K again (notebook 02) and submit then.")
     dev = device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
-    sd = cdata.load_split("cirr", root, "test1")
     p = trained.stage1_folder.topk_file("test1")
     if not p.exists():
         raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
@@ -424,7 +556,12 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
         raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
                          f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
     transform = cdata.targetpad_transform(trained.target_ratio, stage2.config.vision.image_size)
-    gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="test1 gallery")
+    store, _ = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
+                             outputs=cfg.outputs, device=dev)
+    if store is not None:  # a stage-II run trained with stores re-ranks from them (its saved config)
+        gallery = store.gallery_features(sd.gallery)
+    else:
+        gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="test1 gallery")
     res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
                  max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev).reranked(cfg.fusion_weight)
     # Stage II re-orders the first k; the rest of the 50 keep their stage-I order (k = 50 is the original).
@@ -435,7 +572,18 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
         "stage2": (cfg.submission_name, stage2_lists, res.group_names[:, :3]),
     }
     # The main process writes and checks the files; the others learn where they are.
-    written = _write_submissions(sd, lists, run.submission_dir) if dist.is_main_process() else None
+    written = None
+    if dist.is_main_process():
+        written = _write_submissions(sd, lists, run.submission_dir)
+        # the server's files hold the server's format only: what produced them goes in a sidecar beside the folder
+        made_by = _record("submit_cirr", cfg, [sd], dataset="cirr", root=root, preset=trained.preset,
+                          precision="fp32", seed=None, inputs={p.name: p},
+                          weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
+                          stage2_config=identity(trained), **provenance_of(store))
+        paths.write_json(run.submission_provenance_file(cfg.submission_name), {
+            "files": {label: {"file": f"{run.submission_dir.name}/{path.name}", "sha256": file_sha256(path)}
+                      for label, path in written.items()},
+            "provenance": made_by})
     dist.barrier()
     return dist.broadcast_object(written)
 
