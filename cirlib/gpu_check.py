@@ -1,4 +1,4 @@
-"""GPU check: everything issue 13 asks to measure on a CUDA device, in one command that prints ONE JSON summary.
+"""GPU check: the measurements that need a CUDA device, in one command that prints ONE JSON summary.
 
     make gpu-check                   # = python -m cirlib.gpu_check
     python -m cirlib.gpu_check --require-cuda   # exit 2 instead of 0 where there is no CUDA device
