@@ -14,8 +14,8 @@ from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.eval import metrics as M
 from cirlib.retrieval.rerank import rerank
-from cirlib.retrieval.search import (Ranking, encode_gallery, encode_queries, rank_gallery, stage1_encoder,
-                                     stage2_encoder, topk_from_ranking)
+from cirlib.retrieval.search import (GalleryFeatures, Ranking, encode_gallery, encode_queries, rank_gallery,
+                                     stage1_encoder, stage2_encoder, topk_from_ranking)
 from cirlib.retrieval.topk import TopK, TopKError
 from cirlib.run_folder import RunFolder, file_sha256
 from cirlib.workbook.config import split_list
@@ -297,6 +297,25 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
     return metrics, topks
 
 
+def rerank_galleries(stage1, stage2, sd: "cdata.SplitData", transform, store, zt_store, dev: torch.device
+                     ) -> tuple[GalleryFeatures, GalleryFeatures | None]:
+    """The image tokens a re-ranking of `sd` reads: the stage-II ViT's gallery, and the gallery whose tokens feed
+    stage I for z_t when the model takes them from stage I's ViT (else None: the stage-II tokens, the original).
+    From the feature stores when given (a run trained with them), else encoded now. Evaluation and the CIRR
+    submission both call this, so a submission ranks exactly as the evaluation did."""
+    if store is not None:
+        gallery = store.gallery_features(sd.gallery)
+    else:
+        gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc=f"{sd.split} gallery")
+    if not (stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual"):
+        return gallery, None
+    if zt_store is not None:
+        return gallery, zt_store.gallery_features(sd.gallery)
+    if store is not None:
+        raise ValueError("z_t from stage I's ViT with a feature store needs zt_store (stage I's ViT tokens)")
+    return gallery, encode_gallery(stage1_encoder(stage1), sd, transform, device=dev, desc="stage-I gallery")
+
+
 def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: float, max_pairs: int, scoring: str,
                     target_ratio: float, dev=None, save_to: RunFolder | None = None,
                     provenance: dict[str, Any] | None = None, store=None, zt_store=None
@@ -328,19 +347,7 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
         raise ValueError(f"FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be >= "
                          f"{FIQ_MIN_RERANK_K} (got k={k}; the paper uses 100)")
     for sd, tk in zip(sets, topks):
-        if store is not None:
-            gallery = store.gallery_features(sd.gallery)
-        else:
-            gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="stage-II gallery")
-        zt_gallery = None
-        if stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual":
-            if zt_store is not None:
-                zt_gallery = zt_store.gallery_features(sd.gallery)
-            elif store is not None:
-                raise ValueError("z_t from stage I's ViT with a feature store needs zt_store (stage I's ViT tokens)")
-            else:
-                zt_gallery = encode_gallery(stage1_encoder(stage1), sd, transform, device=dev,
-                                            desc="stage-I gallery")
+        gallery, zt_gallery = rerank_galleries(stage1, stage2, sd, transform, store, zt_store, dev)
         scored = rerank(stage1, stage2, tok, sd, tk, gallery, k=k, fusion_weight=fusion_weight,
                         zt_gallery=zt_gallery, max_pairs=max_pairs, scoring=scoring, device=dev,
                         provenance=None if save_to is None else {"run": save_to.name})

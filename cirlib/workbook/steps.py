@@ -31,7 +31,6 @@ from cirlib import paths, provenance
 from cirlib.eval import metrics as M
 from cirlib.models import loading
 from cirlib.retrieval.rerank import rerank
-from cirlib.retrieval.search import encode_gallery, stage2_encoder
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError, config_hash, file_sha256
 from cirlib.train.loop import TrainConfig, fit, require_trackers
@@ -40,8 +39,8 @@ from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
 from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig,
                                     identity, split_list)
 from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_stage2, limit_queries, load_val_topks,
-                                        match_rows, mining_subset, query_counts, refuse_unsupported, step_sets,
-                                        val_topk_paths)
+                                        match_rows, mining_subset, query_counts, refuse_unsupported,
+                                        rerank_galleries, step_sets, val_topk_paths)
 from cirlib.workbook.factories import (abs_path, build_stage1, build_stage2, data_root, dataset_root, device,  # noqa: F401
                                        load_stage1_run,
                                        load_stage2_run, stage1_for, stage1_weights_file, tokenizer_for)
@@ -556,14 +555,13 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
         raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
                          f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
     transform = cdata.targetpad_transform(trained.target_ratio, stage2.config.vision.image_size)
-    store, _ = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
-                             outputs=cfg.outputs, device=dev)
-    if store is not None:  # a stage-II run trained with stores re-ranks from them (its saved config)
-        gallery = store.gallery_features(sd.gallery)
-    else:
-        gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc="test1 gallery")
+    # a stage-II run trained with stores re-ranks from them (its saved config), as its evaluation did
+    store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
+                                    outputs=cfg.outputs, device=dev)
+    gallery, zt_gallery = rerank_galleries(stage1, stage2, sd, transform, store, zt_store, dev)
     res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
-                 max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev).reranked(cfg.fusion_weight)
+                 zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring,
+                 device=dev).reranked(cfg.fusion_weight)
     # Stage II re-orders the first k; the rest of the 50 keep their stage-I order (k = 50 is the original).
     stage2_lists = np.concatenate([res.sorted_index_names, tk.sorted_index_names[:, res.sorted_index_names.shape[1]:]],
                                   axis=1)[:, :SUBMISSION_LENGTH]
