@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import uuid
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -181,16 +182,21 @@ def test_cli_reports_bad_parameters_and_exits_nonzero(tmp_path, capsys):
     assert "['epoch'] are declared by no notebook" in capsys.readouterr().err
 
 
+def _write_notebook(src: Path, stem: str, parameters: str, body: str) -> None:
+    """A two-cell notebook for the batch runner: a `parameters` cell, then `body`."""
+    src.mkdir(exist_ok=True)
+    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+    params = nbformat.v4.new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    book.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(book, str(src / f"{stem}.ipynb"))
+
+
 def test_a_failing_notebook_stops_the_batch_naming_notebook_and_cell(tmp_path, capsys):
     src = tmp_path / "nbs"
-    src.mkdir()
     for stem, body in (("01_fails", 'raise ValueError("boom " + word)'), ("02_never", "print('unreachable')")):
-        book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                 "language": "python"}})
-        params = nbformat.v4.new_code_cell('word: str = "x"  # a word')
-        params.metadata["tags"] = ["parameters"]
-        book.cells = [params, nbformat.v4.new_code_cell(body)]
-        nbformat.write(book, str(src / f"{stem}.ipynb"))
+        _write_notebook(src, stem, 'word: str = "x"  # a word', body)
     (tmp_path / "p.yaml").write_text("word: hello\n")
     with pytest.raises(batch.BatchError) as err:
         batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
@@ -202,13 +208,7 @@ def test_a_failing_notebook_stops_the_batch_naming_notebook_and_cell(tmp_path, c
 
 def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
     src = tmp_path / "nbs"
-    src.mkdir()
-    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                             "language": "python"}})
-    params = nbformat.v4.new_code_cell('word: str = "x"  # a word')
-    params.metadata["tags"] = ["parameters"]
-    book.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(60)")]
-    nbformat.write(book, str(src / "01_sleeps.ipynb"))
+    _write_notebook(src, "01_sleeps", 'word: str = "x"  # a word', "import time\ntime.sleep(60)")
     (tmp_path / "p.yaml").write_text("word: hello\n")
     with pytest.raises(batch.BatchError, match=r"01_sleeps.ipynb: a cell ran longer than cell_timeout_s=3"):
         batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src, cell_timeout_s=3)
@@ -217,14 +217,8 @@ def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
 def test_executed_copies_show_finished_text_progress(tmp_path):
     """A batch run's kernels draw text bars: the executed copy ends at 100%, with no widget left at its first 0%."""
     src = tmp_path / "nbs"
-    src.mkdir()
-    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                             "language": "python"}})
-    params = nbformat.v4.new_code_cell('steps: int = 3  # bar length')
-    params.metadata["tags"] = ["parameters"]
     body = "from cirlib.progress import progress_bar\nfor _ in progress_bar(range(steps), desc='epochs'):\n    pass"
-    book.cells = [params, nbformat.v4.new_code_cell(body)]
-    nbformat.write(book, str(src / "01_bars.ipynb"))
+    _write_notebook(src, "01_bars", "steps: int = 3  # bar length", body)
     (tmp_path / "p.yaml").write_text("steps: 4\n")
     (executed,) = batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
     outputs = nbformat.read(executed, as_version=4).cells[-1].outputs

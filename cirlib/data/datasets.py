@@ -9,21 +9,17 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from cirlib.data.readers import DatasetError, SplitData, fiq_caption_join, load_image, query_text
+from cirlib.data.readers import DatasetError, SplitData, fiq_caption_join, load_image, query_text, split_label
 
 # --------------------------------------------------------------------------------------------------------------------
 # torch Datasets
-
-
-def _split_label(data: SplitData) -> str:
-    return f"{data.dataset} {data.split}" + ("" if data.category is None else f" {data.category}")
 
 
 def _open(data: SplitData, name: str, transform: Callable, role: str) -> torch.Tensor:
     try:
         return transform(load_image(data.image_path(name)))
     except DatasetError as e:
-        raise DatasetError(f"{e} (while loading {role} {name!r} of {_split_label(data)})") from e
+        raise DatasetError(f"{e} (while loading {role} {name!r} of {split_label(data)})") from e
 
 
 class GalleryDataset(Dataset):
@@ -50,10 +46,10 @@ class TripletDataset(Dataset):
 
     def __init__(self, split_data: SplitData, transform: Callable[[PIL.Image.Image], torch.Tensor], seed: int):
         if not split_data.has_targets:
-            raise DatasetError(f"{_split_label(split_data)} has no targets; triplets need a train or val split")
+            raise DatasetError(f"{split_label(split_data)} has no targets; triplets need a train or val split")
         if not split_data.queries:
             raise DatasetError(
-                f"{_split_label(split_data)} has no queries (read with with_queries=False, or an empty caption file)"
+                f"{split_label(split_data)} has no queries (read with with_queries=False, or an empty caption file)"
             )
         self.data = split_data
         self.transform = transform
