@@ -19,9 +19,12 @@ tokens come from the stage-II ViT once per image (not per pair), before either p
 - "eval-cirr-shaped" (`bench_eval_cirr`, opt-in: `--cases eval-cirr-shaped`): CIRR validation's shape. A 2,297-image
   gallery; N queries each with its own top-50 drawn without replacement from a Zipf popularity (`zipf_topk_lists`;
   exponent 1.2 = `calibrate_zipf()`: the most skewed popularity for which, at N = 4,181, the mean number of lists an
-  image appears in is still CIRR val's 91, i.e. every image appears). Scored as `rerank` scores: batches of 16
-  queries through `score_indexed` (pairs grouped by candidate within a batch, 512 per pass). Per-pair path on a
-  sample of whole batches, extrapolated to N. Also "split-wide": the shared path with all N queries in one batch.
+  image appears in is still CIRR val's 91, i.e. every image appears). Shared path: scored as `rerank` scores them
+  (`query_blocks`: batches of 16 queries gathered into blocks, each block's pairs grouped by candidate,
+  `score_indexed`, 512 pairs per pass). With `--cirr-pass-sample S` only S random passes of that plan run and the
+  total is extrapolated by their measured seconds per analytic FLOP (for N where running every pass would take
+  hours on a CPU). Per-pair path on the first `--cirr-sample` queries, extrapolated to N. Also "per-batch": the
+  grouping before query blocks (pairs grouped within each batch of 16 only), timed the same way.
 - "memory-stage2" (`bench_memory`, opt-in): activation memory of a stage-II training step at B (and B/2) with and
   without gradient checkpointing of the text encoder, stage I's per-sample memory, the frozen ViT's no_grad forward
   per image, and from them the largest per-GPU batch at 24/40/80 GB (`fits_table`).
@@ -50,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from cirlib.models.config import ModelConfig, preset
-from cirlib.models.stage2 import RerankQuery, Stage2Model, _chunks
-from cirlib.retrieval.rerank import score_indexed
+from cirlib.models.stage2 import RerankQuery, Stage2Model, shared_passes
+from cirlib.retrieval.rerank import query_blocks, score_indexed
 
 ENC_TOKEN_ID = 30523  # [ENC], replaces [CLS] at position 0 (the original's tokenisation)
 SEP_TOKEN_ID = 102
@@ -84,9 +87,11 @@ class BenchConfig:
     cirr_batch: int = 16  # queries per batch, as `rerank` batches them (its batch_size default)
     cirr_max_pairs: int = 512  # pairs per forward pass (EvaluateConfig.max_pairs default)
     cirr_text_len: int = 13  # longest text in tokens (CIRR captions with [ENC] and [SEP]); others up to 4 shorter
-    cirr_sample: int = 16  # per-pair path: the first this many queries (whole batches), extrapolated to N
+    cirr_sample: int = 16  # per-pair path: the first this many queries, extrapolated to N
     cirr_token_pool: int = 64  # distinct random token sets the gallery cycles through (memory); 0 = one per image
-    cirr_split_wide: bool = True  # also time the shared path with all N queries in one batch
+    cirr_query_block_mib: float = 256.0  # the pipeline's query blocks (`rerank`'s query_block_mib default)
+    cirr_pass_sample: int = 0  # shared path: time this many random passes of its plan, extrapolate by FLOPs; 0 = all
+    cirr_per_batch: bool = True  # also the grouping before blocks: pairs grouped by candidate within each batch only
     memory_batch: int = 16  # memory-stage2: training batch B (also measured at B/2 to fit the memory model)
 
 
@@ -437,28 +442,13 @@ class PooledTokens:
         return self.pool[index.to(self.device) % self.pool.shape[0]]
 
 
-def _pass_structure(lists: torch.Tensor, batch: int, max_pairs: int) -> list[tuple[int, int, int]]:
-    """(queries, pairs, candidates) of every forward pass the shared path makes when the pipeline scores `lists` in
-    query batches of `batch` (`rerank`), each batch's pairs sorted by candidate and cut into <= max_pairs passes at
-    candidate boundaries (`Stage2Model.score`, the same `_chunks`)."""
-    passes = []
-    for s in range(0, lists.shape[0], batch):
-        flat = lists[s:s + batch].reshape(-1)
-        pair_query = torch.arange(min(batch, lists.shape[0] - s)).repeat_interleave(lists.shape[1])
-        order = torch.argsort(flat, stable=True)
-        _, runs = torch.unique_consecutive(flat[order], return_counts=True)
-        for start, end in _chunks(runs.tolist(), max_pairs):
-            pairs = order[start:end]
-            passes.append((torch.unique(pair_query[pairs]).numel(), end - start, torch.unique(flat[pairs]).numel()))
-    return passes
-
-
 def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> dict:
     """CIRR-validation-shaped evaluation: N queries, each with its own top-k of a G-image gallery drawn with a Zipf
-    popularity (`zipf_topk_lists`), scored as `cirlib.retrieval.rerank.rerank` scores them: query batches of
-    `cirr_batch`, each through `score_indexed(..., scoring, max_pairs)`. The shared path runs on all N queries; the
-    per-pair path on the first `cirr_sample` (whole batches) and is extrapolated to N. A second shared run scores
-    all N queries as one batch ("split-wide"): what grouping pairs by candidate over the whole split would give."""
+    popularity (`zipf_topk_lists`), scored as `cirlib.retrieval.rerank.rerank` scores them (`query_blocks` of
+    `cirr_batch`-query batches, each block through `score_indexed`). The per-pair path runs on the first `cirr_sample`
+    queries and is extrapolated to N; the shared path runs every pass, or `cirr_pass_sample` random ones whose seconds
+    per analytic FLOP extrapolate to all of its passes. "per_batch_*": the same with a block per batch (the pipeline
+    before query blocks), for comparison."""
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     model.eval()
     n, k, g, batch, length = cfg.cirr_queries, cfg.cirr_k, cfg.cirr_gallery, cfg.cirr_batch, cfg.cirr_text_len
@@ -480,61 +470,76 @@ def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) 
                            z_t=None if z_t is None else z_t[start:stop, :width_b],
                            ref_tokens=gallery[refs[start:stop]] if model.config.reranker == "joint" else None)
 
-    def pipeline(stop: int, scoring: str, query_batch: int) -> tuple[torch.Tensor, list[float]]:
-        out, batch_s = [], []
-        for s in range(0, stop, query_batch):
-            e = min(s + query_batch, stop)
-            scores, seconds = _timed(
-                lambda: score_indexed(model, query(s, e), gallery, lists[s:e], cfg.cirr_max_pairs, scoring, device),
-                device)
-            out.append(scores)
-            batch_s.append(seconds)
-        return torch.cat(out), batch_s
+    def pass_flops(p) -> float:
+        return analytic_flops(model.config, queries=p.queries.numel(), pairs=p.end - p.start,
+                              candidates=p.candidates.numel(), text_len=length)["shared"]
 
-    sample = min(n, max(batch, -(-cfg.cirr_sample // batch) * batch))  # whole pipeline batches
+    def shared(block_mib: float) -> dict:
+        """Seconds of the shared path over all N queries (measured, or extrapolated from sampled passes), FLOPs,
+        pairs per candidate projection, and the scores when every pass ran."""
+        blocks = list(query_blocks(model, range(n), batch, query, block_mib))
+        plans = [(q, shared_passes(lists[s:e].to(device), cfg.cirr_max_pairs), s, e) for s, e, q in blocks]
+        passes = [(q, p) for q, plan, _, _ in plans for p in plan.passes]
+        flops = [pass_flops(p) for _, p in passes]
+        projections = sum(p.candidates.numel() for _, p in passes)
+        out = {"blocks": len(blocks), "passes": len(passes), "gflop": sum(flops) / 1e9,
+               "pass_reuse": sum(p.end - p.start for _, p in passes) / projections}
+        if cfg.cirr_pass_sample and cfg.cirr_pass_sample < len(passes):
+            chosen = torch.randperm(len(passes), generator=torch.Generator().manual_seed(cfg.seed + 5))
+            chosen = chosen[:cfg.cirr_pass_sample].tolist()
+            seconds = [_timed(lambda i=i: model.score_pass(passes[i][0], gallery, passes[i][1]), device)[1]
+                       for i in chosen]
+            rate = torch.tensor(seconds) / torch.tensor([flops[i] for i in chosen])  # s per FLOP of each pass
+            out.update(seconds=sum(flops) * float(sum(seconds) / sum(flops[i] for i in chosen)), sampled=len(chosen),
+                       sampled_seconds=sum(seconds), s_per_tflop_cv=float(rate.std() / rate.mean()), scores=None)
+        else:
+            def run_all() -> torch.Tensor:
+                return torch.cat([score_indexed(model, q, gallery, lists[s:e], cfg.cirr_max_pairs, "shared", device)
+                                  for q, _, s, e in plans])
+            scores, seconds = _timed(run_all, device)
+            out.update(seconds=seconds, sampled=len(passes), sampled_seconds=seconds, s_per_tflop_cv=0.0,
+                       scores=scores)
+        return out
+
+    sample = min(n, max(1, cfg.cirr_sample))
     with torch.inference_mode(), _autocast(cfg, device):
         score_indexed(model, query(0, 2), gallery, lists[:2, :2], cfg.cirr_max_pairs, "pairs", device)  # warm-up
         score_indexed(model, query(0, 2), gallery, lists[:2, :2], cfg.cirr_max_pairs, "shared", device)
-        (shared_scores, shared_batches), shared_s = _timed(lambda: pipeline(n, "shared", batch), device)
-        (pp_scores, _), pp_s = _timed(lambda: pipeline(sample, "pairs", batch), device)
-        wide_s = None
-        if cfg.cirr_split_wide:
-            (wide_scores, _), wide_s = _timed(lambda: pipeline(n, "shared", n), device)
+        main = shared(cfg.cirr_query_block_mib)
+        per_batch = shared(0.0) if cfg.cirr_per_batch else None
+        pp_scores, pp_s = _timed(lambda: score_indexed(model, query(0, sample), gallery, lists[:sample],
+                                                       cfg.cirr_max_pairs, "pairs", device), device)
+        # the shared path's scores of the same queries, as the pipeline computes them (one block, untimed)
+        check = score_indexed(model, query(0, sample), gallery, lists[:sample], cfg.cirr_max_pairs, "shared", device)
     flops_pp = analytic_flops(model.config, queries=1, pairs=n * k, candidates=1, text_len=length)["per_pair"]
-
-    def shared_flops(query_batch: int) -> tuple[float, float]:
-        passes = _pass_structure(lists, query_batch, cfg.cirr_max_pairs)
-        total = sum(analytic_flops(model.config, queries=q, pairs=p, candidates=c, text_len=length)["shared"]
-                    for q, p, c in passes)
-        return total, sum(p for _, p, _ in passes) / sum(c for _, _, c in passes)
-
-    flops_sh, pass_reuse = shared_flops(batch)
     pp_extrapolated = pp_s * n / sample
-    half = len(shared_batches) // 2
     result = {
         "case": "eval-cirr-shaped", **_common(cfg, model, device), "text_len": length, "gallery": g, "queries": n,
         "candidates_per_query": k, "pairs": n * k, "query_batch": batch, "max_pairs": cfg.cirr_max_pairs,
+        "query_block_mib": cfg.cirr_query_block_mib, "query_blocks": main["blocks"],
         "popularity": "zipf", "zipf_exponent": cfg.cirr_zipf, "mean_reuse": round(mean_reuse(lists), 2),
         "mean_reuse_at_cirr_val_n": round(reuse_val, 2), "unique_candidates": int(torch.unique(lists).numel()),
-        "pass_reuse": round(pass_reuse, 3),
-        "shared_s": round(shared_s, 4), "shared_s_per_query": round(shared_s / n, 5),
-        # steady state: seconds per query of the first and second half of the batches
-        "shared_s_per_query_first_half": round(sum(shared_batches[:half]) / max(1, half * batch), 5),
-        "shared_s_per_query_second_half": round(sum(shared_batches[half:]) / max(1, n - half * batch), 5),
+        "pass_reuse": round(main["pass_reuse"], 3), "shared_passes": main["passes"],
+        "shared_passes_timed": main["sampled"], "shared_timed_s": round(main["sampled_seconds"], 4),
+        "shared_s": round(main["seconds"], 4), "shared_extrapolated": main["sampled"] < main["passes"],
+        "shared_s_per_tflop_cv": round(main["s_per_tflop_cv"], 4), "shared_s_per_query": round(main["seconds"] / n, 5),
         "per_pair_sample_queries": sample, "per_pair_sample_s": round(pp_s, 4),
         "per_pair_s_extrapolated": round(pp_extrapolated, 4), "per_pair_extrapolated": sample < n,
-        "speedup": round(pp_extrapolated / shared_s, 3),
-        "per_pair_gflop": round(flops_pp / 1e9, 3), "shared_gflop": round(flops_sh / 1e9, 3),
-        "flop_ratio": round(flops_pp / flops_sh, 3),
-        "max_abs_score_diff": float((shared_scores[:sample] - pp_scores).abs().max()),
+        "speedup": round(pp_extrapolated / main["seconds"], 3),
+        "per_pair_gflop": round(flops_pp / 1e9, 3), "shared_gflop": round(main["gflop"], 3),
+        "flop_ratio": round(flops_pp / (main["gflop"] * 1e9), 3),
+        "max_abs_score_diff": float((check - pp_scores).abs().max()),
         "score_std": float(pp_scores.std()),
     }
-    if wide_s is not None:
-        flops_wide, wide_reuse = shared_flops(n)
+    if main["scores"] is not None:
+        result["max_abs_score_diff_all_passes"] = float((main["scores"][:sample] - pp_scores).abs().max())
+    if per_batch is not None:
         result.update({
-            "split_wide_shared_s": round(wide_s, 4), "split_wide_speedup": round(pp_extrapolated / wide_s, 3),
-            "split_wide_flop_ratio": round(flops_pp / flops_wide, 3), "split_wide_pass_reuse": round(wide_reuse, 3),
-            "split_wide_max_abs_score_diff": float((wide_scores - shared_scores).abs().max()),
+            "per_batch_shared_s": round(per_batch["seconds"], 4),
+            "per_batch_speedup": round(pp_extrapolated / per_batch["seconds"], 3),
+            "per_batch_flop_ratio": round(flops_pp / (per_batch["gflop"] * 1e9), 3),
+            "per_batch_pass_reuse": round(per_batch["pass_reuse"], 3),
+            "per_batch_extrapolated": per_batch["sampled"] < per_batch["passes"],
         })
     return result
 

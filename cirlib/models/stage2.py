@@ -23,6 +23,7 @@ image tokens:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,50 @@ class RerankQuery:
             z_t=None if self.z_t is None else self.z_t[index],
             ref_tokens=None if self.ref_tokens is None else self.ref_tokens[index],
         )
+
+    def trimmed(self) -> "RerankQuery":
+        """The same queries without the trailing columns that are padding in every row: (B, L) -> (B, L') with L' the
+        longest text among them. Scores do not change (padded positions are masked out of every attention and never
+        reach position 0); only the work on padding goes, e.g. for a few queries selected from a block padded to the
+        block's longest text."""
+        used = self.attention_mask.any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+        if width == self.input_ids.shape[1]:
+            return self
+        return RerankQuery(
+            input_ids=self.input_ids[:, :width],
+            attention_mask=self.attention_mask[:, :width],
+            z_t=None if self.z_t is None else self.z_t[:, :width],
+            ref_tokens=self.ref_tokens,
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["RerankQuery"], pad_token_id: int = 0) -> "RerankQuery":
+        """Queries of several batches as one (sum of B, max of L), each padded on the right to the longest text
+        (ids with pad_token_id, mask and z_t with zeros). All parts must carry the same fields."""
+        if not parts:
+            raise ValueError("RerankQuery.cat needs at least one part")
+        if len({(p.z_t is None, p.ref_tokens is None) for p in parts}) > 1:
+            raise ValueError("RerankQuery.cat: the parts carry different fields (z_t / ref_tokens)")
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.input_ids.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+            extra = width - t.shape[1]
+            return t if extra == 0 else F.pad(t, (0, 0) * (t.dim() - 2) + (0, extra), value=value)
+
+        return RerankQuery(
+            input_ids=torch.cat([pad(p.input_ids, pad_token_id) for p in parts]),
+            attention_mask=torch.cat([pad(p.attention_mask, 0) for p in parts]),
+            z_t=None if parts[0].z_t is None else torch.cat([pad(p.z_t, 0.0) for p in parts]),
+            ref_tokens=None if parts[0].ref_tokens is None else torch.cat([p.ref_tokens for p in parts]),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this query holds."""
+        return sum(t.numel() * t.element_size() for t in (self.input_ids, self.attention_mask, self.z_t,
+                                                            self.ref_tokens) if t is not None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +233,8 @@ class Stage2Model(nn.Module):
 
     # ------------------------------------------------------------------ scoring: the one entry
     def score(self, query: RerankQuery, cand_tokens: torch.Tensor, index: torch.Tensor | None = None, *,
-              scoring: str = "shared", max_pairs: int | None = None) -> torch.Tensor:
+              scoring: str = "shared", max_pairs: int | None = None,
+              on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
         """Logit 0 of each query against each of its candidates `cand_tokens[index[b]]`; the one place that chooses
         the code path.
 
@@ -202,6 +248,8 @@ class Stage2Model(nn.Module):
                 "shared" the pairs are sorted by candidate and cut between candidates where possible, so each
                 candidate's keys/values are computed once, and only a chunk's candidates move to the query's device;
                 with "pairs" they are cut in row order (max_pairs = M scores one query at a time, as the original).
+                A (query, candidate) pair that occurs twice in `index` is scored once on the shared path.
+            on_pass: called with the number of pairs of `index` scored so far after each pass (a progress bar).
         Returns:
             (B, M) scores on the query's device.
         """
@@ -217,11 +265,14 @@ class Stage2Model(nn.Module):
         _check_index(index, cand_tokens.shape[0], "index")
         m = index.shape[1]
         if scoring == "pairs":
-            return self._score_pairs_chunked(query, cand_tokens, index, max_pairs or max(b * m, 1))
+            return self._score_pairs_chunked(query, cand_tokens, index, max_pairs or max(b * m, 1), on_pass)
         if max_pairs is None:
             pair_query = torch.arange(b, device=device).repeat_interleave(m)
-            return self._score_shared(query, cand_tokens, pair_query, index.reshape(-1)).view(b, m)
-        return self._score_shared_chunked(query, cand_tokens, index.to(device), max_pairs)
+            scores = self._score_shared(query, cand_tokens, pair_query, index.reshape(-1)).view(b, m)
+            if on_pass is not None:
+                on_pass(b * m)
+            return scores
+        return self._score_shared_chunked(query, cand_tokens, index.to(device), max_pairs, on_pass)
 
     # ------------------------------------------------------------------ per-pair reference
     def _score_pairs(self, query: RerankQuery, cand_tokens: torch.Tensor) -> torch.Tensor:
@@ -249,7 +300,7 @@ class Stage2Model(nn.Module):
         return self.cls_head(feats)[:, 0]
 
     def _score_pairs_chunked(self, query: RerankQuery, cand_tokens: torch.Tensor, index: torch.Tensor,
-                             max_pairs: int) -> torch.Tensor:
+                             max_pairs: int, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
         """(B, M) per-pair scores, the B*M pairs taken in row order, at most max_pairs per pass."""
         b, m = index.shape
         if b * m == 0:
@@ -259,7 +310,9 @@ class Stage2Model(nn.Module):
         out = []
         for s in range(0, b * m, max_pairs):
             cand = cand_tokens[flat[s:s + max_pairs].to(cand_tokens.device)]
-            out.append(self._score_pairs(query.select(rows[s:s + max_pairs]), cand))
+            out.append(self._score_pairs(query.select(rows[s:s + max_pairs]).trimmed(), cand))
+            if on_pass is not None:
+                on_pass(min(s + max_pairs, b * m))
         return (out[0] if len(out) == 1 else torch.cat(out)).view(b, m)
 
     # ------------------------------------------------------------------ shared keys/values
@@ -290,26 +343,27 @@ class Stage2Model(nn.Module):
                 self._typed(cand, 1), cand_grouping, pq)
         return self.cls_head(feats)[:, 0]
 
+    def score_pass(self, query: RerankQuery, cand_tokens: torch.Tensor, shared_pass: "SharedPass") -> torch.Tensor:
+        """Scores (P,) of one pass of a `shared_passes` plan: its queries (trimmed to their longest text) against its
+        candidates, each candidate's keys/values computed once."""
+        chunk_tokens = cand_tokens[shared_pass.candidates.to(cand_tokens.device)]
+        return self._score_shared(query.select(shared_pass.queries).trimmed(), chunk_tokens,
+                                  shared_pass.local_query, shared_pass.local_cand)
+
     def _score_shared_chunked(self, query: RerankQuery, cand_tokens: torch.Tensor, index: torch.Tensor,
-                              max_pairs: int) -> torch.Tensor:
-        """(B, K) shared-path scores of each query's candidates `index` (on the query's device), in chunks of at most
-        max_pairs pairs cut at candidate boundaries (a candidate with more pairs is split); only a chunk's candidates
-        are moved to the query's device."""
+                              max_pairs: int, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(B, K) shared-path scores of each query's candidates `index` (on the query's device), pass by pass of
+        `shared_passes(index, max_pairs)`; only a pass's candidates are moved to the query's device."""
         b, k = index.shape
-        device = query.input_ids.device
-        flat = index.reshape(-1)
-        pair_query = torch.arange(b, device=device).repeat_interleave(k)
-        order = torch.argsort(flat, stable=True)  # pairs by candidate
-        _, run_lengths = torch.unique_consecutive(flat[order], return_counts=True)
-        scores = torch.empty(b * k, device=device, dtype=torch.float32)
-        for start, end in _chunks(run_lengths.tolist(), max_pairs):
-            pairs = order[start:end]
-            uq, local_q = torch.unique(pair_query[pairs], return_inverse=True)
-            uc, local_c = torch.unique(flat[pairs], return_inverse=True)
-            chunk_tokens = cand_tokens[uc.to(cand_tokens.device)]
-            s = self._score_shared(query.select(uq), chunk_tokens, local_q, local_c)
-            scores[pairs] = s.float()
-        return scores.view(b, k)
+        plan = shared_passes(index, max_pairs)
+        scores = torch.empty(plan.num_pairs, device=query.input_ids.device, dtype=torch.float32)
+        done = 0
+        for shared_pass in plan.passes:
+            scores[shared_pass.start:shared_pass.end] = self.score_pass(query, cand_tokens, shared_pass).float()
+            done += int(plan.repeats[shared_pass.start:shared_pass.end].sum())
+            if on_pass is not None:
+                on_pass(done)
+        return scores[plan.inverse].view(b, k)
 
     # ------------------------------------------------------------------ training
     def forward(self, query: RerankQuery, cand_tokens: torch.Tensor, cand_index: torch.Tensor | None = None,
@@ -362,3 +416,45 @@ def _chunks(run_lengths: list[int], max_pairs: int) -> list[tuple[int, int]]:
     if pos > start:
         chunks.append((start, pos))
     return chunks
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPass:
+    """One forward pass of the shared path: unique pairs [start, end) of a `SharedPlan` (all of a few candidates)."""
+
+    start: int
+    end: int
+    queries: torch.Tensor  # (Q,) query rows of the pass
+    local_query: torch.Tensor  # (P,) each pair's position in `queries`
+    candidates: torch.Tensor  # (C,) candidate rows of the pass
+    local_cand: torch.Tensor  # (P,) each pair's position in `candidates`
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPlan:
+    """How the shared path scores (B, M) pairs: the unique (query, candidate) pairs sorted by candidate, cut into
+    passes of at most max_pairs at candidate boundaries (a candidate with more pairs is split)."""
+
+    passes: list[SharedPass]
+    num_pairs: int  # unique pairs
+    inverse: torch.Tensor  # (B*M,) each pair of the index -> its unique pair
+    repeats: torch.Tensor  # (num_pairs,) how many pairs of the index each unique pair stands for
+
+
+def shared_passes(index: torch.Tensor, max_pairs: int) -> SharedPlan:
+    """The passes `Stage2Model.score(..., scoring="shared", max_pairs=...)` makes for a (B, M) candidate index.
+
+    Pairs are keyed candidate-major (candidate * B + query), so sorting them groups each candidate's pairs; a pair
+    that occurs twice (e.g. a CIRR set member that is also in the query's top-k) is scored once."""
+    b, m = index.shape
+    flat = index.reshape(-1)
+    pair_query = torch.arange(b, device=index.device).repeat_interleave(m)
+    keys, inverse, repeats = torch.unique(flat * b + pair_query, return_inverse=True, return_counts=True)
+    cand, query = keys // b, keys % b
+    _, run_lengths = torch.unique_consecutive(cand, return_counts=True)
+    passes = []
+    for start, end in _chunks(run_lengths.tolist(), max_pairs):
+        uq, local_q = torch.unique(query[start:end], return_inverse=True)
+        uc, local_c = torch.unique(cand[start:end], return_inverse=True)
+        passes.append(SharedPass(start, end, uq, local_q, uc, local_c))
+    return SharedPlan(passes, int(keys.numel()), inverse, repeats)

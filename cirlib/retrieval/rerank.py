@@ -3,11 +3,20 @@
 The result is a `TopK` in stage-I order holding both scores per candidate; `TopK.reranked(fusion_weight)` orders it
 (the one place a ranked list is re-ordered), and the evaluation saves it as the run's re-ranked file, from which the
 figures and the explorer recompute any k' <= k and any fusion weight without a model.
+
+How pairs are grouped (the shared path): queries are encoded in batches of `batch_size` (text, and z_t from stage I
+for the dual re-ranker), and the pairs of a whole *block* of queries are sorted by candidate and scored pass by pass,
+so a gallery image that many queries rank computes its keys/values once per block instead of once per batch. For the
+dual re-ranker the query side of a query is its text (L x H floats), so a block holds every query whose features fit
+in `query_block_mib` (CIRR val's 4,181 queries at blip-base need ~0.2 GiB: one block). The joint re-ranker's query side
+holds the reference's image tokens, whose keys/values would be recomputed in every pass a query appears in, so there
+a block is one batch. A CIRR query's image-set members are scored in the same block as its top-k (a member that is also
+in the top-k is scored once).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +43,7 @@ def rerank(
     zt_gallery: GalleryFeatures | None = None,
     batch_size: int = 16,
     max_pairs: int = 4096,
+    query_block_mib: float = 256.0,
     queries: Sequence["cdata.Query"] | None = None,
     scoring: str = "shared",
     device: torch.device | str = "cpu",
@@ -49,6 +59,10 @@ def rerank(
         zt_gallery: gallery whose tokens feed stage I for z_t; None = `gallery` (the original: stage-II ViT tokens).
         fusion_weight: the w the caller ranks by (`result.reranked(w)`: w * z(s1) + (1 - w) * z(s2), 0 = stage II
             only, the original); checked against the file (fusion needs stage-I scores) and recorded in provenance.
+        batch_size: queries encoded at once (text encoder, stage I for z_t).
+        max_pairs: most (query, candidate) pairs per forward pass of stage II.
+        query_block_mib: most memory of encoded queries whose pairs are grouped by candidate together (the dual
+            re-ranker; see the module docstring).
         queries: the rows of `topk` to score (default: all of the split's queries, which must match its rows).
         scoring: "shared" (each gallery image's keys/values computed once for all queries that rank it) or "pairs"
             (one full pass per pair, the original's algorithm); both give the same scores.
@@ -78,17 +92,25 @@ def rerank(
     # Several processes: each scores a contiguous share of the queries (whole batches), then all gather the scores.
     share = dist.shard_range(len(queries), batch_size)
     width = 0 if subset_names is None else subset_names.shape[1]
-    stage2_scores, subset_scores = [torch.empty(0, k)], [torch.empty(0, width)]
-    for start in progress_bar(range(share.start, share.stop, batch_size), desc="re-rank", leave=False,
-                      disable=not dist.is_main_process()):
-        stop = min(start + batch_size, share.stop)
-        chunk = queries[start:stop]
-        query = _rerank_query(stage1, stage2, tokenizer, texts[start:stop], chunk, gallery, zt_gallery, device)
-        idx = torch.stack([gallery.positions(list(row)) for row in cand_names[start:stop]])
-        stage2_scores.append(score_indexed(stage2, query, gallery.tokens, idx, max_pairs, scoring, device))
+    index = torch.empty(len(share), k + width, dtype=torch.long)  # gallery rows: top-k, then the set's members
+    for row, q in enumerate(share):
+        index[row, :k] = gallery.positions(list(cand_names[q]))
         if subset_names is not None:
-            midx = torch.stack([gallery.positions(list(m)) for m in subset_names[start:stop]])
-            subset_scores.append(score_indexed(stage2, query, gallery.tokens, midx, max_pairs, scoring, device))
+            index[row, k:] = gallery.positions(list(subset_names[q]))
+    scores = torch.empty(len(share), k + width)
+    bar = progress_bar(total=len(share) * (k + width), desc="re-rank", unit="pair", leave=False,
+                       disable=not dist.is_main_process())
+
+    def encode(s: int, e: int) -> RerankQuery:
+        return _rerank_query(stage1, stage2, tokenizer, texts[s:e], queries[s:e], gallery, zt_gallery, device)
+
+    for start, stop, query in query_blocks(stage2, share, batch_size, encode, query_block_mib):
+        rows = slice(start - share.start, stop - share.start)
+        before = bar.n
+        scores[rows] = score_indexed(stage2, query, gallery.tokens, index[rows], max_pairs, scoring, device,
+                                     on_pass=lambda pairs, before=before: bar.update(before + pairs - bar.n))
+    bar.close()
+    stage2_scores, subset_scores = [scores[:, :k]], [scores[:, k:]]
     s2 = dist.all_gather_no_grad(torch.cat(stage2_scores))
     sub = None if subset_names is None else dist.all_gather_no_grad(torch.cat(subset_scores))
     stage2_record = {"k": int(k), "fusion_weight": float(fusion_weight), "scoring": scoring, **(provenance or {})}
@@ -103,10 +125,30 @@ def rerank(
     )
 
 
+def query_blocks(stage2, rows: range, batch_size: int, encode: Callable[[int, int], RerankQuery],
+                 query_block_mib: float) -> Iterator[tuple[int, int, RerankQuery]]:
+    """The blocks whose pairs `rerank` groups by candidate together: (start, stop, the block's queries) over `rows`,
+    each block made of whole batches `encode(start, stop)`. The dual re-ranker: as many batches as fit in
+    query_block_mib (at least one); the joint one: one batch (see the module docstring)."""
+    budget = query_block_mib * 2**20 if stage2.config.reranker == "dual" else 0
+    start = rows.start
+    while start < rows.stop:
+        parts, stop, held = [], start, 0
+        while stop < rows.stop and (not parts or held < budget):
+            end = min(stop + batch_size, rows.stop)
+            parts.append(encode(stop, end))
+            held += parts[-1].nbytes()
+            stop = end
+        yield start, stop, RerankQuery.cat(parts, pad_token_id=stage2.config.text.pad_token_id)
+        start = stop
+
+
 def score_indexed(stage2, query: RerankQuery, gallery_tokens: torch.Tensor, index: torch.Tensor, max_pairs: int,
-                  scoring: str, device) -> torch.Tensor:
-    """(B, K) scores of each query against the gallery rows `index` (B, K), in chunks of at most max_pairs pairs."""
-    return stage2.score(query, gallery_tokens, index.to(device), scoring=scoring, max_pairs=max_pairs).float().cpu()
+                  scoring: str, device, on_pass=None) -> torch.Tensor:
+    """(B, K) scores of each query against the gallery rows `index` (B, K), in chunks of at most max_pairs pairs
+    (on the shared path grouped by candidate over all B queries); on_pass(pairs done) after each pass."""
+    return stage2.score(query, gallery_tokens, index.to(device), scoring=scoring, max_pairs=max_pairs,
+                        on_pass=on_pass).float().cpu()
 
 
 def _rerank_query(stage1, stage2, tokenizer, texts, chunk, gallery, zt_gallery, device) -> RerankQuery:
