@@ -31,7 +31,13 @@ def _tqdm_class():
 
 
 def progress_bar(iterable: Any = None, **kwargs: Any):
-    """A tqdm bar of the style `progress_mode()` selects; takes tqdm's arguments."""
+    """A tqdm bar of the style `progress_mode()` selects; takes tqdm's arguments.
+
+    Text bars all draw on one line (position 0): a nested bar on a line of its own would move the cursor up with an
+    escape code that notebooks do not interpret, so every update of the outer bar would stay behind as a line of its
+    own ("epochs: 0%", "epoch 0: 50%", ...) and the executed copy would look stuck."""
+    if progress_mode() == "text":
+        kwargs.setdefault("position", 0)
     return _tqdm_class()(iterable, **kwargs)
 
 
