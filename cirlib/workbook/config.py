@@ -223,6 +223,47 @@ class ExplorerConfig:
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """Search a folder of images with both stages (notebook 08): the folder's gallery index (built or updated here),
+    then a reference image and a text ranked by stage I and re-ranked by stage II."""
+
+    image_dir: str = "outputs/synthetic/cirr/dev"  # folder of images searched, recursively (jpg, jpeg, png, webp; relative: from the repository)
+    stage1_run: str = "demo_stage1"  # stage-I run under <outputs>/stage1/, a run folder's path, or an original checkpoint file
+    stage2_run: str = "demo_stage2"  # stage-II run under <outputs>/stage2/ ("": stage I only)
+    index: str = "outputs/search/demo_dev"  # the index folder (built when missing, updated when the folder or stage I changed)
+    reference: str = "dev-0-0-img1.png"  # the default search's reference: a name in the index (path under image_dir) or an image file ("": the first indexed image)
+    text: str = "the cyan square should be gone"  # the default search's modification text
+    k: int = 50  # stage-I candidates re-ranked by stage II
+    top: int = 10  # results listed per stage
+    exclude_reference: bool = True  # keep a reference that is in the gallery out of its own results (CIRR-style)
+    search: str = "exact"  # "exact" (one query x gallery product) | "faiss" (a FAISS index, for large galleries)
+    batch_size: int = 32  # images per encoder batch
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+
+@dataclass(frozen=True)
+class CircoConfig:
+    """CIRCO (notebook 09): a stage I and stage II (CIRR-trained: zero-shot transfer) ranking CIRCO's gallery through
+    a gallery index; val: mAP@5/10/25/50, Recall@5/10/25/50 and semantic mAP@10 of both stages; test: the
+    test-server files of both stages, checked before they are written."""
+
+    circo_root: str = ""  # CIRCO root (annotations/, COCO2017_unlabeled/); "" = $CIR_DATA; relative: from the repository
+    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (or a run folder's path): ranks the whole gallery
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ re-ranking stage I's top k ("": stage I only); the results go to its circo/ folder (else the stage-I run's)
+    index: str = ""  # gallery index folder ("": <outputs>/search/<CIRCO root folder name>_<stage1_run>); built once, then updated incrementally
+    splits: str = "val,test"  # "val": metrics of both stages | "test": the test-server files of both stages (comma-separated)
+    k: int = 50  # stage-I candidates re-ranked by stage II; the lists are 50 long (past k they keep stage I's order)
+    use_shared_concept: bool = False  # query text "<shared_concept>, <relative_caption>" (False: the caption alone, as most methods)
+    exclude_reference: bool = True  # keep each query's reference out of its results (CIRCO's reference is never a ground truth)
+    missing_images: str = "error"  # "error": stop, listing every missing image | "drop": leave out the images and the queries that name them (counted; a test file then cannot be complete)
+    max_val_queries: int = 0  # evaluate the first N val queries only (0 = all; test always takes all)
+    search: str = "exact"  # "exact" (one query x gallery product) | "faiss" (a FAISS index, for the 123k-image gallery)
+    batch_size: int = 32  # images per encoder batch (index build, references, candidates)
+    result_name: str = "circo"  # file names: circo/metrics_<name>.json, circo/<split>_<name>_<stage>.json
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+
 C = TypeVar("C")
 
 # The config each numbered notebook mirrors (its parameters cell and its `from_namespace(<Config>, globals())` line);
@@ -236,6 +277,8 @@ NOTEBOOK_CONFIGS: dict[str, type] = {
     "05_cirr_submission": SubmissionConfig,
     "06_figures": AnalysisConfig,
     "07_explorer": ExplorerConfig,
+    "08_search": SearchConfig,
+    "09_circo": CircoConfig,
 }
 CONFIGS: tuple[type, ...] = tuple(dict.fromkeys(NOTEBOOK_CONFIGS.values()))
 

@@ -416,14 +416,18 @@ class _ConcatMined(torch.utils.data.ConcatDataset):
 
 def trained_config(cfg: EvaluateConfig | SubmissionConfig) -> Stage2TrainConfig:
     """The stage-II run's training config (its config.json): the models, data and preprocessing evaluation uses."""
-    run = cfg.stage2_folder
+    return stage2_run_config(cfg.stage2_folder, cfg.outputs)
+
+
+def stage2_run_config(run: RunFolder, outputs: str) -> Stage2TrainConfig:
+    """A stage-II run folder's training config (config.json), its outputs root set to `outputs`."""
     saved = run.saved_config()
     known = {f.name for f in dataclasses.fields(Stage2TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise RunFolderError(f"{run.config_file}: fields {unknown} are not Stage2TrainConfig fields (a run of an older "
                              "cirlib): retrain it with notebook 03")
-    return Stage2TrainConfig(**{**saved, "outputs": cfg.outputs})
+    return Stage2TrainConfig(**{**saved, "outputs": outputs})
 
 
 @dataclass
