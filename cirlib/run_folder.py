@@ -13,6 +13,7 @@
       .lock                one writer at a time stage2_labels_<...>.provenance.json   each label tensor's sidecar
                                                 submission/                            CIRR test-server files
                                                 submission_<name>.provenance.json      each submission's sidecar
+                                                circo/                                 CIRCO metrics and server files
 
 A result's provenance record (`cirlib.provenance`) also sits in done.json and metrics.json ("provenance") and in each
 top-k file's metadata; sha256 results of large files are cached under `<outputs>/.cache/` (`hash_cache_file`).
@@ -49,6 +50,7 @@ WEIGHTS_FILE = "model.safetensors"  # inside model/ and each checkpoint folder
 EVALUATION_FILE = "metrics.json"
 CANDIDATE_RECALL_FILE = "candidate_recall.json"
 SUBMISSION_DIR = "submission"
+CIRCO_DIR = "circo"  # CIRCO results: metrics_<name>.json, <split>_<name>_<stage>.json (+ .provenance.json sidecars)
 LOCK_FILE = ".lock"
 TENSORBOARD_DIR = "tensorboard"
 DROPPED_QUERIES_FILE = "dropped_queries.json"  # what missing_images="drop" left out, per step and split
@@ -230,6 +232,19 @@ class RunFolder:
         """The sidecar of the submission files named `name` (outside submission/, which holds the server's files
         only)."""
         return self.path / f"{SUBMISSION_DIR}_{name}{SIDECAR_SUFFIX}"
+
+    @property
+    def circo_dir(self) -> Path:
+        """CIRCO results of the run (`cirlib.workbook.circo_eval`): metrics and server-format files per name."""
+        return self.path / CIRCO_DIR
+
+    def circo_metrics_file(self, name: str) -> Path:
+        """The val metrics of both stages, with settings and provenance."""
+        return self.circo_dir / f"metrics_{name}.json"
+
+    def circo_predictions_file(self, split: str, name: str, stage: str) -> Path:
+        """A ranking in CIRCO's server format ({"<query id>": [50 image ids]}); on test, the file to submit."""
+        return self.circo_dir / f"{split}_{name}_{stage}.json"
 
     @property
     def lock_file(self) -> Path:

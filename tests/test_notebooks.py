@@ -20,7 +20,7 @@ import yaml
 from cirlib.workbook import figures, inputs
 from cirlib.run import batch
 from cirlib import paths
-from cirlib.data import synth
+from cirlib.data import synth, synth_circo
 from cirlib.workbook.config import NOTEBOOK_CONFIGS, AnalysisConfig, ExplorerConfig, Stage2TrainConfig
 
 NOTEBOOKS = NOTEBOOK_CONFIGS
@@ -217,14 +217,20 @@ def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
 def test_executed_copies_show_finished_text_progress(tmp_path):
     """A batch run's kernels draw text bars: the executed copy ends at 100%, with no widget left at its first 0%."""
     src = tmp_path / "nbs"
-    body = "from cirlib.progress import progress_bar\nfor _ in progress_bar(range(steps), desc='epochs'):\n    pass"
+    body = ("from cirlib.progress import progress_bar\nfor _ in progress_bar(range(steps), desc='epochs'):\n"
+            "    for _ in progress_bar(range(2), desc='epoch', leave=False):\n        pass")  # a nested bar, as fit's
     _write_notebook(src, "01_bars", "steps: int = 3  # bar length", body)
     (tmp_path / "p.yaml").write_text("steps: 4\n")
     (executed,) = batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
     outputs = nbformat.read(executed, as_version=4).cells[-1].outputs
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "epochs: 100%" in text and "4/4" in text
+    # What a notebook shows: each line as its last carriage return leaves it (cursor-up escapes are not interpreted,
+    # so a bar drawn on a line of its own would leave every earlier state behind as a line).
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in text.split("\n")]
+    bars = [line for line in shown if "%|" in line]
+    assert bars and all("100%" in line for line in bars), bars
+    assert any(line.startswith("epochs: 100%") and "4/4" in line for line in bars)
     assert os.environ.get("CIRLIB_PROGRESS") is None  # the runner's own environment is restored
 
 
@@ -300,7 +306,12 @@ def smoke_batch(tmp_path_factory):
         "train_image_encoder": True, "reranker": "joint", "init": "scratch",
         "joint_difference": True, "scoring": "pairs",  # the demo's stage II, through every notebook that loads it
         "topk_k": 50, "topk_splits": "val,test1", "k": 50, "figures_dir": str(tmp / "figures"),
-        "notebooks": {"00_data_preview": {"image_size": 48}},
+        "notebooks": {"00_data_preview": {"image_size": 48},
+                      "08_search": {"image_dir": str(world / "dev"), "index": str(tmp / "search_index")},
+                      # a CIRCO-layout world of the same scene grammar (60 images: 50 ids besides the reference)
+                      "09_circo": {"circo_root": str(synth_circo.generate_circo(
+                          synth_circo.CircoSynthConfig(n_val=4, n_test=4, gallery_size=60, seed=3), tmp / "CIRCO")),
+                          "index": str(tmp / "circo_index")}},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     run_dirs = [paths.OUTPUTS / "stage1" / s1, paths.OUTPUTS / "stage2" / s2]
@@ -383,12 +394,17 @@ def test_every_notebook_runs_on_a_fashioniq_world_with_hard_negatives(tmp_path):
         # them once; smoke would force validation on
         "notebooks": {"00_data_preview": {"image_size": 48},
                       "03_stage2_train": {"smoke": False, "epochs": 1, "max_epoch": 1, "max_steps_per_epoch": 1,
-                                          "batch_size": 4, "validate_every": 0}},
+                                          "batch_size": 4, "validate_every": 0},
+                      "08_search": {"image_dir": str(world / "images"), "index": str(tmp_path / "search_index"),
+                                    "reference": ""}},
     })
     assert (params["dataset"], params["categories"]) == ("fashioniq", "dress,shirt,toptee")
+    # the paper's file runs the benchmark notebooks 00-07; here also 08, searching the world's images (09 is CIRCO's)
+    assert params["run"] == "00,01,02,03,04,05,06,07"
+    params["run"] += ",08"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     executed = batch.run_batch(tmp_path / "params.yaml", output_dir=tmp_path / "executed", cell_timeout_s=600)
-    assert [p.name for p in executed] == [f"{stem}.ipynb" for stem in NOTEBOOKS]
+    assert [p.name for p in executed] == [f"{stem}.ipynb" for stem in NOTEBOOKS if stem != "09_circo"]
     for p in executed:
         book = nbformat.read(p, as_version=4)
         assert not [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]

@@ -550,6 +550,18 @@ def split_label(sd: SplitData) -> str:
     return f"{sd.dataset} {sd.split}" + (f" {sd.category}" if sd.category else "")
 
 
+def write_missing_list(rows: Sequence[tuple[str, Path]], list_file: str | os.PathLike | None, prefix: str) -> Path:
+    """Write every missing file as "<where>\t<path>" lines to list_file (None: a new temporary file named prefix...)
+    and return its path: the full list an error about missing images points to."""
+    if list_file is None:
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tsv")
+        os.close(fd)
+        list_file = name
+    return paths.atomic_write_text(list_file, "".join(f"{where}\t{path}\n" for where, path in rows))
+
+
 def missing_images_error(sets: Sequence[SplitData], list_file: str | os.PathLike | None = None) -> DatasetError | None:
     """One error naming EVERY missing image file of all these splits (None when every file exists).
 
@@ -575,14 +587,7 @@ def missing_images_error(sets: Sequence[SplitData], list_file: str | os.PathLike
                 rows.append((split_label(sd), path))
     if not rows:
         return None
-    text = "".join(f"{label}\t{path}\n" for label, path in rows)
-    if list_file is None:
-        import tempfile
-
-        fd, name = tempfile.mkstemp(prefix="cirlib_missing_images_", suffix=".tsv")
-        os.close(fd)
-        list_file = name
-    list_path = paths.atomic_write_text(list_file, text)
+    list_path = write_missing_list([(label, path) for label, path in rows], list_file, "cirlib_missing_images_")
     shown = "\n".join(f"  {path}" for _, path in rows[:MISSING_SHOWN])
     more = f"\n  ... and {len(rows) - MISSING_SHOWN:,} more" if len(rows) > MISSING_SHOWN else ""
     first = sets[0]

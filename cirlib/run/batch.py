@@ -10,6 +10,7 @@ globals())` line names it); the notebook receives the YAML's top-level keys that
     notebooks:                    # per-notebook overrides, keyed by file stem or its number
       01_stage1_train: {epochs: 3}
     world: {...}                  # synthetic-world settings for `cirlib.demo`; ignored here
+    run: [09_circo]               # the notebooks this file is for (default: all); --only overrides it
 
 The two runs have distinct field names, so one top-level `stage1_run: s1` / `stage2_run: s2` names the same run in
 every notebook (the old `run_name`, `run_name_stage1` and `run_name_stage2` keys are refused, naming the new ones).
@@ -38,7 +39,7 @@ from cirlib.progress import PROGRESS_ENV
 from cirlib.workbook import config as config_module
 
 # Keys the batch consumes itself (never forwarded as such).
-BATCH_KEYS = ("batch_name", "notebooks", "world")
+BATCH_KEYS = ("batch_name", "notebooks", "world", "run")
 KERNEL = "python3"
 
 
@@ -168,6 +169,17 @@ def step_parameters(params: Mapping[str, Any], sections: Mapping[str, Mapping[st
     chosen.update({k: v for k, v in (overrides or {}).items() if k in declared})
     check_types(stem, declared, chosen)
     return chosen
+
+
+def _listed(run: Any) -> list[str] | None:
+    """The YAML's `run:` key (a list of numbers or stems, or one comma-separated string), or None."""
+    if run is None:
+        return None
+    if isinstance(run, str):
+        return [t for t in run.split(",") if t.strip()] or None
+    if isinstance(run, list) and all(isinstance(t, (str, int)) for t in run):
+        return [str(t) for t in run] or None
+    raise BatchError(f"run: expected a list of notebook numbers or stems (e.g. [09_circo]), got {run!r}")
 
 
 def _select(all_paths: list[Path], only: Sequence[str] | None) -> list[Path]:
@@ -320,7 +332,7 @@ def run_batch(
 
     data, name = load_params(params)
     sources = notebook_paths(Path(notebook_dir) if notebook_dir is not None else None)
-    selected = _select(sources, notebooks)
+    selected = _select(sources, notebooks or _listed(data.get("run")))
     out = Path(output_dir) if output_dir is not None else paths.OUTPUTS / "runs" / name
     if not out.is_absolute():
         out = paths.REPO_ROOT / out
