@@ -6,12 +6,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo gpu-check clean
+.PHONY: setup test demo gpu-check browser-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,browser]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,6 +26,12 @@ demo: $(VENV)/.installed
 # H100). Without CUDA: one line saying so, exit 0.
 gpu-check: $(VENV)/.installed
 	$(PY) -m cirlib.gpu_check
+
+# Notebooks 07 and 08 in JupyterLab in headless Chromium, on a tiny world and runs of its own (5-6 min on two cores):
+# Run All, change a widget, check the results change; screenshots in outputs/browser-test/screenshots/. Needs
+# Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`); without them: one line, exit 2.
+browser-test: $(VENV)/.installed
+	$(PY) -m cirlib.run.browser_test
 
 clean:
 	rm -rf $(VENV) outputs/demo

@@ -16,7 +16,8 @@ def _name(req: str) -> str:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     declared = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
-    declared.update({_name(r): r.replace(" ", "") for r in project["optional-dependencies"]["test"]})
+    for extra in ("test", "browser"):  # what the Makefile installs: .[test,browser]
+        declared.update({_name(r): r.replace(" ", "") for r in project["optional-dependencies"][extra]})
 
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
