@@ -104,8 +104,9 @@ def test_bench_eval_cirr_shaped_tiny():
     (r,) = run(cfg, emit=lambda _: None)
     assert r["case"] == "eval-cirr-shaped" and r["pairs"] == 60 and r["gallery"] == 60
     assert r["per_pair_sample_queries"] == 3 and r["per_pair_extrapolated"]
-    assert r["per_pair_s_extrapolated"] == pytest.approx(r["per_pair_sample_s"] * 12 / 3, rel=1e-3)
-    assert r["speedup"] == pytest.approx(r["per_pair_s_extrapolated"] / r["shared_s"], rel=1e-2)
+    # the JSON rounds seconds to 4 decimals: x4 of the sample's rounding error is 2e-4
+    assert r["per_pair_s_extrapolated"] == pytest.approx(r["per_pair_sample_s"] * 12 / 3, rel=1e-3, abs=3e-4)
+    assert r["speedup"] == pytest.approx(r["per_pair_s_extrapolated"] / r["shared_s"], rel=2e-2)
     assert not r["shared_extrapolated"] and r["shared_passes_timed"] == r["shared_passes"]
     assert r["query_blocks"] == 1  # the dual re-ranker's 12 queries fit one block, as in `rerank`
     assert r["max_abs_score_diff"] <= 1e-4 and r["max_abs_score_diff_all_passes"] <= 1e-4 and r["score_std"] > 0
