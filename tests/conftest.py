@@ -45,3 +45,19 @@ def real(shared_dir: Path) -> Path:
 def fixture_config(fixture_dir: Path):
     """The ModelConfig of the public fixture's config.json."""
     return config_from_fixture(json.loads((fixture_dir / "config.json").read_text()))
+
+
+@pytest.fixture()
+def vit_calls(monkeypatch):
+    """The batch size of every call into any ViT (`timm`'s `forward_features`), to assert what was (not) encoded."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    calls: list[int] = []
+    original = VisionTransformer.forward_features
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
+    return calls

@@ -51,20 +51,6 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture()
-def vit_images(monkeypatch):
-    """How many images went through any ViT."""
-    calls: list[int] = []
-    original = VisionTransformer.forward_features
-
-    def counting(self, x):
-        calls.append(x.shape[0])
-        return original(self, x)
-
-    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
-    return calls
-
-
-@pytest.fixture()
 def gallery(world, tmp_path):
     """A copy of the world's dev folder (val images) that a test may change."""
     folder = tmp_path / "gallery"
@@ -81,11 +67,11 @@ def _write_image(path: Path, seed: int) -> None:
     PIL.Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path)
 
 
-def test_index_is_built_and_a_second_run_embeds_nothing(world, gallery, tmp_path, vit_images):
+def test_index_is_built_and_a_second_run_embeds_nothing(world, gallery, tmp_path, vit_calls):
     n = len(list(gallery.glob("*.png")))
     report = _index(world, gallery, tmp_path / "ix")
     assert (report.status, report.images, len(report.added), report.embedded) == ("built", n, n, n)
-    assert sum(vit_images) == n
+    assert sum(vit_calls) == n
     idx = gi.GalleryIndex.open(tmp_path / "ix")
     assert idx.names == sorted(p.name for p in gallery.glob("*.png")) and idx.embeddings.shape[0] == n
     assert torch.allclose(idx.embeddings.norm(dim=1), torch.ones(n), atol=1e-5)
@@ -93,13 +79,13 @@ def test_index_is_built_and_a_second_run_embeds_nothing(world, gallery, tmp_path
     data = json.loads((tmp_path / "ix" / gi.INDEX_FILE).read_text())
     assert data["stage1"] == {"run": world["s1"]} and data["provenance"]["step"] == "search_index"
     assert {e["name"] for e in data["entries"]} == set(idx.names) and all(e["size"] > 0 for e in data["entries"])
-    vit_images.clear()
+    vit_calls.clear()
     again = _index(world, gallery, tmp_path / "ix")
-    assert vit_images == [], "nothing changed: no image is encoded"
+    assert vit_calls == [], "nothing changed: no image is encoded"
     assert (again.status, again.embedded, again.unchanged, again.added) == ("unchanged", 0, n, [])
 
 
-def test_added_deleted_and_changed_files_update_exactly_those(world, gallery, tmp_path, vit_images):
+def test_added_deleted_and_changed_files_update_exactly_those(world, gallery, tmp_path, vit_calls):
     _index(world, gallery, tmp_path / "ix")
     before = gi.GalleryIndex.open(tmp_path / "ix")
     names = before.names
@@ -109,10 +95,10 @@ def test_added_deleted_and_changed_files_update_exactly_those(world, gallery, tm
     _write_image(gallery / names[1], 2)  # new content, size and mtime
     st = (gallery / names[1]).stat()
     os.utime(gallery / names[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    vit_images.clear()
+    vit_calls.clear()
     report = _index(world, gallery, tmp_path / "ix")
     assert (report.added, report.removed, report.changed) == (["sub/new.jpg"], [names[0]], [names[1]])
-    assert report.embedded == 2 and sum(vit_images) == 2 and report.unchanged == len(names) - 2
+    assert report.embedded == 2 and sum(vit_calls) == 2 and report.unchanged == len(names) - 2
     after = gi.GalleryIndex.open(tmp_path / "ix")
     assert "sub/new.jpg" in after and names[0] not in after and len(after) == len(names)
     s1 = S.load_stage1(world["s1"])
@@ -124,7 +110,7 @@ def test_added_deleted_and_changed_files_update_exactly_those(world, gallery, tm
     assert torch.equal(after.embeddings[after.positions[same]], before.embeddings[before.positions[same]])
 
 
-def test_an_unreadable_file_is_reported_not_fatal_and_not_retried(world, gallery, tmp_path, vit_images):
+def test_an_unreadable_file_is_reported_not_fatal_and_not_retried(world, gallery, tmp_path, vit_calls):
     (gallery / "broken.jpg").write_bytes(b"not an image at all")
     n = len(list(gallery.glob("*.png")))
     report = _index(world, gallery, tmp_path / "ix")
@@ -133,9 +119,9 @@ def test_an_unreadable_file_is_reported_not_fatal_and_not_retried(world, gallery
     assert "unreadable: broken.jpg" in report.summary()
     saved = json.loads((tmp_path / "ix" / gi.REPORT_FILE).read_text())
     assert list(saved["unreadable"]) == ["broken.jpg"] and saved["counts"]["unreadable"] == 1
-    vit_images.clear()
+    vit_calls.clear()
     again = _index(world, gallery, tmp_path / "ix")
-    assert vit_images == [] and list(again.unreadable) == ["broken.jpg"] and again.status == "unchanged"
+    assert vit_calls == [] and list(again.unreadable) == ["broken.jpg"] and again.status == "unchanged"
 
 
 def test_an_interrupted_build_resumes_from_its_whole_shards(world, gallery, tmp_path, monkeypatch):
@@ -250,7 +236,7 @@ def test_the_reference_is_excluded_by_default_and_kept_on_request(world, tmp_pat
         S.rank(idx, ["no-such-image.png"], ["x"])
 
 
-def test_stage2_tokens_from_a_store_give_the_same_scores(world, tmp_path, vit_images):
+def test_stage2_tokens_from_a_store_give_the_same_scores(world, tmp_path, vit_calls):
     _index(world, world["root"] / "dev", tmp_path / "ix")
     idx = gi.GalleryIndex.open(tmp_path / "ix")
     refs, texts = idx.names[:2], ["add a red circle", "remove the square"]
@@ -260,10 +246,10 @@ def test_stage2_tokens_from_a_store_give_the_same_scores(world, tmp_path, vit_im
     for x, y in zip(a, b):
         assert [h.name for h in x.stage2] == [h.name for h in y.stage2]
         assert [h.stage2_score for h in x.stage2] == pytest.approx([h.stage2_score for h in y.stage2], abs=1e-5)
-    vit_images.clear()
+    vit_calls.clear()
     S.rank(idx, refs, texts, stage2=world["joint"], k=K, stage2_tokens="store")
     # only the references are encoded (stage I's ViT, stage II's ViT): the candidates come from the store
-    assert sum(vit_images) == 2 * len(refs)
+    assert sum(vit_calls) == 2 * len(refs)
 
 
 def test_the_command_line_indexes_and_prints_json(world, gallery, tmp_path, capsys):

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from timm.models.vision_transformer import VisionTransformer
 
 from cirlib.data import synth
 from cirlib.models import config as model_config
@@ -32,20 +31,6 @@ def no_dropout(monkeypatch):
     monkeypatch.setitem(model_config.PRESETS, "tiny", dataclasses.replace(
         tiny, text=dataclasses.replace(tiny.text, hidden_dropout=0.0, attention_dropout=0.0),
         stage2_drop_path_rate=0.0))
-
-
-@pytest.fixture()
-def vit_calls(monkeypatch):
-    """How many images went through any ViT (`forward_features`)."""
-    calls = []
-    original = VisionTransformer.forward_features
-
-    def counting(self, x):
-        calls.append(x.shape[0])
-        return original(self, x)
-
-    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
-    return calls
 
 
 def _s1(world, outputs, **kw) -> Stage1Config:

@@ -357,7 +357,7 @@ def _stage2_scores(idx: GalleryIndex, s2: Stage2Source, images, texts, rows1: to
 
 def _score_batches(idx, s2, model, images, texts, rows1, dev, batch_size, scoring, max_pairs, store, transform,
                    zt_from_stage1) -> torch.Tensor:
-    encode_vit = lambda x: model.encode_image(x)  # noqa: E731
+    encode_vit = model.encode_image
     out = []
     step = max(1, min(batch_size, 16))
     for start in progress_bar(range(0, len(images), step), desc="re-rank", unit="batch", leave=False,
