@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 PACKAGES = ("torch", "transformers", "timm", "accelerate", "numpy")  # versions every record names (+ python)
 DISK_CACHE_MIN_BYTES = 64 << 20  # files this large are also remembered on disk (weights; not caption files)
 GIT_TIMEOUT_S = 20.0
+MAX_CHANGED_LISTED = 20  # changed paths a provenance record lists (the rest are counted)
 
 
 class _Split(Protocol):
@@ -80,7 +81,8 @@ def _git_state(repo: str) -> tuple[tuple[str, Any], ...]:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=normal").strip())
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=normal").splitlines()
+                   if line.strip()]
     except FileNotFoundError:
         return (("commit", None), ("dirty", None), ("repository", repo),
                 ("note", "git is not installed: the code version is unknown"))
@@ -91,19 +93,25 @@ def _git_state(repo: str) -> tuple[tuple[str, Any], ...]:
     except subprocess.TimeoutExpired:
         return (("commit", None), ("dirty", None), ("repository", repo),
                 ("note", f"git did not answer within {GIT_TIMEOUT_S:.0f} s: the code version is unknown"))
-    return (("commit", commit), ("dirty", dirty), ("repository", repo))
+    listed = tuple(changed[:MAX_CHANGED_LISTED]) + (
+        (f"... and {len(changed) - MAX_CHANGED_LISTED} more",) if len(changed) > MAX_CHANGED_LISTED else ())
+    return (("commit", commit), ("dirty", bool(changed)), ("repository", repo), ("changed", listed))
 
 
 def code_version(repo: str | Path | None = None) -> dict[str, Any]:
     """The git commit of the code and whether the working tree differs from it (asked once per process).
 
-    Returns {"commit": 40-hex, "dirty": bool, "repository": path}, or commit/dirty None and a "note" saying why
-    (no git, not a checkout). Never raises for a missing git.
+    Returns {"commit": 40-hex, "dirty": bool, "repository": path, "changed": [paths that differ from the commit, as
+    `git status` names them, at most MAX_CHANGED_LISTED]}, or commit/dirty None and a "note" saying why (no git, not a
+    checkout). Never raises for a missing git.
 
     Args:
         repo: the checkout to ask (default: the repository cirlib runs from).
     """
-    return dict(_git_state(str(repo or paths.REPO_ROOT)))
+    state = dict(_git_state(str(repo or paths.REPO_ROOT)))
+    if "changed" in state:
+        state["changed"] = list(state["changed"])
+    return state
 
 
 def package_versions() -> dict[str, str | None]:

@@ -116,6 +116,37 @@ def test_no_git_or_no_checkout_is_said_not_raised(tmp_path, monkeypatch):
     assert absent["commit"] is None and "git is not installed" in absent["note"]
 
 
+def test_a_dirty_tree_records_which_files_changed(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "a")
+    clean = provenance.code_version(tmp_path)
+    assert clean["dirty"] is False and clean["changed"] == []
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "new.txt").write_text("n")
+    provenance._git_state.cache_clear()
+    dirty = provenance.code_version(tmp_path)
+    assert dirty["dirty"] is True and sorted(dirty["changed"]) == ["a.py", "new.txt"]
+
+
+def test_the_workbook_s_own_outputs_leave_the_tree_clean():
+    """Figures (and outputs/) are written by the workbook: not tracked, so a run never makes the tree dirty."""
+    tracked = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "ls-files", "figures", "outputs"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == ["figures/README.md"], tracked
+    probe = paths.REPO_ROOT / "figures" / "fig8_probe_cirr.png"
+    probe.write_bytes(b"x")
+    try:
+        ignored = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "check-ignore", "-q", str(probe)])
+        assert ignored.returncode == 0, "figures/*.png must be git-ignored"
+    finally:
+        probe.unlink()
+
+
 def test_large_files_are_hashed_once_per_machine(tmp_path):
     big = tmp_path / "weights.bin"
     big.write_bytes(b"x" * 4096)
@@ -250,10 +281,12 @@ def test_reproduce_a_stage2_run_and_warn_about_a_dirty_tree(trained, tmp_path):
                                                                                           scoring="pairs"))
     assert any("reproduce" in n and "stage1" in n for n in rep.notes)  # its stage-I run comes first
     record = json.loads(s2.provenance_file.read_text())
-    record["code"] = {"commit": "1" * 40, "dirty": True, "repository": "/elsewhere"}
+    record["code"] = {"commit": "1" * 40, "dirty": True, "repository": "/elsewhere",
+                      "changed": ["cirlib/models/stage2.py", "params/mine.yaml"]}
     s2.provenance_file.write_text(json.dumps(record))
     dirty = reproduce.reproduction(s2.path)
-    assert dirty.commit == "1" * 40 and any("dirty working tree" in w for w in dirty.warnings)
+    assert dirty.commit == "1" * 40 and any(
+        "dirty working tree" in w and "cirlib/models/stage2.py, params/mine.yaml" in w for w in dirty.warnings)
     s2.provenance_file.unlink()
     s2.completion_file.write_text(json.dumps({**json.loads(s2.completion_file.read_text()), "provenance": None}))
     assert any("code version is unknown" in w for w in reproduce.reproduction(s2.path).warnings)

@@ -150,8 +150,11 @@ def reproduction(folder: str | Path) -> Reproduction:
     elif code.get("commit") is None:
         warnings.append(f"the code version is unknown ({code.get('note', 'not recorded')})")
     if code.get("dirty"):
+        changed = code.get("changed")
+        named = f": {', '.join(changed)}" if changed else " (the changed files were not recorded)"
         warnings.append(f"the run was made from a dirty working tree (uncommitted changes on top of "
-                        f"{code.get('commit')}): this reproduces it only as far as those changes are committed")
+                        f"{code.get('commit')}{named}): this reproduces it only as far as those changes are "
+                        "committed")
     if record is not None and record.get("config") != sections[stem]:
         warnings.append(f"{run.provenance_file.name} was written for other settings than config.json: config.json "
                         "(what the run was last started with) is used")
