@@ -98,6 +98,21 @@ def test_an_interrupted_extension_of_a_finished_run_is_not_reported_finished(wor
     assert getattr(steps, call)(longer).reused
 
 
+def _contents(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage, change", [("stage1", {"max_steps_per_epoch": 5}), ("stage2", {"lr": 0.5})])
+def test_a_refused_config_change_leaves_a_finished_run_byte_identical(world, outputs, stage, change):
+    make, call = (_s1, "train_stage1") if stage == "stage1" else (_s2, "train_stage2")
+    run = RunFolder.of(stage, "s1" if stage == "stage1" else "s2", outputs)
+    before = _contents(run.path)
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        getattr(steps, call)(make(world, outputs, **change))
+    assert _contents(run.path) == before  # config.json, done.json and everything else as they were
+    assert getattr(steps, call)(make(world, outputs)).reused  # still finished for its own config
+
+
 def _evaluate(outputs, **kw):
     return steps.evaluate(EvaluateConfig(**{**dict(stage2_run="s2", k=16, scoring="pairs", outputs=outputs), **kw}))
 

@@ -720,18 +720,32 @@ def _where_run_stands(run: RunFolder, cfg: TrainConfig, resume: bool,
     if existing_checkpoint(final) is None:
         return None, None
     info = read_info(final)
-    diffs = _config_mismatch(info["config"], cfg)
-    if diffs:
-        raise ValueError(
-            f"{run.path} was trained with a different TrainConfig ({'; '.join(diffs)}); pass overwrite=True to "
-            "retrain, or use another run_dir"
-        )
+    _refuse_other_config(run, info, cfg)
     if not _finished(info, cfg) and not resume:
         raise FileExistsError(
             f"{run.path} already holds an unfinished run (epoch {info['epochs_completed']}, step "
             f"{info['global_step']}); pass resume=True to continue it or overwrite=True to restart"
         )
     return final, info
+
+
+def _refuse_other_config(run: RunFolder, info: dict[str, Any], cfg: TrainConfig) -> None:
+    diffs = _config_mismatch(info["config"], cfg)
+    if diffs:
+        raise ValueError(
+            f"{run.path} was trained with a different TrainConfig ({'; '.join(diffs)}); pass overwrite=True to "
+            "retrain, or use another run_dir"
+        )
+
+
+def refuse_other_config(run_dir: str | os.PathLike, cfg: TrainConfig) -> None:
+    """Raise the ValueError `fit(..., overwrite=False)` would raise for a run folder whose last checkpoint was trained
+    with another TrainConfig, touching nothing: a step calls this before it rewrites the run's config, so that a
+    refused change leaves the folder as it was."""
+    run = RunFolder.at(Path(run_dir).expanduser())
+    found = existing_checkpoint(run.checkpoint_dir("last"))
+    if found is not None:
+        _refuse_other_config(run, read_info(found), cfg)
 
 
 def _finished(info: dict[str, Any], cfg: TrainConfig) -> bool:

@@ -33,7 +33,7 @@ from cirlib.models import loading
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError, config_hash, file_sha256
-from cirlib.train.loop import TrainConfig, fit, require_trackers
+from cirlib.train.loop import TrainConfig, fit, refuse_other_config, require_trackers
 from cirlib.train.runtime import resolve_precision, seed_everything
 from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
 from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig,
@@ -166,6 +166,8 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
                        preset=cfg.preset, precision=precision, seed=cfg.seed,
                        weights={**read, **weights}, **provenance_of(store))
 
+    if cfg.epochs > 0 and not cfg.overwrite:
+        refuse_other_config(run.path, _train_config(cfg))  # before config.json changes: a refusal changes nothing
     if dist.is_main_process():
         run.start(ident, record())
     dist.barrier()
@@ -369,6 +371,8 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
                        preset=cfg.preset, precision=precision, seed=cfg.seed,
                        weights={**read, **weights}, inputs=topk_read, **provenance_of(store, zt_store))
 
+    if cfg.epochs > 0 and not fresh:
+        refuse_other_config(run.path, _train_config(cfg))  # before config.json changes: a refusal changes nothing
     if dist.is_main_process():
         run.start(ident, record())
     dist.barrier()
