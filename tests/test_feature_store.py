@@ -220,36 +220,64 @@ def test_a_process_sharded_build_equals_one_process(model, train, tmp_path):
         fs.finish_build(plan)
 
 
-def test_a_corrupt_shard_is_an_error_naming_the_file(model, train, tmp_path):
+def test_a_corrupt_shard_is_an_error_naming_the_file_and_a_build_repairs_it(model, train, tmp_path):
     store = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
+    want = store.tokens(train.gallery)
     shard = store.folder / "tokens-00002.npy"
     good = shard.read_bytes()
     shard.write_bytes(good[:-100])  # truncated
-    with pytest.raises(fs.StoreCorruptError, match=r"tokens-00002\.npy.*truncated.*rebuild"):
+    with pytest.raises(fs.StoreCorruptError, match=r"tokens-00002\.npy.*truncated.*repair"):
         fs.FeatureStore.open(store.folder)
-    with pytest.raises(fs.StoreCorruptError, match=r"tokens-00002\.npy"):
-        build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)  # never silently rebuilt
-    shard.write_bytes(b"not a numpy file" + good[16:])
-    with pytest.raises(fs.StoreCorruptError, match=r"tokens-00002\.npy has an unreadable header"):
+    with pytest.raises(fs.StoreCorruptError, match=r"tokens-00002\.npy"):  # "reuse" never encodes: refused
+        build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path, mode="reuse")
+    repaired = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)  # never silently: named
+    assert repaired.status == "repaired" and "tokens-00002.npy" in repaired.reason
+    torch.testing.assert_close(repaired.tokens(train.gallery), want, rtol=0, atol=0)
+    shard = repaired.folder / "tokens-00000.npy"
+    shard.write_bytes(b"not a numpy file" + shard.read_bytes()[16:])
+    with pytest.raises(fs.StoreCorruptError, match=r"tokens-00000\.npy has an unreadable header"):
         fs.FeatureStore.open(store.folder)
-    # NaN in a token row: found when the row is read; in an embedding: at open
-    arr = np.load(store.folder / "tokens-00000.npy", mmap_mode="r+")
-    shard.write_bytes(good)
+
+
+def test_a_shard_changed_in_place_fails_its_checksum_at_open(model, train, tmp_path):
+    store = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
+    shard = store.folder / "embeds-00001.npy"
+    size = shard.stat().st_size
+    arr = np.load(shard, mmap_mode="r+")
+    arr[2:4] = 0.5  # same size, other values (finite: no NaN check would see it)
+    arr.flush()
+    del arr
+    assert shard.stat().st_size == size
+    with pytest.raises(fs.StoreCorruptError, match=r"embeds-00001\.npy changed since it was written"):
+        fs.FeatureStore.open(store.folder)
+    assert any("embeds-00001.npy" in p for p in _unchecked(store.folder).verify())
+    repaired = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
+    assert repaired.status == "repaired" and repaired.verify() == []
+    # NaN in a token row of a shard whose checksum matches (a build that wrote it): found when the row is read
+    tokens = repaired.folder / "tokens-00000.npy"
+    arr = np.load(tokens, mmap_mode="r+")
     arr[3, 0, 0] = np.nan
     arr.flush()
     del arr
-    reopened = fs.FeatureStore.open(store.folder)
+    fs._seal(tokens)
+    reopened = fs.FeatureStore.open(repaired.folder)
     reopened.tokens(train.gallery[4:6])
     with pytest.raises(fs.StoreCorruptError, match=r"tokens-00000\.npy holds NaN"):
         reopened.tokens(train.gallery[2:4])
-    arr = np.load(store.folder / "embeds-00004.npy", mmap_mode="r+")
-    arr[0, 0] = np.nan
-    arr.flush()
-    del arr
-    with pytest.raises(fs.StoreCorruptError, match=r"embeds-00004\.npy holds NaN"):
-        fs.FeatureStore.open(store.folder)
-    rebuilt = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path, mode="rebuild")
-    assert rebuilt.status == "built" and torch.isfinite(rebuilt.tokens(train.gallery)).all()
+
+
+def _unchecked(folder):
+    """A store object over `folder` without open's checks (to call verify on a damaged store)."""
+    return fs.FeatureStore(folder, json.loads((folder / fs.MANIFEST_FILE).read_text()))
+
+
+def test_a_shard_is_not_written_without_the_disk_space_for_it(model, train, tmp_path, monkeypatch):
+    import shutil as sh
+    real = sh.disk_usage
+    monkeypatch.setattr(fs.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    with pytest.raises(fs.FeatureStoreError, match=r"not enough free disk space for shard tokens-00000\.npy"):
+        build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
+    assert not list((tmp_path / "features").rglob("*.npy*"))  # nothing half-written
 
 
 def test_unknown_names_and_missing_images_are_errors_naming_them(model, train, tmp_path):

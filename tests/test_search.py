@@ -171,6 +171,28 @@ def test_another_stage1_is_refused_or_rebuilds_with_the_reason(world, gallery, t
         S.rank(str(tmp_path / "ix"), [idx.names[0]], ["x"], stage1=world["s1"])
 
 
+def test_a_damaged_index_shard_is_named_and_the_index_command_repairs_it(world, gallery, tmp_path, vit_calls):
+    n = len(list(gallery.glob("*.png")))
+    _index(world, gallery, tmp_path / "ix")  # one shard of every image (256 per shard)
+    want = gi.GalleryIndex.open(tmp_path / "ix").embeddings.clone()
+    shard = next((tmp_path / "ix").rglob("embeds-00000.npy"))
+    arr = np.load(shard, mmap_mode="r+")
+    arr[1:3] = 1.12  # overwritten in place, same size: cosines above 1 if it were used
+    arr.flush()
+    del arr
+    with pytest.raises(gi.GalleryIndexError, match=r"embeds-00000\.npy changed since it was written.*index "
+                                                   r"command again to repair"):
+        gi.GalleryIndex.open(tmp_path / "ix")
+    vit_calls.clear()
+    report = _index(world, gallery, tmp_path / "ix")
+    assert report.embedded == n and sum(vit_calls) == n and report.images == n  # the shard's images, encoded again
+    torch.testing.assert_close(gi.GalleryIndex.open(tmp_path / "ix").embeddings, want, rtol=0, atol=0)
+    shard.write_bytes(shard.read_bytes()[:-64])  # truncated
+    with pytest.raises(gi.GalleryIndexError, match=r"embeds-00000\.npy.*truncated"):
+        gi.GalleryIndex.open(tmp_path / "ix")
+    assert _index(world, gallery, tmp_path / "ix").embedded == n
+
+
 def _assert_same_ranking(names, scores, want_names, want_scores, tol):
     """The same scores position by position, and the same names, up to the order within a group of tied scores
     (the synthetic world holds pixel-identical images; faiss may order ties differently)."""

@@ -84,9 +84,10 @@ from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.progress import progress_bar, progress_write
 from cirlib.retrieval.search import GalleryFeatures, stage1_encoder, stage2_encoder
-from cirlib.run_folder import config_hash, outputs_root as _outputs_root
+from cirlib.run_folder import config_hash, file_sha256, outputs_root as _outputs_root
 
-FORMAT_VERSION = 1  # bump when the layout or the meaning of a stored value changes (part of the key)
+# bump when the layout or the meaning of a stored value changes (part of the key). 2: every shard has a checksum record
+FORMAT_VERSION = 2
 FEATURES_DIR = "features"  # under the outputs root
 MANIFEST_FILE = "manifest.json"
 OUTPUTS = ("tokens", "embeds")
@@ -94,6 +95,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 MODES = ("build", "reuse", "rebuild")
 TRANSFORMS = ("targetpad", "squarepad")
 DEFAULT_SHARD_SIZE = 256  # images per shard: 227 MB of blip-base tokens in half precision
+FREE_SPACE_MARGIN = 16 * 2**20  # bytes left free on the disk beyond a shard being written
 
 
 class FeatureStoreError(Exception):
@@ -279,6 +281,55 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+# A shard's checksum record, `<shard>.sha256.json` beside it: {"sha256", "size", "mtime_ns"}, written when the shard
+# is finished. On open a shard whose size and mtime are the recorded ones is taken as written (a stat, no read); any
+# other shard is hashed again and refused unless its sha256 is the recorded one. So a shard changed in place (same
+# size, new mtime) is found at open without reading every shard every time; `FeatureStore.verify()` hashes them all.
+SEAL_SUFFIX = ".sha256.json"
+
+
+def _seal_file(path: Path) -> Path:
+    return path.with_name(path.name + SEAL_SUFFIX)
+
+
+def _seal(path: Path) -> None:
+    """Write the checksum record of a finished shard (after its rename: the record names the final file)."""
+    st = path.stat()
+    paths.write_json(_seal_file(path), {"sha256": file_sha256(path), "size": st.st_size,
+                                        "mtime_ns": st.st_mtime_ns})
+
+
+def _seal_problem(path: Path, full: bool = False) -> str | None:
+    """Why a shard does not match its checksum record (None when it does). full: hash it even when its size and
+    mtime are the recorded ones."""
+    seal = _seal_file(path)
+    if not seal.is_file():
+        return f"{path.name} has no checksum record ({seal.name}): its build was interrupted after writing it"
+    try:
+        record = paths.read_json(seal, "feature store checksum record")
+        want, size, mtime_ns = record["sha256"], record["size"], record["mtime_ns"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{seal} is not a checksum record ({e})"
+    st = path.stat()
+    if not full and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+        return None
+    got = file_sha256(path)
+    if got != want:
+        return (f"{path} changed since it was written (sha256 {got[:12]}, recorded {want[:12]}; size {st.st_size} "
+                f"vs {size} bytes)")
+    return None
+
+
+def _check_free_space(folder: Path, nbytes: int, what: str) -> None:
+    """Refuse to write `nbytes` into `folder` when the disk has less free: a memory-mapped write that runs out of
+    space kills the process with SIGBUS, saying nothing."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + FREE_SPACE_MARGIN:
+        raise FeatureStoreError(f"not enough free disk space for {what}: it needs {nbytes / 2**20:.1f} MiB, "
+                                f"{free / 2**20:.1f} MiB free under {folder} (keeping {FREE_SPACE_MARGIN // 2**20} "
+                                "MiB spare); free some space or put the outputs elsewhere")
+
+
 def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a .npy file, after checking its size matches them; StoreCorruptError naming the file."""
     try:
@@ -306,8 +357,9 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _shard_problem(folder: Path, shard: Mapping[str, Any], outputs: Sequence[str], dtype: str,
-                   shapes: Mapping[str, list[int]] | None) -> str | None:
-    """Why a shard is not complete and valid (None when it is)."""
+                   shapes: Mapping[str, list[int]] | None, full: bool = False) -> str | None:
+    """Why a shard is not complete and valid (None when it is): files, headers, sizes and checksum records (full:
+    hash every file, see `_seal_problem`)."""
     for output in outputs:
         path = folder / _shard_file(output, shard["id"])
         if not path.exists():
@@ -322,6 +374,9 @@ def _shard_problem(folder: Path, shard: Mapping[str, Any], outputs: Sequence[str
             return f"{path} holds {shape[0]} rows, its shard {len(shard['names'])} images"
         if shapes is not None and list(shape[1:]) != list(shapes[output]):
             return f"{path} rows are {list(shape[1:])}, the store's {list(shapes[output])}"
+        problem = _seal_problem(path, full)
+        if problem:
+            return problem
     return None
 
 
@@ -332,7 +387,7 @@ class FeatureStore:
     Attributes:
         folder: the store folder; key: its key; names: image names, in store order; outputs, dtype;
         token_shape: (L, D) or None; embed_dim: E or None;
-        status: how `open_store` got it: "reused" | "built" | "resumed" | "extended" (None from `open`);
+        status: how `open_store` got it: "reused" | "built" | "resumed" | "extended" | "repaired" (None from `open`);
         reason: why it was (re)built, or "" when reused.
     """
 
@@ -379,13 +434,21 @@ class FeatureStore:
             problem = _shard_problem(folder, shard, manifest["key"]["outputs"], manifest["key"]["dtype"],
                                      manifest["shapes"])
             if problem:
-                raise StoreCorruptError(f"feature store {folder} is damaged: {problem}. Delete the folder or "
-                                        "rebuild it (open_store(..., mode='rebuild'))")
+                raise StoreCorruptError(f"feature store {folder} is damaged: {problem}. Build it again "
+                                        "(open_store(..., mode='build'), or the command that made it) to repair "
+                                        "that shard, or delete the folder")
         store = cls(folder, manifest)
         if "embeds" in store.outputs:  # small (4 KB per 1,000 images of E=256 in half): check them all at open
             for si in range(len(store.shards)):
                 store._check_finite(store._map("embeds", si), "embeds", si)
         return store
+
+    def verify(self) -> list[str]:
+        """Hash every shard and compare with its checksum record (`open` only stats them): the problems found, one
+        line per damaged shard (empty when every shard is as written)."""
+        outputs, dtype = self.outputs, self.dtype
+        shapes = self.manifest["shapes"]
+        return [p for s in self.shards if (p := _shard_problem(self.folder, s, outputs, dtype, shapes, full=True))]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -501,7 +564,7 @@ class BuildPlan:
     key: dict[str, Any]
     shards: list[dict[str, Any]]  # {"id": int, "names": [str, ...]}
     todo: list[int]  # ids of the shards still to build
-    status: str  # what the store will be: "reused" | "built" | "resumed" | "extended"
+    status: str  # what the store will be: "reused" | "built" | "resumed" | "extended" | "repaired"
     reason: str  # why anything is built ("" when nothing is)
 
 
@@ -535,13 +598,16 @@ def plan_build(key: Mapping[str, Any], names: Sequence[str], *, outputs_root: st
     shapes = manifest.get("shapes") if complete else None
     # Whole shards are kept; the names of an interrupted build's unbuilt shards are planned afresh with the names
     # asked for now (so a build that failed on an image can be finished without it).
-    shards, unbuilt = [], 0
+    shards, unbuilt, damaged = [], 0, []
     for s in planned:
         problem = _shard_problem(folder, s, outputs, dtype, shapes)
         if problem and complete:
-            raise StoreCorruptError(f"feature store {folder} is damaged: {problem}. Delete the folder or rebuild it "
-                                    "(open_store(..., mode='rebuild'))")
-        if problem:
+            if mode == "reuse":
+                raise StoreCorruptError(f"feature store {folder} is damaged: {problem}. Build it (mode='build') to "
+                                        "repair that shard, or delete the folder")
+            damaged.append(problem)  # its images are encoded again into new shards
+            _remove_shard(folder, s, outputs)
+        elif problem:
             unbuilt += 1
         else:
             shards.append(s)
@@ -555,6 +621,9 @@ def plan_build(key: Mapping[str, Any], names: Sequence[str], *, outputs_root: st
         next_id += 1
     if manifest is None:
         status, reason = "built", _why_missing(folder, key)
+    elif damaged:
+        status = "repaired"
+        reason = f"{len(damaged)} damaged shard(s) encoded again: {'; '.join(damaged)}"
     elif not complete:
         status = "resumed"
         reason = f"an interrupted build: {unbuilt} of {len(planned)} shards unbuilt ({len(new)} images to encode)"
@@ -569,6 +638,13 @@ def plan_build(key: Mapping[str, Any], names: Sequence[str], *, outputs_root: st
         paths.write_json(folder / MANIFEST_FILE, {"format": FORMAT_VERSION, "key": key, "status": "building",
                                                   "shard_size": shard_size, "shards": shards})
     return BuildPlan(folder=folder, key=key, shards=shards, todo=todo, status=status, reason=reason)
+
+
+def _remove_shard(folder: Path, shard: Mapping[str, Any], outputs: Sequence[str]) -> None:
+    for output in outputs:
+        path = folder / _shard_file(output, shard["id"])
+        for f in (path, _seal_file(path), _partial(path)):
+            f.unlink(missing_ok=True)
 
 
 def _why_missing(folder: Path, key: Mapping[str, Any]) -> str:
@@ -686,6 +762,8 @@ def build_shards(plan: BuildPlan, encoder: ImageEncoder, images, *, part: int = 
                             f"encoder {output} of {bad[:5]} are NaN/inf in {plan.key['dtype']} (building "
                             f"{plan.folder})" + ("; use dtype='float32'" if np_dtype is np.float16 else ""))
                     if output not in maps:
+                        shard_bytes = len(shard_names) * values[0].nbytes
+                        _check_free_space(plan.folder, shard_bytes, f"shard {_shard_file(output, sid)}")
                         maps[output] = np.lib.format.open_memmap(
                             _partial(plan.folder / _shard_file(output, sid)), mode="w+", dtype=np_dtype,
                             shape=(len(shard_names), *values.shape[1:]))
@@ -697,6 +775,7 @@ def build_shards(plan: BuildPlan, encoder: ImageEncoder, images, *, part: int = 
                 del maps[output]
                 final = plan.folder / _shard_file(output, sid)
                 os.replace(_partial(final), final)  # the shard's completion record
+                _seal(final)
             built.append(sid)
     finally:
         bar.close()
@@ -752,7 +831,7 @@ def open_store(encoder: ImageEncoder, preprocess: Mapping[str, Any], names: Sequ
         mode: "build" | "reuse" | "rebuild" (see `plan_build`).
         shard_size: images per shard file; batch_size, device, num_workers: of the encoding.
     Returns:
-        the store, with `.status` ("reused" | "built" | "resumed" | "extended") and `.reason`.
+        the store, with `.status` ("reused" | "built" | "resumed" | "extended" | "repaired") and `.reason`.
     """
     key = store_key(encoder, preprocess, dtype)
     plan_or_error: BuildPlan | str
