@@ -108,10 +108,30 @@ def atomic_write(path: str | os.PathLike, write: "Callable[[Path], object]") -> 
     except OSError as err:
         _discard(tmp)
         raise _write_failed(path, err) from err
+    except RuntimeError as err:  # torch.save and safetensors report a failed write (read-only, disk full) this way
+        _discard(tmp)
+        raise _write_failed(path, _os_error_of(path, err)) from err
     except BaseException:
         _discard(tmp)
         raise
     return path
+
+
+def _os_error_of(path: Path, err: RuntimeError) -> OSError:
+    """The OSError behind a library's RuntimeError for a failed write (torch's "inline_container.cc ... strerror"
+    says only which C++ file failed): the folder's writability and free space say which."""
+    import errno
+    import shutil
+
+    folder = path.parent
+    if not os.access(folder, os.W_OK):
+        return OSError(errno.EACCES if os.access(folder, os.R_OK) else errno.EROFS, "the folder is not writable")
+    try:
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return OSError(errno.ENOSPC, "no space left on the device")
+    except OSError:
+        pass
+    return OSError(errno.EIO, f"the write failed ({str(err).splitlines()[0][:200]})")
 
 
 def _discard(tmp: Path) -> None:

@@ -113,6 +113,30 @@ def test_a_refused_config_change_leaves_a_finished_run_byte_identical(world, out
     assert getattr(steps, call)(make(world, outputs)).reused  # still finished for its own config
 
 
+@pytest.mark.parametrize("step", ["extract_topk", "evaluate"])
+def test_an_unwritable_run_folder_is_refused_before_the_work(world, outputs, step, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from cirlib.paths import FileWriteError
+
+    run = RunFolder.of("stage1" if step == "extract_topk" else "stage2", "s1" if step == "extract_topk" else "s2",
+                       outputs)
+    real_write_bytes = Path.write_bytes
+
+    def read_only(self, data):  # tests run as root, where permissions do not stop writes
+        if self.parent == run.path:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(steps, "device", lambda: pytest.fail("the work started before the folder was checked"))
+    cfg = _topk(outputs, overwrite=True) if step == "extract_topk" else EvaluateConfig(
+        stage2_run="s2", k=16, scoring="pairs", outputs=outputs, overwrite=True)
+    with pytest.raises(FileWriteError, match=rf"cannot write {run.path}.*read-only"):
+        getattr(steps, step)(cfg)
+
+
 def _evaluate(outputs, **kw):
     return steps.evaluate(EvaluateConfig(**{**dict(stage2_run="s2", k=16, scoring="pairs", outputs=outputs), **kw}))
 

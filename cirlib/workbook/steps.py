@@ -236,6 +236,7 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
     trained = run.saved_config()
     refuse_unsupported(cfg, trained["dataset"], trained["categories"])
     weights = _on_main(lambda: file_sha256(run.weights_file))
+    _on_main(lambda: paths.check_writable(run.path, f"stage-I run folder {run.path} (its top-k files)"))
     dev = device()
     model.to(dev).eval()
     root = dataset_root(trained["data_root"])
@@ -503,6 +504,7 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
     if reused is not None:
         return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True,
                           query_counts=reused.get("query_counts"))
+    _on_main(lambda: paths.check_writable(run.path, f"stage-II run folder {run.path} (its evaluation files)"))
     dev = device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
