@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from cirlib import paths
 
@@ -296,23 +296,45 @@ class RunFolder:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run folder's lock: a second process writing the same run folder is refused, naming the holder."""
-        import fcntl
-
         paths.check_writable(self.path, f"run folder of {self.stage} run {self.name!r}")
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        with folder_lock(self.lock_file, f"run folder {self.path}",
+                         "wait for it to finish, or stop it, before starting this run again"):
+            yield
+
+
+class LockedError(RunFolderError):
+    """Another process holds the lock of what this one would write (the message names it and the holder's pid)."""
+
+
+@contextmanager
+def folder_lock(lock_file: str | os.PathLike, what: str, advice: str = "wait for it to finish",
+                wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created; it records the holder's pid): the one lock of run folders,
+    feature-store builds, gallery-index builds and evaluations.
+
+    Args:
+        what, advice: for the message when another process holds it.
+        wait: None: raise LockedError at once when another process holds it; else call wait(message) and block until
+            the lock is free (e.g. a feature store another process is building: reused once it is built).
+    """
+    import fcntl
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise RunFolderError(f"run folder {self.path} is in use by another process (pid {holder}): wait for it "
-                                     "to finish, or stop it, before starting this run again") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            try:
-                yield
-            finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            if wait is None:
+                raise LockedError(f"{what} is in use by another process (pid {holder}): {advice}") from None
+            wait(f"{what} is in use by another process (pid {holder}): waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
         finally:
-            os.close(fd)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -280,6 +280,27 @@ def test_a_shard_is_not_written_without_the_disk_space_for_it(model, train, tmp_
     assert not list((tmp_path / "features").rglob("*.npy*"))  # nothing half-written
 
 
+def test_a_second_process_waits_for_a_build_then_reuses_it(model, train, tmp_path, capsys):
+    import threading
+    import time
+
+    from cirlib.run_folder import folder_lock
+
+    encoder = fs.stage1_image_encoder(model)
+    folder = fs.store_folder(fs.store_key(encoder, PREP), tmp_path)
+    folder.parent.mkdir(parents=True)
+    got = {}
+    with folder_lock(folder.with_name(folder.name + ".lock"), "a build"):  # another process is building it
+        waiter = threading.Thread(target=lambda: got.update(store=build(encoder, train.gallery[:8], train, tmp_path)))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and not folder.exists()  # waiting, nothing planned or written meanwhile
+        built = build(fs.stage1_image_encoder(model), train.gallery[:8], train, tmp_path / "other")
+    waiter.join(timeout=120)
+    assert got["store"].status == "built" and built.names == got["store"].names
+    assert "in use by another process" in capsys.readouterr().out + capsys.readouterr().err
+
+
 def test_unknown_names_and_missing_images_are_errors_naming_them(model, train, tmp_path):
     store = build(fs.stage1_image_encoder(model), train.gallery[:20], train, tmp_path)
     with pytest.raises(fs.UnknownImageError, match=r"not in feature store .*stage1-.*'no-such-image'"):

@@ -137,6 +137,16 @@ def test_an_unwritable_run_folder_is_refused_before_the_work(world, outputs, ste
         getattr(steps, step)(cfg)
 
 
+def test_two_evaluations_of_one_run_do_not_both_write(world, outputs):
+    from cirlib.run_folder import LockedError
+
+    run = RunFolder.of("stage2", "s2", outputs)
+    with run.lock():  # another evaluation (or training) of this run is writing it
+        with pytest.raises(LockedError, match=rf"{run.path} is in use by another process"):
+            _evaluate(outputs, overwrite=True)
+    assert not run.evaluation_file.exists()  # the refused one wrote nothing
+
+
 def _evaluate(outputs, **kw):
     return steps.evaluate(EvaluateConfig(**{**dict(stage2_run="s2", k=16, scoring="pairs", outputs=outputs), **kw}))
 

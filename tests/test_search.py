@@ -193,6 +193,18 @@ def test_a_damaged_index_shard_is_named_and_the_index_command_repairs_it(world, 
     assert _index(world, gallery, tmp_path / "ix").embedded == n
 
 
+def test_a_second_build_of_one_index_is_refused_while_the_first_runs(world, gallery, tmp_path):
+    from cirlib.run_folder import LockedError, folder_lock
+
+    (tmp_path / "ix").mkdir()
+    with folder_lock(tmp_path / "ix" / gi.LOCK_FILE, "the first build"):  # another build holds the index
+        with pytest.raises(LockedError, match=rf"gallery index {tmp_path / 'ix'} is in use by another process "
+                                              rf"\(pid {os.getpid()}\)"):
+            _index(world, gallery, tmp_path / "ix")
+    assert not (tmp_path / "ix" / gi.INDEX_FILE).exists()
+    assert _index(world, gallery, tmp_path / "ix").status == "built"  # once it is free
+
+
 def _assert_same_ranking(names, scores, want_names, want_scores, tol):
     """The same scores position by position, and the same names, up to the order within a group of tied scores
     (the synthetic world holds pixel-identical images; faiss may order ties differently)."""

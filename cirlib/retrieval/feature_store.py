@@ -42,7 +42,8 @@ shards under final names, a resumed one skips them and rewrites the half-written
 process checks every shard and writes the manifest "complete". Completion is recorded per shard by the rename rather
 than by rewriting the manifest because several processes finish shards concurrently and one JSON file written by all
 of them would need a lock. The encoder runs in eval mode (restored afterwards), under inference_mode, with autocast
-off: the store always holds the weights' own precision. One build per store at a time (no lock between two runs).
+off: the store always holds the weights' own precision. One build per store at a time: `open_store` holds
+`<store>.lock` while it plans and builds, and another process asking for the same store waits for it.
 
 Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E), torch tensors in the dtype asked
 for (float32 by default), rows in the order of `names`; only the rows read are touched (memory-mapped). A store is
@@ -64,6 +65,7 @@ workbook/evaluation.py and retrieval/search.py, not here):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -84,7 +86,7 @@ from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.progress import progress_bar, progress_write
 from cirlib.retrieval.search import GalleryFeatures, stage1_encoder, stage2_encoder
-from cirlib.run_folder import config_hash, file_sha256, outputs_root as _outputs_root
+from cirlib.run_folder import config_hash, file_sha256, folder_lock, outputs_root as _outputs_root
 
 # bump when the layout or the meaning of a stored value changes (part of the key). 2: every shard has a checksum record
 FORMAT_VERSION = 2
@@ -834,6 +836,26 @@ def open_store(encoder: ImageEncoder, preprocess: Mapping[str, Any], names: Sequ
         the store, with `.status` ("reused" | "built" | "resumed" | "extended" | "repaired") and `.reason`.
     """
     key = store_key(encoder, preprocess, dtype)
+    folder = store_folder(key, outputs_root)
+    # One build of a store at a time: the main process holds `<store>.lock` (beside the folder, which a rebuild
+    # deletes) from planning to the finished manifest; another process asking for the store meanwhile waits, then
+    # reuses what was built.
+    building = contextlib.nullcontext()
+    if dist.is_main_process():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = folder_lock(folder.with_name(folder.name + ".lock"), f"feature store {folder}", wait=progress_write)
+    with building:
+        plan = _plan_and_build(key, names, images, outputs_root=outputs_root, mode=mode, shard_size=shard_size,
+                               batch_size=batch_size, device=device, num_workers=num_workers, encoder=encoder)
+    store = FeatureStore.open(plan.folder, key)
+    store.status, store.reason = plan.status, plan.reason
+    return store
+
+
+def _plan_and_build(key, names, images, *, outputs_root, mode, shard_size, batch_size, device, num_workers,
+                    encoder) -> BuildPlan:
+    """`open_store`'s collective part: the main process plans, every process builds its shards, the main process
+    finishes the build."""
     plan_or_error: BuildPlan | str
     if dist.is_main_process():
         try:
@@ -860,6 +882,4 @@ def open_store(encoder: ImageEncoder, preprocess: Mapping[str, Any], names: Sequ
         if dist.is_main_process():
             finish_build(plan)
         dist.barrier()
-    store = FeatureStore.open(plan.folder, key)
-    store.status, store.reason = plan.status, plan.reason
-    return store
+    return plan

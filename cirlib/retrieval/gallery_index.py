@@ -44,11 +44,13 @@ from cirlib import data as cdata
 from cirlib import paths
 from cirlib.retrieval import feature_store as fs
 from cirlib.retrieval.search import SEARCH
+from cirlib.run_folder import folder_lock
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 REPORT_FILE = "report.json"
+LOCK_FILE = "index.lock"  # held while the index is built: a second build of the same folder is refused
 DEFAULT_SHARD_SIZE = 1024  # images per shard (stage-I embeddings only: 1 KB per image at E=256)
 
 
@@ -298,8 +300,18 @@ def build_index(files: Mapping[str, Path], stage1_model, *, preprocess: Mapping[
     Returns:
         the report (also written to `<out_dir>/report.json`).
     """
-    t0 = time.time()
     out_dir = Path(out_dir)
+    paths.check_writable(out_dir, f"gallery index folder {out_dir}")
+    with folder_lock(out_dir / LOCK_FILE, f"gallery index {out_dir}",
+                     "wait for that index command to finish, or stop it"):
+        return _build_index(files, stage1_model, preprocess=preprocess, out_dir=out_dir, batch_size=batch_size,
+                            device=device, provenance=provenance, stage1=stage1, replace=replace,
+                            shard_size=shard_size)
+
+
+def _build_index(files, stage1_model, *, preprocess, out_dir: Path, batch_size, device, provenance, stage1, replace,
+                 shard_size) -> IndexReport:
+    t0 = time.time()
     encoder = fs.stage1_image_encoder(stage1_model, ("embeds",))
     key = fs.store_key(encoder, preprocess, "float32")
     full_sha = fs.weights_sha256({"stage1": stage1_model})

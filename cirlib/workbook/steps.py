@@ -15,6 +15,7 @@ saved config, so changing an evaluation setting never retrains.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -505,6 +506,12 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
         return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True,
                           query_counts=reused.get("query_counts"))
     _on_main(lambda: paths.check_writable(run.path, f"stage-II run folder {run.path} (its evaluation files)"))
+    with run.lock() if dist.is_main_process() else contextlib.nullcontext():  # one writer of the run folder
+        return _evaluate_and_write(cfg, run, trained, root, sets, counts, files, produced_by)
+
+
+def _evaluate_and_write(cfg: EvaluateConfig, run: RunFolder, trained: Stage2TrainConfig, root: Path, sets, counts,
+                        files: list[Path], produced_by) -> Comparison:
     dev = device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
