@@ -412,6 +412,33 @@ def test_refuses_to_clobber_or_mix_configs(tmp_path):
         fit(ToyTask(), _cfg(epochs=3, max_epoch=None), run)
 
 
+def test_max_epoch_counts_as_the_horizon_it_gives(tmp_path):
+    """A run with max_epoch=None (horizon = epochs) is extended by naming its horizon, as the refusal says."""
+    run = tmp_path / "run"
+    fit(ToyTask(), _cfg(epochs=2, max_epoch=None), run)
+    with pytest.raises(ValueError, match=r"set max_epoch=2 to extend it"):
+        fit(ToyTask(), _cfg(epochs=3, max_epoch=None), run)
+    assert fit(ToyTask(), _cfg(epochs=3, max_epoch=2, schedule="cosine_per_epoch"), run).epochs_completed == 3
+
+
+@pytest.mark.parametrize("schedule", ["cosine_per_step", "cosine_per_epoch_clamped"])
+def test_extending_a_schedule_that_ended_at_lr_0_is_refused_up_front(tmp_path, schedule):
+    from cirlib.train.loop import refuse_other_config
+
+    run = tmp_path / "run"
+    fit(ToyTask(), _cfg(epochs=1, max_epoch=1, schedule=schedule), run)
+    task = ToyTask()
+    for check in (lambda c: refuse_other_config(run, c), lambda c: fit(task, c, run)):
+        with pytest.raises(ValueError, match=r"would train at lr 0.*init_checkpoint.*max_epoch=2"):
+            check(_cfg(epochs=2, max_epoch=1, schedule=schedule))
+    assert task.calls == 0
+    with pytest.raises(ValueError, match=r"horizon \(max_epoch\): 1 epochs in the run vs 2 now.*init_checkpoint"):
+        fit(task, _cfg(epochs=2, max_epoch=2, schedule=schedule), run)
+    # the original's per-epoch cosine rises again past max_epoch: extending it trains
+    fit(ToyTask(), _cfg(epochs=1, max_epoch=1), tmp_path / "orig")
+    assert fit(ToyTask(), _cfg(epochs=2, max_epoch=1), tmp_path / "orig").epochs_completed == 2
+
+
 def test_gradient_accumulation_matches_big_batch(tmp_path):
     big = ToyTask(dropout=0.0)
     fit(big, _cfg(epochs=2, batch_size=8, grad_accumulation_steps=1), tmp_path / "big")

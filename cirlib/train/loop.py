@@ -472,18 +472,34 @@ def _config_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     saved_cfg = TrainConfig.from_dict(saved)
     diffs = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in RESUMABLE_FIELDS:
+        if f.name in RESUMABLE_FIELDS or f.name == "max_epoch":  # max_epoch: compared as the horizon it gives
             continue
         a, b = getattr(saved_cfg, f.name), getattr(cfg, f.name)
         if a != b:
             diffs.append(f"{f.name}: {a!r} in the run vs {b!r} now")
-    # With max_epoch=None the cosine horizon follows `epochs`, so a change of epochs changes the schedule.
+    # With max_epoch=None the cosine horizon follows `epochs`, so a change of epochs changes the schedule; max_epoch
+    # set to the run's horizon keeps it, whatever `epochs` becomes.
     if saved_cfg.schedule != "constant" and saved_cfg.cosine_epochs != cfg.cosine_epochs:
+        keep = (f"set max_epoch={saved_cfg.cosine_epochs} to extend it under its own schedule, or "
+                if saved_cfg.max_epoch is None and cfg.max_epoch is None else "")
         diffs.append(
-            f"cosine horizon: {saved_cfg.cosine_epochs} epochs in the run vs {cfg.cosine_epochs} now "
-            "(set max_epoch explicitly to extend a run)"
+            f"cosine horizon (max_epoch): {saved_cfg.cosine_epochs} epochs in the run vs {cfg.cosine_epochs} now: "
+            f"the steps trained so far followed the run's horizon; {keep}start a new run from this one's weights "
+            "(init_checkpoint) to train under another horizon"
         )
     return diffs
+
+
+def _extension_problem(info: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """Why extending a run to cfg.epochs would be wasted: its schedule has ended at a learning rate of 0."""
+    done = info["epochs_completed"]
+    if (cfg.epochs <= done or cfg.schedule not in ("cosine_per_step", "cosine_per_epoch_clamped")
+            or cfg.min_lr > 0 or done < cfg.cosine_epochs):
+        return None
+    return (f"its {cfg.schedule} schedule ended at lr {cfg.min_lr} after max_epoch={cfg.cosine_epochs} epochs and "
+            f"{done} are done: epochs {done + 1}-{cfg.epochs} would train at lr 0 and change nothing. Train longer "
+            "in a new run started from this one's weights (init_checkpoint), or retrain with overwrite=True and "
+            f"max_epoch={cfg.epochs}")
 
 
 def _collect_parameters(task: Any) -> list[nn.Parameter]:
@@ -736,6 +752,9 @@ def _refuse_other_config(run: RunFolder, info: dict[str, Any], cfg: TrainConfig)
             f"{run.path} was trained with a different TrainConfig ({'; '.join(diffs)}); pass overwrite=True to "
             "retrain, or use another run_dir"
         )
+    wasted = _extension_problem(info, cfg)
+    if wasted:
+        raise ValueError(f"{run.path} is not extended: {wasted}")
 
 
 def refuse_other_config(run_dir: str | os.PathLike, cfg: TrainConfig) -> None:
