@@ -3,6 +3,7 @@ papermill; the outputs root is a config field; old parameter names are refused w
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -83,3 +84,28 @@ def test_the_shims_keep_their_command_lines():
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
                               cwd=root)
         assert proc.returncode == 0, (module, proc.stderr[-1000:])
+
+
+@pytest.mark.parametrize("over, message", [
+    (["--set", "dataset=fashioniq", "--set", "k=16"], r"Stage2TrainConfig: .*k=16: FashionIQ .* k must be >= 50"),
+    (["--set", "batch_size=-3"], r"Stage1Config: TrainConfig: batch_size must be >= 1, got -3"),
+])
+def test_every_step_is_checked_before_the_first_one_runs(tmp_path, capsys, over, message):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"stage1_run": "a", "stage2_run": "b", "epochs": 1}))
+    rc = launch.main(["all", str(tmp_path / "params.yaml"), "--outputs", str(tmp_path / "runs"), *over])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_a_later_step_is_checked_against_the_dataset_of_its_run(tmp_path):
+    from cirlib.workbook.plan_check import PlanError, check_plan
+
+    ev, = launch.step_configs({"stage2_run": "b", "k": 16}, ["evaluate"], {}, outputs=str(tmp_path))
+    check_plan([ev])  # no such run yet: the step checks itself when it runs
+    run = tmp_path / "stage2" / "b"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"dataset": "fashioniq", "categories": "dress"}))
+    with pytest.raises(PlanError, match="EvaluateConfig: .*k must be >= 50"):
+        check_plan([ev])

@@ -36,6 +36,7 @@ import yaml
 from cirlib import distributed as dist
 from cirlib.run import batch
 from cirlib.workbook.config import CONFIGS, NOTEBOOK_CONFIGS
+from cirlib.workbook.plan_check import PlanError, check_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,8 @@ def step_configs(params: Mapping[str, Any], steps: Sequence[str], overrides: Map
             if outputs is not None and "outputs" in declared:
                 chosen["outputs"] = str(outputs)
             configs.append(cls(**chosen))
+    except TypeError as e:  # a value of the wrong kind for a field
+        raise LaunchError(str(e)) from e
     except batch.BatchError as e:
         raise LaunchError(str(e)) from e
     unused = sorted(set(overrides) - used)
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(cpu=args.cpu)  # before anything else creates Accelerate's state
         # a relative folder is anchored at the repository, as every cirlib path (RunFolder.of)
         configs = step_configs(params, steps, overrides, None if args.outputs is None else str(args.outputs))
-    except (LaunchError, batch.BatchError) as e:
+        check_plan(configs)  # every step's settings, before the first step runs
+    except (LaunchError, batch.BatchError, PlanError) as e:
         print(f"launch failed: {e}", file=sys.stderr)
         return 2
     run_steps(steps, configs)
