@@ -54,6 +54,8 @@ def test_config_rejects_bad_values():
         synth.SynthConfig(image_size=50)
     with pytest.raises(ValueError, match="shapes="):
         synth.SynthConfig(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="all 0: a world needs at least one query"):
+        synth.SynthConfig(n_train=0, n_val=0, n_test=0)
     # FashionIQ may use another number of near-duplicates (they are gallery distractors there).
     assert synth.SynthConfig(layout="fashioniq", n_near_duplicates=2).n_near_duplicates == 2
 
@@ -404,6 +406,12 @@ def test_command_line(tmp_path, capsys):
     assert printed["layout"] == "fashioniq" and printed["seed"] == 2
     assert printed["splits"]["test"]["gallery"] == 18
     assert (out / "world.json").is_file()
+    for bad, said in ((["--workers", "0"], "--workers 0: expected >= 1"),
+                      (["--train", "0", "--val", "0", "--test", "0"], "at least one query")):
+        with pytest.raises(SystemExit) as stop:
+            synth.main(["--out", str(tmp_path / "bad"), *bad])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cirr_round_trip_through_reader(cirr_root):

@@ -111,6 +111,9 @@ class SynthConfig:
         for name in ("n_train", "n_val", "n_test", "n_near_duplicates", "jitter"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}, expected an int >= 0")
+        sizes = [getattr(self, n) for n in ("n_train", "n_val", "n_test")]
+        if all(isinstance(n, int) for n in sizes) and sum(sizes) == 0:
+            problems.append("n_train, n_val and n_test are all 0: a world needs at least one query")
         for name in ("n_train", "n_val", "n_test"):
             if isinstance(getattr(self, name), int) and getattr(self, name) >= 1_000_000:
                 problems.append(f"{name}={getattr(self, name)}, expected < 1,000,000 (pair-id ranges)")
@@ -1181,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         parser.error(str(e))
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: expected >= 1 (rendering processes)")
     # A path typed on the command line means the shell's current directory, unlike library paths.
     out = None if args.out is None else args.out.expanduser().absolute()
     root = generate(cfg, out, overwrite=args.overwrite, workers=args.workers)
