@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from cirlib.models.config import ModelConfig, preset
-from cirlib.models.stage2 import RerankQuery, Stage2Model, shared_passes
+from cirlib.models.stage2 import RERANKERS, RerankQuery, Stage2Model, shared_passes
 from cirlib.retrieval.rerank import query_blocks, score_indexed
 
 ENC_TOKEN_ID = 30523  # [ENC], replaces [CLS] at position 0 (the original's tokenisation)
@@ -63,12 +63,13 @@ CIRR_VAL_QUERIES, CIRR_VAL_GALLERY, CIRR_K = 4181, 2297, 50
 CIRR_VAL_REUSE = CIRR_VAL_QUERIES * CIRR_K / CIRR_VAL_GALLERY  # 91.0: lists per image if every image appears
 from cirlib.bench_store import STORE_CASES, bench_store  # noqa: E402  (feature-store cases, issue 13)
 CASES = ("eval", "train", "eval-cirr-shaped", "memory-stage2", *STORE_CASES)
+BOTH = ("dual", "joint")  # what --reranker both runs: the two built-in re-rankers
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
-    reranker: str = "dual"  # "dual" (the original) | "joint" | "both"
+    reranker: str = "dual"  # a registered re-ranker: dual (the original) | joint | ...; or "both" (dual and joint)
     cases: tuple[str, ...] = ("eval", "train")  # which cases to run
     queries: int = 16  # eval: queries
     gallery: int = 16  # eval: gallery images = each query's top-K
@@ -112,19 +113,19 @@ def analytic_flops(cfg: ModelConfig, *, queries: int, pairs: int, candidates: in
     t = cfg.text
     h, inter, n_layers, length = t.hidden_size, t.intermediate_size, t.num_layers, text_len
     dv, n_tok = cfg.vision.width, cfg.vision.num_tokens
-    dual = cfg.reranker == "dual"
-    streams = 2 if dual else 1
+    kind = RERANKERS.get(cfg.reranker)  # its declarations: text streams, whether it attends to the reference
+    streams, reads_ref = kind.text_streams, kind.needs_ref_tokens
     self_attn = 4 * length * h * h + 2 * length * length * h  # Q, K, V, dense; scores and weighted sum
     cross_text = 2 * length * h * h  # query and output dense
     ffn = 2 * length * h * inter
     kv_cand = 2 * n_tok * dv * h  # keys and values of one image
-    kv_ref = 0 if dual else kv_cand
-    image_tokens = n_tok if dual else 2 * n_tok
+    kv_ref = kv_cand if reads_ref else 0
+    image_tokens = 2 * n_tok if reads_ref else n_tok
     attend = 2 * length * image_tokens * h
     head = streams * h * h + 2 * h
     pair_text = head  # per pair, excluding image projections and layer-0 self-attention
     for layer in range(n_layers):
-        merge = length * 2 * h * h if dual and layer >= cfg.merge_threshold else 0
+        merge = length * 2 * h * h if streams > 1 and layer >= cfg.merge_threshold else 0  # merging the streams
         pair_text += streams * (cross_text + attend + ffn) + merge + (streams * self_attn if layer > 0 else 0)
     layer0_self = streams * self_attn
     image_kv_per_pair = n_layers * (streams * kv_cand + kv_ref)
@@ -247,11 +248,11 @@ def _query(model: Stage2Model, n: int, text_len: int, ref_tokens: torch.Tensor |
            device: torch.device) -> tuple[RerankQuery, list[int]]:
     ids, mask, lengths = _texts(n, text_len, gen)
     z_t = None
-    if model.config.reranker == "dual":
+    if model.needs_z_t:
         # Stage I's last hidden state is a LayerNorm output; unit-variance noise has the same scale.
         z_t = torch.randn(n, text_len, model.config.text.hidden_size, generator=gen).to(device)
     return RerankQuery(ids.to(device), mask.to(device), z_t=z_t,
-                       ref_tokens=ref_tokens if model.config.reranker == "joint" else None), lengths
+                       ref_tokens=ref_tokens if model.needs_ref_tokens else None), lengths
 
 
 def _encode(model: Stage2Model, n: int, gen: torch.Generator, device: torch.device, cfg: BenchConfig) -> torch.Tensor:
@@ -296,7 +297,7 @@ def bench_eval(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> di
     model.eval()
     b, g = cfg.queries, cfg.gallery
     (gallery, vit_s) = _timed(lambda: _encode(model, g, gen, device, cfg), device)
-    ref = _encode(model, b, gen, device, cfg) if model.config.reranker == "joint" else None
+    ref = _encode(model, b, gen, device, cfg) if model.needs_ref_tokens else None
     query, lengths = _query(model, b, cfg.text_len, ref, gen, device)
     topk = torch.stack([torch.randperm(g, generator=gen) for _ in range(b)]).to(device)  # (B, G)
 
@@ -328,7 +329,7 @@ def bench_train(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> d
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     b = cfg.train_batch
     targets = _encode(model, b, gen, device, cfg)
-    ref = _encode(model, b, gen, device, cfg) if model.config.reranker == "joint" else None
+    ref = _encode(model, b, gen, device, cfg) if model.needs_ref_tokens else None
     query, _ = _query(model, b, cfg.text_len, ref, gen, device)
     model.train()
     model.visual_encoder.eval()  # frozen; its tokens are computed above
@@ -461,14 +462,14 @@ def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) 
     refs = torch.randint(0, g, (n,), generator=gen)  # each query's reference image
     ids, mask, _ = _texts(n, length, gen)
     z_t = (torch.randn(n, length, model.config.text.hidden_size, generator=gen).to(device)
-           if model.config.reranker == "dual" else None)
+           if model.needs_z_t else None)
 
     def query(start: int, stop: int) -> RerankQuery:
         # Padded to the batch's longest text, as the pipeline's tokenizer pads a batch.
         width_b = int(mask[start:stop].sum(1).max())
         return RerankQuery(ids[start:stop, :width_b].to(device), mask[start:stop, :width_b].to(device),
                            z_t=None if z_t is None else z_t[start:stop, :width_b],
-                           ref_tokens=gallery[refs[start:stop]] if model.config.reranker == "joint" else None)
+                           ref_tokens=gallery[refs[start:stop]] if model.needs_ref_tokens else None)
 
     def pass_flops(p) -> float:
         return analytic_flops(model.config, queries=p.queries.numel(), pairs=p.end - p.start,
@@ -627,7 +628,7 @@ def bench_memory(cfg: BenchConfig, model: Stage2Model, device: torch.device) -> 
     c2k = max(0.0, mk_b / b - a2k * b)
     # With checkpointing the per-sample terms are a few MiB, below what RSS resolves at a small B: floor them at what
     # checkpointing must hold, one layer's activations (the recompute) plus every layer's input hidden states.
-    layers, streams = mc.text.num_layers, 2 if mc.reranker == "dual" else 1
+    layers, streams = mc.text.num_layers, RERANKERS.get(mc.reranker).text_streams
     boundary = layers * streams * cfg.text_len * mc.text.hidden_size * 4  # fp32 bytes per pair
     a2k, c2k = max(a2k, a2 / layers + boundary), max(c2k, c2 / layers)
 
@@ -703,7 +704,7 @@ def run(cfg: BenchConfig, emit: Callable[[dict], None] = lambda r: print(json.du
         raise ValueError(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rerankers = ("dual", "joint") if cfg.reranker == "both" else (cfg.reranker,)
+    rerankers = BOTH if cfg.reranker == "both" else (cfg.reranker,)
     results = []
     for reranker in rerankers:
         model = _build(cfg, reranker, device)
@@ -737,7 +738,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m cirlib.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=d.preset, choices=["blip-base", "tiny"])
-    p.add_argument("--reranker", default=d.reranker, choices=["dual", "joint", "both"])
+    p.add_argument("--reranker", default=d.reranker, choices=[*RERANKERS.names(), "both"])
     p.add_argument("--cases", default=",".join(d.cases), help=f"comma-separated: {','.join(CASES)}")
     p.add_argument("--queries", type=int, default=d.queries)
     p.add_argument("--gallery", type=int, default=d.gallery)

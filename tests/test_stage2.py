@@ -9,6 +9,7 @@ import torch
 from cirlib.models.config import ModelConfig, TextConfig, VisionConfig, preset
 from cirlib.models.shared_attention import group_pairs, order_by_count
 from cirlib.models.stage2 import RerankOutput, RerankQuery, Stage2Model
+from cirlib.registry import RegistryError
 
 ATOL_FIXTURE = 2e-5  # fixture README: atol 2e-5 on scores and logits in fp32
 ATOL_PATHS = 1e-4  # shared paths vs per-pair path
@@ -318,7 +319,7 @@ def test_bad_inputs_raise_clear_errors():
         model.score(query, cands, scoring="fast")
     with pytest.raises(ValueError, match="max_pairs must be >= 1"):
         model.score(query, cands, max_pairs=0)
-    with pytest.raises(ValueError, match="reranker must be one of"):
+    with pytest.raises(RegistryError, match="unknown re-ranker .triple.: known are"):
         Stage2Model(dataclasses.replace(cfg, reranker="triple"))
     joint = Stage2Model(_tiny("joint"))
     with pytest.raises(ValueError, match="ref_tokens"):

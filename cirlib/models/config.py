@@ -47,7 +47,7 @@ class ModelConfig:
     projection_dim: int = 256  # stage-I joint embedding size
     stage1_drop_path_rate: float = 0.0  # stochastic depth of the stage-I ViT (original: 0)
     stage2_drop_path_rate: float = 0.1  # stochastic depth of the stage-II ViT (original: 0.1)
-    reranker: str = "dual"  # stage-II architecture: "dual" (the original's dual stream) | "joint" (text over [ref; cand])
+    reranker: str = "dual"  # stage-II architecture, a registered re-ranker (RERANKERS): dual | joint | ... (checked when built)
     merge_threshold: int = 6  # dual stream: layers >= this merge cross-attention with merge_layer (original hard-codes 6)
     # Joint re-ranker: add a third key segment, candidate minus reference tokens (+ type 2), so that what changed
     # between the two images is an input, not something to learn. Off = [reference ; candidate] only.

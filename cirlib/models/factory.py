@@ -27,7 +27,7 @@ def model_config(preset_name: str, vocab_size: int, **overrides: Any) -> ModelCo
     Args:
         preset_name: a key of `cirlib.models.config.PRESETS` ("blip-base", "tiny").
         vocab_size: the tokenizer's vocabulary size.
-        overrides: top-level ModelConfig fields (e.g. reranker="dual").
+        overrides: top-level ModelConfig fields (e.g. reranker="joint").
     """
     base = preset(preset_name)
     return dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab_size), **overrides)
@@ -40,9 +40,10 @@ def load_any_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     if path.is_dir():
         folder = path / "model" if (path / "model").is_dir() else path
         loaded = loading.from_pretrained(folder)
-        if type(loaded) is not type(model):
+        stage = Stage2Model if isinstance(model, Stage2Model) else Stage1Model
+        if not isinstance(loaded, stage):
             raise loading.CheckpointError(
-                f"{folder} holds a {type(loaded).__name__}, expected a {type(model).__name__}: point to the other "
+                f"{folder} holds a {type(loaded).__name__}, expected a {stage.__name__}: point to the other "
                 "stage's run")
         model.load_state_dict(loaded.state_dict())
     else:
@@ -74,10 +75,10 @@ def build_stage2(preset_name: str, vocab_size: int, *, reranker: str, joint_diff
 
     Args:
         preset_name, vocab_size: as `model_config`.
-        reranker: "dual" (the original) or "joint".
+        reranker: a registered re-ranker (`RERANKERS`): "dual" (the original), "joint", or a plugin's.
         joint_difference: the joint re-ranker's (candidate - reference) segment.
-        init: "pretrained" (BLIP file `pretrained`), "scratch" (BERT init), or "stage1" (text encoder copied from
-            `stage1`; the dual re-ranker takes what fits, the joint one must take all of it).
+        init: "pretrained" (BLIP file `pretrained`), "scratch" (BERT init), or "stage1" (text side from `stage1`'s
+            text encoder, as the re-ranker's `init_from_stage1` takes it).
         pretrained: the BLIP pre-training file for init="pretrained", absolute.
         stage1: the stage-I model, for init="stage1" or vision_from_stage1.
         vision_from_stage1: copy stage I's ViT into stage II after the init.
@@ -94,10 +95,10 @@ def build_stage2(preset_name: str, vocab_size: int, *, reranker: str, joint_diff
     elif init == "stage1":
         if stage1 is None:
             raise ValueError("init='stage1' needs the stage-I model")
-        _, unexpected = model.text_encoder.load_state_dict(stage1.text_encoder.state_dict(), strict=False)
-        if reranker == "joint" and unexpected:
+        left_out = model.init_from_stage1(stage1)
+        if left_out:
             raise loading.CheckpointError(
-                f"stage-I text encoder keys not in the joint re-ranker: {unexpected[:10]}")
+                f"stage-I text encoder keys not in the {reranker} re-ranker: {left_out[:10]}")
     if vision_from_stage1:
         if stage1 is None:
             raise ValueError("vision_from_stage1=True needs the stage-I model")

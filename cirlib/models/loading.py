@@ -1,7 +1,7 @@
 """Every way weights get into a model: BLIP pre-training files, the original code's checkpoints, and our own format.
 
 - `load_blip_pretrained`: BLIP `{'model': state_dict}` (e.g. `model_base.pth`) into stage I or stage II, with the
-  original's position-embedding interpolation and, for the dual-stream re-ranker, its key duplication.
+  original's position-embedding interpolation and the re-ranker's own key names (the dual stream's key duplication).
 - `load_original_checkpoint`: the original's `{'epoch', 'BLIP_Retrieval' | 'BLIP_NLVR', 'optimizer_state_dict'}`.
 - `save_pretrained` / `from_pretrained`: `model.safetensors` + `config.json` (+ tokenizer files).
 
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cirlib.models.config import ModelConfig
+from cirlib.models.reranker_dual import dual_stream_state_dict  # noqa: F401  (public here since before re-rankers)
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.vit import interpolate_pos_embed
 
@@ -46,16 +47,6 @@ _PRETRAIN_UNUSED = re.compile(
 )
 # ... and those that stage II does not use either (the stage-I heads).
 _STAGE1_ONLY = re.compile(r"^(temp$|vision_proj\.|text_proj\.)")
-# Stage-II weights with no counterpart in BLIP pre-training: dual-stream merge layers, the 2-way head, and the joint
-# re-ranker's segment (type) embeddings.
-_FRESH = re.compile(r"(\.merge_layer\.|^cls_head\.|type_embed|token_type)")
-# A BLIP text-encoder attention key that the dual stream splits per stream (original blip_stage2.load_checkpoint).
-_DUAL_SPLIT = re.compile(
-    r"^(text_encoder\.encoder\.layer\.\d+\.(?:attention|crossattention)\.)"
-    r"(self|output\.dense|output\.LayerNorm)(\..+)$"
-)
-_DUAL_NAMES = {"self": ("self0", "self1"), "output.dense": ("output.dense0", "output.dense1"),
-               "output.LayerNorm": ("output.LayerNormA", "output.LayerNormB")}
 _POSITION_IDS = re.compile(r"(^|\.)embeddings\.position_ids$")
 _POS_EMBED = "visual_encoder.pos_embed"
 # What to do about a file that cannot be read, by who made it.
@@ -171,38 +162,13 @@ def describe_model(model: nn.Module) -> str:
 # ------------------------------------------------------------------------------------------------ BLIP pre-training
 
 
-def dual_stream_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The original stage-II key duplication of a BLIP text encoder (every attention split into two streams).
-
-    Each `text_encoder.encoder.layer.N.{attention,crossattention}.` key under `self.` goes to `self0.` and `self1.`,
-    under `output.dense.` to `dense0`/`dense1`, under `output.LayerNorm.` to `LayerNormA`/`LayerNormB`; the same
-    tensor feeds both streams. Everything else (FFN, embeddings, ViT, ...) is passed through unchanged.
-
-    Args:
-        sd: a BLIP state dict.
-    Returns:
-        (new state dict, the source keys that were split).
-    """
-    out: dict[str, torch.Tensor] = {}
-    split: list[str] = []
-    for key, value in sd.items():
-        m = _DUAL_SPLIT.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        prefix, part, rest = m.groups()
-        for name in _DUAL_NAMES[part]:
-            out[f"{prefix}{name}{rest}"] = value
-        split.append(key)
-    return out, split
-
-
 def load_blip_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Initialise stage I or stage II from a BLIP pre-training file `{'model': state_dict}` (e.g. model_base.pth).
 
-    The ViT position embedding is interpolated to the model's grid. Stage II (dual) gets the original's key
-    duplication; its merge layers, 2-way head (and the joint re-ranker's type embeddings) are freshly initialised:
-    normal(0, 0.02) weights and zero biases, PyTorch's default init for `cls_head`. Keys neither stage uses
+    The ViT position embedding is interpolated to the model's grid. Stage II's keys are renamed by its re-ranker's
+    `blip_pretrained_keys` (the dual stream: the original's key duplication); the keys its `blip_fresh_keys` names
+    (merge layers, 2-way head, the joint re-ranker's type embeddings) are freshly initialised: normal(0, 0.02)
+    weights and zero biases, PyTorch's default init for `cls_head`. Keys neither stage uses
     (ITM head, momentum encoders, queues, text decoder; stage-I heads for stage II) are reported as ignored.
 
     Args:
@@ -239,9 +205,8 @@ def load_blip_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRepor
             raise CheckpointError(f"{path}: cannot interpolate {_POS_EMBED}: {err}") from err
         interpolated.append(_POS_EMBED)
 
-    if stage == 2 and model.config.reranker == "dual":
-        # The un-split originals are consumed by the duplication, not ignored.
-        sd, _ = dual_stream_state_dict(sd)
+    if stage == 2:  # the re-ranker's own names for BLIP's keys (the dual stream duplicates its attention keys)
+        sd = type(model).blip_pretrained_keys(sd)
 
     unused = _PRETRAIN_UNUSED if stage == 1 else re.compile(f"{_PRETRAIN_UNUSED.pattern}|{_STAGE1_ONLY.pattern}")
     for key in list(sd):
@@ -250,7 +215,7 @@ def load_blip_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRepor
             del sd[key]
     report = _load_checked(
         model, sd, source=f"{path} ({describe_checkpoint(obj)})",
-        may_be_fresh=(lambda k: bool(_FRESH.search(k))) if stage == 2 else (lambda k: False),
+        may_be_fresh=_fresh_keys_of(model) if stage == 2 else (lambda k: False),
     )
     _init_fresh(model, report.initialised)
     return LoadReport(
@@ -259,6 +224,13 @@ def load_blip_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRepor
         initialised=report.initialised,
         interpolated=tuple(interpolated),
     )
+
+
+def _fresh_keys_of(model: nn.Module) -> Callable[[str], bool]:
+    """Which stage-II keys may start fresh when BLIP pre-training lacks them: the re-ranker's `blip_fresh_keys`
+    (the 2-way head, the dual stream's merge layers, the joint re-ranker's type embeddings, ...)."""
+    pattern = re.compile(type(model).blip_fresh_keys)
+    return lambda key: bool(pattern.search(key))
 
 
 # ------------------------------------------------------------------------------------ the original code's checkpoints

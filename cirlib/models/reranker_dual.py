@@ -1,4 +1,5 @@
-"""The original's dual-stream stage-II text encoder (`BLIP_NLVR.text_encoder`, section 5.2 of original-system.md).
+"""The original's stage-II re-ranker, registered as "dual" (`DualReranker`), and its dual-stream text encoder
+(`BLIP_NLVR.text_encoder`, section 5.2 of original-system.md).
 
 Stream 0 is stage I's last hidden state z_t, stream 1 the embedded text; each stream has its own self- and
 cross-attention, the two cross-attention updates are merged (average below `merge_threshold`, `merge_layer` from it
@@ -6,14 +7,18 @@ on) and added to both streams; the FFN is shared. Module names reproduce the ori
 """
 from __future__ import annotations
 
+import re
+from typing import Mapping
+
 import torch
 from torch import nn
 
-from cirlib.models.config import TextConfig
+from cirlib.models.config import ModelConfig, TextConfig
 from cirlib.models.reranker_blocks import (
     QKV, Dense, DenseNorm, LayerList, TextEmbeddings, additive_mask, ffn, maybe_dropout,
 )
-from cirlib.models.shared_attention import grouped_attention
+from cirlib.models.shared_attention import group_pairs, grouped_attention
+from cirlib.models.stage2 import RERANKERS, RerankQuery, Stage2Model, init_bert_
 
 
 # ------------------------------------------------------------------------------------------- dual-stream encoder
@@ -127,3 +132,83 @@ class DualStreamEncoder(nn.Module):
                 mask_add, rows = mask_add[rows], None
         return torch.cat([h0[:, 0], h1[:, 0]], dim=-1)
 
+
+
+# ------------------------------------------------------------------------------------------- the re-ranker
+@RERANKERS.register
+class DualReranker(Stage2Model):
+    """The original's stage II (`BLIP_NLVR`): the dual-stream encoder over stage I's z_t and the embedded text, both
+    cross-attending to the candidate; the 2-way head reads cat(h0[:, 0], h1[:, 0])."""
+
+    name = "dual"
+    needs_z_t = True
+    multi_batch_query_blocks = True  # a query's side is its text and z_t (L x H floats): many fit in a block
+    text_streams = 2
+    blip_fresh_keys = r"\.merge_layer\.|^cls_head\."
+
+    def build_scorer(self, config: ModelConfig) -> None:
+        hidden = config.text.hidden_size
+        self.text_encoder = DualStreamEncoder(config.text, config.vision.width, config.merge_threshold)
+        self.cls_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        init_bert_(self.text_encoder)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.text_encoder.encoder.gradient_checkpointing = enabled
+
+    def scores_per_pair(self, query: RerankQuery, cand: torch.Tensor) -> torch.Tensor:
+        feats = self.text_encoder.forward_pairs(query.z_t, query.input_ids, query.attention_mask, cand)
+        return self.cls_head(feats)[:, 0]
+
+    def scores_shared(self, query: RerankQuery, cand: torch.Tensor, pair_query: torch.Tensor,
+                      pair_cand: torch.Tensor) -> torch.Tensor:
+        feats = self.text_encoder.forward_shared(query.z_t, query.input_ids, query.attention_mask, cand, pair_query,
+                                                 group_pairs(pair_cand, cand.shape[0]))
+        return self.cls_head(feats)[:, 0]
+
+    @classmethod
+    def blip_pretrained_keys(cls, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The original's key duplication (every attention split into two streams); the un-split originals are
+        consumed by it."""
+        return dual_stream_state_dict(sd)[0]
+
+    def init_from_stage1(self, stage1: nn.Module) -> list[str]:
+        """Takes what fits of stage I's text encoder (the shared FFN and embeddings); the per-stream attention keys
+        have other names and start fresh."""
+        self.text_encoder.load_state_dict(stage1.text_encoder.state_dict(), strict=False)
+        return []
+
+
+# --------------------------------------------------------------------------- BLIP pre-training's keys, duplicated
+# A BLIP text-encoder attention key that the dual stream splits per stream (original blip_stage2.load_checkpoint).
+_DUAL_SPLIT = re.compile(
+    r"^(text_encoder\.encoder\.layer\.\d+\.(?:attention|crossattention)\.)"
+    r"(self|output\.dense|output\.LayerNorm)(\..+)$"
+)
+_DUAL_NAMES = {"self": ("self0", "self1"), "output.dense": ("output.dense0", "output.dense1"),
+               "output.LayerNorm": ("output.LayerNormA", "output.LayerNormB")}
+
+
+def dual_stream_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The original stage-II key duplication of a BLIP text encoder (every attention split into two streams).
+
+    Each `text_encoder.encoder.layer.N.{attention,crossattention}.` key under `self.` goes to `self0.` and `self1.`,
+    under `output.dense.` to `dense0`/`dense1`, under `output.LayerNorm.` to `LayerNormA`/`LayerNormB`; the same
+    tensor feeds both streams. Everything else (FFN, embeddings, ViT, ...) is passed through unchanged.
+
+    Args:
+        sd: a BLIP state dict.
+    Returns:
+        (new state dict, the source keys that were split).
+    """
+    out: dict[str, torch.Tensor] = {}
+    split: list[str] = []
+    for key, value in sd.items():
+        m = _DUAL_SPLIT.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, part, rest = m.groups()
+        for name in _DUAL_NAMES[part]:
+            out[f"{prefix}{name}{rest}"] = value
+        split.append(key)
+    return out, split

@@ -1,14 +1,16 @@
-"""The single-stream ("joint") stage-II text encoder: one BLIP text stream cross-attending to the reference and the
-candidate tokens (and, with `joint_difference`, their difference), each marked by a type embedding in Stage2Model.
+"""The single-stream stage-II re-ranker, registered as "joint" (`JointReranker`), and its text encoder: one BLIP text
+stream cross-attending to the reference and the candidate tokens (and, with `joint_difference`, their difference),
+each marked by a type embedding.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from cirlib.models.config import TextConfig
+from cirlib.models.config import ModelConfig, TextConfig
 from cirlib.models.reranker_blocks import QKV, Dense, DenseNorm, LayerList, TextEmbeddings, additive_mask, ffn, unheads
-from cirlib.models.shared_attention import grouped_partial_attention
+from cirlib.models.shared_attention import group_pairs, grouped_partial_attention
+from cirlib.models.stage2 import RERANKERS, RerankQuery, Stage2Model, init_bert_
 
 
 # ------------------------------------------------------------------------------------------------ joint encoder
@@ -93,3 +95,60 @@ class JointEncoder(nn.Module):
                 mask_add, rows = mask_add[rows], None
         return h[:, 0]
 
+
+
+# ------------------------------------------------------------------------------------------------ the re-ranker
+@RERANKERS.register
+class JointReranker(Stage2Model):
+    """One BLIP text stream cross-attending to [reference tokens + type 0 ; candidate tokens + type 1] (and, with
+    `joint_difference`, (candidate - reference) tokens + type 2); the 2-way head reads h[:, 0]."""
+
+    name = "joint"
+    needs_ref_tokens = True
+    supports_joint_difference = True
+    # a query's side holds the reference's tokens, whose keys/values every pass a query is in would recompute
+    multi_batch_query_blocks = False
+    blip_fresh_keys = r"^cls_head\.|^image_type_embeddings\."
+
+    @property
+    def supports_shared_path(self) -> bool:
+        """The difference tokens are per pair: with joint_difference only the per-pair path has them."""
+        return not self.config.joint_difference
+
+    def build_scorer(self, config: ModelConfig) -> None:
+        hidden, width = config.text.hidden_size, config.vision.width
+        self.text_encoder = JointEncoder(config.text, width)
+        # Added to the image tokens before the keys/values: 0 marks the reference, 1 the candidate,
+        # 2 the difference tokens (joint_difference).
+        self.image_type_embeddings = nn.Embedding(3 if config.joint_difference else 2, width)
+        self.cls_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        init_bert_(self.text_encoder)
+        init_bert_(self.image_type_embeddings)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.text_encoder.encoder.gradient_checkpointing = enabled
+
+    def _typed(self, tokens: torch.Tensor, kind: int) -> torch.Tensor:
+        """Image tokens plus type embedding `kind` (0 reference, 1 candidate, 2 difference): (N, T, Dv)."""
+        return tokens + self.image_type_embeddings.weight[kind]
+
+    def scores_per_pair(self, query: RerankQuery, cand: torch.Tensor) -> torch.Tensor:
+        ref = self._tokens(query.ref_tokens, query.input_ids.device, "ref_tokens")
+        parts = [self._typed(ref, 0), self._typed(cand, 1)]
+        if self.config.joint_difference:
+            parts.append(self._typed(cand - ref, 2))
+        image = torch.cat(parts, dim=1)  # (P, Tr + Tc [+ Tc], Dv)
+        return self.cls_head(self.text_encoder.forward_pairs(query.input_ids, query.attention_mask, image))[:, 0]
+
+    def scores_shared(self, query: RerankQuery, cand: torch.Tensor, pair_query: torch.Tensor,
+                      pair_cand: torch.Tensor) -> torch.Tensor:
+        ref = self._tokens(query.ref_tokens, query.input_ids.device, "ref_tokens")
+        feats = self.text_encoder.forward_shared(
+            query.input_ids, query.attention_mask, self._typed(ref, 0), group_pairs(pair_query, query.batch_size),
+            self._typed(cand, 1), group_pairs(pair_cand, cand.shape[0]), pair_query)
+        return self.cls_head(feats)[:, 0]
+
+    def init_from_stage1(self, stage1: nn.Module) -> list[str]:
+        """Takes all of stage I's text encoder (the same BLIP names); returns the stage-I keys it has no place for."""
+        _, unexpected = self.text_encoder.load_state_dict(stage1.text_encoder.state_dict(), strict=False)
+        return list(unexpected)

@@ -1,11 +1,14 @@
-"""Stage II (candidate re-ranking): the model, its query and the one entry that scores (query, candidate) pairs.
+"""Stage II (candidate re-ranking): the re-ranker base class, its registry, its query and the one entry that scores
+(query, candidate) pairs.
 
-Both architectures score a pair with logit 0 of a 2-way head on top of a BERT whose text tokens cross-attend to
-image tokens:
+A re-ranker is a `Stage2Model` subclass registered in `RERANKERS` under the name `ModelConfig.reranker` says;
+`Stage2Model(config)` builds it. It declares what it reads from the query (`needs_z_t`, `needs_ref_tokens`) and how it
+is run, and implements the two execution paths with one signature (`scores_per_pair`, `scores_shared`). Both built-in
+ones score a pair with logit 0 of a 2-way head on top of a BERT whose text tokens cross-attend to image tokens:
 
-- `reranker="dual"` (the original, section 5.2 of original-system.md; `reranker_dual.py`): stream 0 is stage I's last
-  hidden state z_t, stream 1 the embedded text; the head reads cat(h0[:, 0], h1[:, 0]).
-- `reranker="joint"` (`reranker_joint.py`): one BLIP text stream cross-attending to [reference tokens + type 0 ;
+- "dual" (`DualReranker`, the original, section 5.2 of original-system.md; `reranker_dual.py`): stream 0 is stage
+  I's last hidden state z_t, stream 1 the embedded text; the head reads cat(h0[:, 0], h1[:, 0]).
+- "joint" (`JointReranker`, `reranker_joint.py`): one BLIP text stream cross-attending to [reference tokens + type 0 ;
   candidate tokens + type 1] (the design the synthetic-world prototype found necessary, and SPRC's re-ranking head).
   With `joint_difference=True` a third segment, (candidate - reference) tokens + type 2, shows what changed between
   the two images where it changed; on the synthetic world this is what lets a from-scratch re-ranker tell a target
@@ -30,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlib.models.config import ModelConfig
-from cirlib.models.reranker_dual import DualStreamEncoder
-from cirlib.models.reranker_joint import JointEncoder
-from cirlib.models.shared_attention import group_pairs, order_by_count
+from cirlib.models.shared_attention import order_by_count
 from cirlib.models.vit import build_vit
+from cirlib.registry import Registry
 
-RERANKERS = ("dual", "joint")
+# name (ModelConfig.reranker) -> Stage2Model subclass; the built-ins register at the end of this module.
+RERANKERS: Registry[type["Stage2Model"]] = Registry("re-ranker", "cirlib.models.rerankers")
 # How `Stage2Model.score` computes the scores (the same up to float rounding; see the module docstring).
 SCORING_PATHS = ("shared", "pairs")
 
@@ -43,12 +46,12 @@ SCORING_PATHS = ("shared", "pairs")
 # ----------------------------------------------------------------------------------------------------------- types
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality
 class RerankQuery:
-    """The query side of stage II for B queries (text always; z_t for "dual", reference tokens for "joint")."""
+    """The query side of stage II for B queries (text always; z_t and reference tokens where the re-ranker reads them)."""
 
     input_ids: torch.Tensor  # (B, L) int64 ids, [ENC] at position 0, padded with pad id
     attention_mask: torch.Tensor  # (B, L) 1 for tokens, 0 for padding
-    z_t: torch.Tensor | None = None  # (B, L, H) stage-I last hidden state (dual re-ranker), pad rows included
-    ref_tokens: torch.Tensor | None = None  # (B, T, Dv) stage-II ViT tokens of the reference (joint re-ranker)
+    z_t: torch.Tensor | None = None  # (B, L, H) stage-I last hidden state (needs_z_t), pad rows included
+    ref_tokens: torch.Tensor | None = None  # (B, T, Dv) stage-II ViT tokens of the reference (needs_ref_tokens)
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -134,7 +137,7 @@ class RerankOutput:
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def _init_bert_(module: nn.Module, std: float = 0.02) -> None:
+def init_bert_(module: nn.Module, std: float = 0.02) -> None:
     """BERT initialisation: normal(0, std) weights, zero biases, unit LayerNorms, zero padding embedding."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -151,85 +154,153 @@ def _init_bert_(module: nn.Module, std: float = 0.02) -> None:
 
 
 class Stage2Model(nn.Module):
-    """Stage-II re-ranker: ViT, text encoder ("dual" or "joint") and a 2-way `cls_head`; score = logit 0."""
+    """Stage-II re-ranker, the base of every registered one: a ViT (`visual_encoder`), the modules that score a
+    (query, candidate) pair, and the one scoring entry (`score`) that chooses between the two execution paths.
+
+    `Stage2Model(config)` builds the class registered as `config.reranker` (`RERANKERS`), so code that holds a
+    config needs no name: `DualReranker` ("dual", the original) and `JointReranker` ("joint") ship with cirlib; a
+    new re-ranker is one subclass in one file, registered with `@RERANKERS.register`, that sets the declarations
+    below and implements `build_scorer`, `scores_per_pair` (and `scores_shared`, or `supports_shared_path = False`).
+    """
+
+    name: str = ""  # the registry name, what ModelConfig.reranker says
+    # ---- what the re-ranker needs from the query (`make_query`, `build_rerank_query` read these)
+    needs_z_t: bool = False  # stage I's last hidden state z_t of the text over the reference (`RerankQuery.z_t`)
+    needs_ref_tokens: bool = False  # the reference's stage-II ViT tokens (`RerankQuery.ref_tokens`)
+    # ---- how it is run
+    supports_shared_path: bool = True  # `scores_shared` exists (keys/values once per candidate); else "pairs" only
+    supports_joint_difference: bool = False  # accepts ModelConfig.joint_difference=True
+    # `rerank` may put several batches of queries in one block (as many as fit in query_block_mib): right when a
+    # query's side is cheap to hold and has no keys/values of its own; False makes a block one batch.
+    multi_batch_query_blocks: bool = False
+    text_streams: int = 1  # hidden states carried per pair by the text encoder (bench's FLOP and memory model)
+    # ---- loading: keys that BLIP pre-training does not hold and that start fresh (a regular expression)
+    blip_fresh_keys: str = r"^cls_head\."
+
+    def __new__(cls, *args, **kwargs):
+        """`Stage2Model(config, ...)` builds the class registered as config.reranker; a subclass builds itself."""
+        if cls is Stage2Model:
+            config = args[0] if args else kwargs.get("config")
+            if not isinstance(config, ModelConfig):
+                raise TypeError(f"Stage2Model needs a ModelConfig, got {type(config).__name__}")
+            cls = RERANKERS.get(config.reranker)
+            if not (isinstance(cls, type) and issubclass(cls, Stage2Model)):
+                raise TypeError(f"re-ranker {config.reranker!r} is registered as {cls!r}, not a Stage2Model subclass")
+        return super().__new__(cls)
 
     def __init__(self, config: ModelConfig, gradient_checkpointing: bool = False):
         """Args: gradient_checkpointing: see `set_gradient_checkpointing` (not part of the config: it changes memory
         and speed, not the function)."""
         super().__init__()
-        if config.reranker not in RERANKERS:
-            raise ValueError(f"ModelConfig.reranker must be one of {RERANKERS}, got {config.reranker!r}")
+        if config.reranker != self.name:  # a subclass built directly with another re-ranker's config
+            raise ValueError(f"{type(self).__name__} is the {self.name!r} re-ranker; the config says "
+                             f"{config.reranker!r}: build Stage2Model(config)")
+        if config.joint_difference and not self.supports_joint_difference:
+            have = [n for n in RERANKERS.names() if RERANKERS.get(n).supports_joint_difference]
+            raise ValueError(f"ModelConfig.joint_difference is an option of the {' / '.join(have)} re-ranker, not "
+                             f"of {self.name!r}")
         self.config = config
-        text, width, hidden = config.text, config.vision.width, config.text.hidden_size
         self.visual_encoder = build_vit(config.vision, config.stage2_drop_path_rate)
-        if config.joint_difference and config.reranker != "joint":
-            raise ValueError("ModelConfig.joint_difference is an option of the joint re-ranker (reranker='joint')")
-        if config.reranker == "dual":
-            self.text_encoder = DualStreamEncoder(text, width, config.merge_threshold)
-            head_in = 2 * hidden
-        else:
-            self.text_encoder = JointEncoder(text, width)
-            # Added to the image tokens before the keys/values: 0 marks the reference, 1 the candidate,
-            # 2 the difference tokens (joint_difference).
-            self.image_type_embeddings = nn.Embedding(3 if config.joint_difference else 2, width)
-            head_in = hidden
-        self.cls_head = nn.Sequential(nn.Linear(head_in, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-        _init_bert_(self.text_encoder)
-        if config.reranker == "joint":
-            _init_bert_(self.image_type_embeddings)
+        self.build_scorer(config)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # ------------------------------------------------------------------ what a re-ranker implements
+    def build_scorer(self, config: ModelConfig) -> None:
+        """Create and initialise the modules that score a pair (text encoder, head, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_scorer")
+
+    def scores_per_pair(self, query: RerankQuery, cand: torch.Tensor) -> torch.Tensor:
+        """Per-pair path: query row i against candidate i, a full pass each.
+
+        Args:
+            query: P checked query rows (`make_query`), on the model's device.
+            cand: (P, T, Dv) stage-II ViT tokens of each row's candidate, on the query's device in the model's dtype.
+        Returns:
+            (P,) the score of each pair.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement scores_per_pair")
+
+    def scores_shared(self, query: RerankQuery, cand: torch.Tensor, pair_query: torch.Tensor,
+                      pair_cand: torch.Tensor) -> torch.Tensor:
+        """Shared path: scores of pairs (query row pair_query[i], candidate pair_cand[i]), each candidate (and query)
+        encoded once.
+
+        Args:
+            query: B checked query rows; cand: (U, T, Dv) candidate tokens (device and dtype as `scores_per_pair`).
+            pair_query, pair_cand: (P,) rows of each pair, numbered by non-increasing pair count (`order_by_count`),
+                so `group_pairs(pair_cand, U)` buckets them.
+        Returns:
+            (P,) the score of each pair, equal to `scores_per_pair` up to float rounding.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no shared path: score it with scoring='pairs'")
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the text encoder's layer activations in the backward pass of training (less activation memory,
-        about a third more text-encoder compute per step); same losses and gradients. The ViT is not affected."""
-        self.text_encoder.encoder.gradient_checkpointing = enabled
+        more compute per step); same losses and gradients. A re-ranker without it refuses enabled=True."""
+        if enabled:
+            raise ValueError(f"the {self.name!r} re-ranker has no gradient checkpointing")
+
+    @classmethod
+    def blip_pretrained_keys(cls, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A BLIP pre-training state dict renamed to this re-ranker's keys (default: as it is)."""
+        return sd
+
+    def init_from_stage1(self, stage1: nn.Module) -> list[str]:
+        """Start the text side from stage I's text encoder (init="stage1"); returns the stage-I keys it had to leave
+        out that it should have taken (the factory refuses the init when there are any)."""
+        raise ValueError(f"the {self.name!r} re-ranker cannot start from stage I's text encoder (init='stage1')")
 
     # ------------------------------------------------------------------ inputs
+    @property
+    def zt_from_stage1_vit(self) -> bool:
+        """Whether z_t is computed from stage I's ViT tokens of the reference (`zt_source="stage1_vit"`), so a
+        re-ranking needs that gallery (or store) beside the stage-II one; never for a re-ranker without z_t."""
+        return self.needs_z_t and self.config.zt_source == "stage1_vit"
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Stage-II ViT tokens: (B, 3, S, S) -> (B, T, Dv)."""
         return self.visual_encoder.forward_features(images)
 
     def _check_query(self, query: RerankQuery) -> None:
-        if self.config.reranker == "dual" and query.z_t is None:
-            raise ValueError("the dual re-ranker needs RerankQuery.z_t (stage I's last hidden state)")
-        if self.config.reranker == "joint" and query.ref_tokens is None:
-            raise ValueError("the joint re-ranker needs RerankQuery.ref_tokens (stage-II ViT tokens of the reference)")
+        if self.needs_z_t and query.z_t is None:
+            raise ValueError(f"the {self.name} re-ranker needs RerankQuery.z_t (stage I's last hidden state)")
+        if self.needs_ref_tokens and query.ref_tokens is None:
+            raise ValueError(f"the {self.name} re-ranker needs RerankQuery.ref_tokens (stage-II ViT tokens of the "
+                             "reference)")
         if query.z_t is not None and query.z_t.shape[-1] != self.config.text.hidden_size:
             raise ValueError(
                 f"RerankQuery.z_t width {query.z_t.shape[-1]} != text hidden_size {self.config.text.hidden_size}")
 
     def _tokens(self, tokens: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
-        """Image tokens on the query's device in the model's dtype; checks (N, T, Dv)."""
+        """Image tokens on the query's device in the dtype of the scorer (the last registered parameters);
+        checks (N, T, Dv)."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.config.vision.width:
             raise ValueError(f"{what} must be (N, T, {self.config.vision.width}), got {tuple(tokens.shape)}")
-        return tokens.to(device=device, dtype=self.cls_head[0].weight.dtype)
+        return tokens.to(device=device, dtype=self._last_parameter.dtype)
 
-    def _typed(self, tokens: torch.Tensor, kind: int) -> torch.Tensor:
-        """Image tokens plus type embedding `kind` (0 reference, 1 candidate): (N, T, Dv)."""
-        return tokens + self.image_type_embeddings.weight[kind]
+    @property
+    def _last_parameter(self) -> torch.Tensor:
+        *_, last = self.parameters()
+        return last
 
     # ------------------------------------------------------------------ the query
-    @property
-    def needs_z_t(self) -> bool:
-        """Whether a query needs stage I's last hidden state z_t (the dual re-ranker's stream 0)."""
-        return self.config.reranker == "dual"
-
     def make_query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ref_tokens: torch.Tensor | None,
                    z_t: torch.Tensor | None = None) -> RerankQuery:
-        """The query this architecture reads: the text always, z_t for "dual", the reference's tokens for "joint".
+        """The query this re-ranker reads: the text always, z_t when `needs_z_t`, the reference's tokens when
+        `needs_ref_tokens` (what it does not read is left out).
 
         Args:
             input_ids, attention_mask: (B, L) the modification texts.
-            ref_tokens: (B, T, Dv) stage-II ViT tokens of the references (read by the joint re-ranker only).
+            ref_tokens: (B, T, Dv) stage-II ViT tokens of the references.
             z_t: (B, L, H) stage I's last hidden state (`Stage1Model.encode_query(...).hidden`); required when
                 `needs_z_t`, ignored otherwise (pass None to skip computing it).
         """
         if self.needs_z_t and z_t is None:
-            raise ValueError("the dual re-ranker needs z_t (stage I's last hidden state) to build its query")
-        if not self.needs_z_t and ref_tokens is None:
-            raise ValueError("the joint re-ranker needs ref_tokens (stage-II ViT tokens of the references)")
+            raise ValueError(f"the {self.name} re-ranker needs z_t (stage I's last hidden state) to build its query")
+        if self.needs_ref_tokens and ref_tokens is None:
+            raise ValueError(f"the {self.name} re-ranker needs ref_tokens (stage-II ViT tokens of the references)")
         return RerankQuery(input_ids=input_ids, attention_mask=attention_mask, z_t=z_t if self.needs_z_t else None,
-                           ref_tokens=None if self.needs_z_t else ref_tokens)
+                           ref_tokens=ref_tokens if self.needs_ref_tokens else None)
 
     # ------------------------------------------------------------------ scoring: the one entry
     def score(self, query: RerankQuery, cand_tokens: torch.Tensor, index: torch.Tensor | None = None, *,
@@ -288,16 +359,7 @@ class Stage2Model(nn.Module):
         cand = self._tokens(cand_tokens, query.input_ids.device, "cand_tokens")
         if cand.shape[0] != query.batch_size:
             raise ValueError(f"_score_pairs: {query.batch_size} query rows but {cand.shape[0]} candidates")
-        if self.config.reranker == "dual":
-            feats = self.text_encoder.forward_pairs(query.z_t, query.input_ids, query.attention_mask, cand)
-        else:
-            ref = self._tokens(query.ref_tokens, query.input_ids.device, "ref_tokens")
-            parts = [self._typed(ref, 0), self._typed(cand, 1)]
-            if self.config.joint_difference:
-                parts.append(self._typed(cand - ref, 2))
-            image = torch.cat(parts, dim=1)  # (P, Tr + Tc [+ Tc], Dv)
-            feats = self.text_encoder.forward_pairs(query.input_ids, query.attention_mask, image)
-        return self.cls_head(feats)[:, 0]
+        return self.scores_per_pair(query, cand)
 
     def _score_pairs_chunked(self, query: RerankQuery, cand_tokens: torch.Tensor, index: torch.Tensor,
                              max_pairs: int, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -320,9 +382,9 @@ class Stage2Model(nn.Module):
                       pair_cand: torch.Tensor) -> torch.Tensor:
         """Scores (P,) of pairs (pair_query[i], pair_cand[i]), every query/candidate encoded once per layer."""
         self._check_query(query)
-        if self.config.joint_difference:
-            raise ValueError("this joint re-ranker has joint_difference=True, whose (candidate - reference) tokens "
-                             "are per pair: score it with the per-pair path (scoring='pairs'), not the shared one")
+        if not self.supports_shared_path:
+            raise ValueError(f"the {self.name} re-ranker, as configured, scores each pair on its own (no shared path; "
+                             "joint_difference=True, say): score it with the per-pair path (scoring='pairs')")
         device = query.input_ids.device
         pair_query, pair_cand = pair_query.to(device), pair_cand.to(device)
         q_order, pq = order_by_count(pair_query, query.batch_size)
@@ -331,17 +393,7 @@ class Stage2Model(nn.Module):
             query = query.select(q_order)
         if not _is_identity(c_order, cand_tokens.shape[0]):
             cand_tokens = cand_tokens[c_order.to(cand_tokens.device)]
-        cand = self._tokens(cand_tokens, device, "cand_tokens")
-        cand_grouping = group_pairs(pc, c_order.numel())
-        if self.config.reranker == "dual":
-            feats = self.text_encoder.forward_shared(
-                query.z_t, query.input_ids, query.attention_mask, cand, pq, cand_grouping)
-        else:
-            ref = self._tokens(query.ref_tokens, device, "ref_tokens")
-            feats = self.text_encoder.forward_shared(
-                query.input_ids, query.attention_mask, self._typed(ref, 0), group_pairs(pq, q_order.numel()),
-                self._typed(cand, 1), cand_grouping, pq)
-        return self.cls_head(feats)[:, 0]
+        return self.scores_shared(query, self._tokens(cand_tokens, device, "cand_tokens"), pq, pc)
 
     def score_pass(self, query: RerankQuery, cand_tokens: torch.Tensor, shared_pass: "SharedPass") -> torch.Tensor:
         """Scores (P,) of one pass of a `shared_passes` plan: its queries (trimmed to their longest text) against its
@@ -458,3 +510,8 @@ def shared_passes(index: torch.Tensor, max_pairs: int) -> SharedPlan:
         uc, local_c = torch.unique(cand[start:end], return_inverse=True)
         passes.append(SharedPass(start, end, uq, local_q, uc, local_c))
     return SharedPlan(passes, int(keys.numel()), inverse, repeats)
+
+
+# The built-in re-rankers register themselves here, so that every user of Stage2Model or RERANKERS sees them (they
+# subclass Stage2Model, hence the import at the end).
+from cirlib.models import reranker_dual, reranker_joint  # noqa: E402,F401

@@ -128,9 +128,10 @@ def rerank(
 def query_blocks(stage2, rows: range, batch_size: int, encode: Callable[[int, int], RerankQuery],
                  query_block_mib: float) -> Iterator[tuple[int, int, RerankQuery]]:
     """The blocks whose pairs `rerank` groups by candidate together: (start, stop, the block's queries) over `rows`,
-    each block made of whole batches `encode(start, stop)`. The dual re-ranker: as many batches as fit in
-    query_block_mib (at least one); the joint one: one batch (see the module docstring)."""
-    budget = query_block_mib * 2**20 if stage2.config.reranker == "dual" else 0
+    each block made of whole batches `encode(start, stop)`. A re-ranker with `multi_batch_query_blocks` (the dual one):
+    as many batches as fit in query_block_mib (at least one); any other (the joint one): one batch (see the module
+    docstring)."""
+    budget = query_block_mib * 2**20 if stage2.multi_batch_query_blocks else 0
     start = rows.start
     while start < rows.stop:
         parts, stop, held = [], start, 0
@@ -151,13 +152,34 @@ def score_indexed(stage2, query: RerankQuery, gallery_tokens: torch.Tensor, inde
                         on_pass=on_pass).float().cpu()
 
 
-def _rerank_query(stage1, stage2, tokenizer, texts, chunk, gallery, zt_gallery, device) -> RerankQuery:
-    ids, mask = tokenizer(texts)
+def build_rerank_query(stage1, stage2, tokenizer, texts: Sequence[str], ref_tokens: torch.Tensor,
+                       zt_ref_tokens: torch.Tensor | None = None) -> RerankQuery:
+    """The stage-II query of B queries: the one construction that evaluation, training and search use.
+
+    Args:
+        stage1: the stage-I model; its text side gives z_t to a re-ranker that `needs_z_t` (else unused, may be None).
+        stage2: the re-ranker (`Stage2Model`); what it declares it reads decides what is computed.
+        tokenizer: texts -> (input_ids, attention_mask).
+        texts: the B modification texts.
+        ref_tokens: (B, T, Dv) stage-II ViT tokens of the references, on the device the query is built on.
+        zt_ref_tokens: (B, T, Dv) the reference tokens stage I reads for z_t when they are not ref_tokens
+            (`stage2.zt_from_stage1_vit`: stage I's ViT tokens); None = ref_tokens (the original).
+    """
+    device = ref_tokens.device
+    ids, mask = tokenizer(list(texts))
     ids, mask = ids.to(device), mask.to(device)
-    refs = [q.reference for q in chunk]
-    ref_tokens = gallery.tokens[gallery.positions(refs)].to(device, torch.float32)
     z_t = None
     if stage2.needs_z_t:
-        zt_ref = zt_gallery.tokens[zt_gallery.positions(refs)].to(device, torch.float32)
+        zt_ref = ref_tokens if zt_ref_tokens is None else zt_ref_tokens.to(device)
         z_t = stage1.encode_query(zt_ref, ids, mask).hidden
     return stage2.make_query(ids, mask, ref_tokens=ref_tokens, z_t=z_t)
+
+
+def _rerank_query(stage1, stage2, tokenizer, texts, chunk, gallery, zt_gallery, device) -> RerankQuery:
+    """`build_rerank_query` for queries `chunk`, their reference tokens looked up in the galleries."""
+    refs = [q.reference for q in chunk]
+    ref_tokens = gallery.tokens[gallery.positions(refs)].to(device, torch.float32)
+    zt_ref_tokens = None
+    if stage2.needs_z_t and zt_gallery is not gallery:
+        zt_ref_tokens = zt_gallery.tokens[zt_gallery.positions(refs)].to(device, torch.float32)
+    return build_rerank_query(stage1, stage2, tokenizer, texts, ref_tokens, zt_ref_tokens)

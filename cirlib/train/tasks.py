@@ -23,6 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from cirlib import data as cdata
 from cirlib import distributed as dist
 from cirlib.models.stage2 import RerankQuery
+from cirlib.retrieval.rerank import build_rerank_query
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
@@ -231,10 +232,12 @@ class Stage2Task(_StageTask):
                  num_workers: int = 0, device: torch.device | str = "cpu", store=None, zt_store=None):
         """store: a tokens `FeatureStore` of stage II's frozen ViT holding every training image (the dataset then
         yields names: `MinedTripletDataset(..., images=False)`), or None (images encoded at every step);
-        zt_store: the store of stage I's ViT tokens, needed with a store when zt_from_stage1_vit."""
+        zt_from_stage1_vit: z_t from stage I's ViT tokens (zt_source="stage1_vit"); only for a re-ranker that
+        `needs_z_t`; zt_store: the store of stage I's ViT tokens, needed with a store when z_t comes from them."""
         if store is not None and stage1_train_mode:
             raise ValueError("a feature store holds the frozen ViT's eval-mode outputs; stage1_train_mode=True "
                              "(drop-path active, the original) needs the images encoded at every step")
+        zt_from_stage1_vit = zt_from_stage1_vit and model.needs_z_t
         if store is not None and zt_from_stage1_vit and zt_store is None:
             raise ValueError("z_t from stage I's ViT with a feature store needs zt_store (stage I's ViT tokens)")
         self.model = model
@@ -294,9 +297,7 @@ class Stage2Task(_StageTask):
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         texts = list(batch["text"])
-        ids, mask = self.tokenizer(texts)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        b = ids.shape[0]
+        b = len(texts)
         with torch.no_grad():
             if self.store is not None:  # the frozen ViT's eval-mode tokens, computed once per image
                 names = list(batch["reference"]) + list(batch["target"])
@@ -312,15 +313,12 @@ class Stage2Task(_StageTask):
             # Several processes: the targets of every process are candidates (in-batch negatives of the global
             # batch); hard negatives stay with their own query. One process: [targets (B); hard negatives (B*H)].
             cand_tokens = torch.cat([_global_batch(dist.all_gather_no_grad(tokens[b:2 * b]), b), tokens[2 * b:]])
-            z_t = None
-            if self.model.needs_z_t:
-                zt_ref = ref_tokens
-                if self.zt_from_stage1_vit and self.zt_store is not None:
-                    zt_ref = self.zt_store.tokens(batch["reference"]).to(self.device)
-                elif self.zt_from_stage1_vit:
-                    zt_ref = self.stage1.encode_image(batch["reference_image"].to(self.device)).tokens
-                z_t = self.stage1.encode_query(zt_ref, ids, mask).hidden
-        query = self.model.make_query(ids, mask, ref_tokens=ref_tokens, z_t=z_t)
+            zt_ref = None  # stage I reads the stage-II tokens for z_t, unless they come from its own ViT
+            if self.zt_from_stage1_vit and self.zt_store is not None:
+                zt_ref = self.zt_store.tokens(batch["reference"]).to(self.device)
+            elif self.zt_from_stage1_vit:
+                zt_ref = self.stage1.encode_image(batch["reference_image"].to(self.device)).tokens
+            query = build_rerank_query(self.stage1, self.model, self.tokenizer, texts, ref_tokens, zt_ref)
         index = self.candidate_index(b, dist.rank(), dist.world_size()).to(self.device)
         logits = score_lists(self.model, query, cand_tokens, index, self.scoring)  # (B, M), positive at column 0
         loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))

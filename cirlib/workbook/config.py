@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
+from cirlib.models.rerankers import RERANKERS
 from cirlib.run_folder import RunFolder
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -111,7 +112,7 @@ class Stage2TrainConfig:
     missing_images: str = "error"  # "error": stop before training, listing every missing image | "drop": leave out queries whose images are missing (counts recorded)
     tokenizer: str = ""  # with stage1_checkpoint: vocab.txt or bert-base-uncased folder ("" = <data_root>/vocab.txt); else the stage-I run's
     preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
-    reranker: str = "dual"  # "dual" (the original's dual stream) | "joint" (text over [reference; candidate] tokens)
+    reranker: str = "dual"  # a registered re-ranker: dual (the original's dual stream) | joint (text over [reference; candidate] tokens) | ... (a plugin's)
     joint_difference: bool = False  # joint re-ranker: also attend to (candidate - reference) tokens, per pair (needs scoring "pairs")
     init: str = "pretrained"  # text encoder init: "pretrained" (BLIP file) | "scratch" | "stage1" (copy stage-I text encoder)
     pretrained: str = ""  # BLIP pre-trained file (model_base.pth) for init="pretrained"
@@ -148,6 +149,9 @@ class Stage2TrainConfig:
     overwrite: bool = False  # retrain even when the run finished with this config and these inputs
     smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+    def __post_init__(self) -> None:
+        RERANKERS.get(self.reranker)  # an unknown name: the registry's error, listing the known ones
 
     @property
     def stage1_folder(self) -> RunFolder:

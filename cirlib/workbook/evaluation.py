@@ -307,7 +307,7 @@ def rerank_galleries(stage1, stage2, sd: "cdata.SplitData", transform, store, zt
         gallery = store.gallery_features(sd.gallery)
     else:
         gallery = encode_gallery(stage2_encoder(stage2), sd, transform, device=dev, desc=f"{sd.split} gallery")
-    if not (stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual"):
+    if not stage2.zt_from_stage1_vit:
         return gallery, None
     if zt_store is not None:
         return gallery, zt_store.gallery_features(sd.gallery)

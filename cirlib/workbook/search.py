@@ -35,6 +35,7 @@ from cirlib.models import factory, loading
 from cirlib.models.stage1 import Stage1Model
 from cirlib.progress import progress_bar
 from cirlib.retrieval import feature_store as fs
+from cirlib.retrieval.rerank import build_rerank_query
 from cirlib.retrieval.gallery_index import (GalleryIndex, GalleryIndexError, IndexMismatchError, IndexReport,
                                             build_index, list_images)
 from cirlib.run_folder import RunFolder, RunFolderError
@@ -349,7 +350,7 @@ def _stage2_scores(idx: GalleryIndex, s2: Stage2Source, images, texts, rows1: to
         store = fs.open_store(fs.stage2_image_encoder(model), s2.preprocess, [idx.identity(n) for n in names],
                               {idx.identity(n): idx.path(n) for n in names}, outputs_root=idx.out_dir,
                               batch_size=batch_size, device=dev)
-    zt_from_stage1 = model.config.zt_source == "stage1_vit" and model.config.reranker == "dual"
+    zt_from_stage1 = model.zt_from_stage1_vit
     with torch.inference_mode():
         return _score_batches(idx, s2, model, images, texts, rows1, dev, batch_size, scoring, max_pairs, store,
                               transform, zt_from_stage1)
@@ -363,16 +364,12 @@ def _score_batches(idx, s2, model, images, texts, rows1, dev, batch_size, scorin
     for start in progress_bar(range(0, len(images), step), desc="re-rank", unit="batch", leave=False,
                               disable=len(images) <= step):
         chunk = images[start:start + step]
-        ids, mask = s2.tokenizer(list(texts[start:start + step]))
-        ids, mask = ids.to(dev), mask.to(dev)
-        ref_tokens = _encode(encode_vit, chunk, transform, batch_size, dev)
-        z_t = None
+        ref_tokens = _encode(encode_vit, chunk, transform, batch_size, dev).to(dev)
         if model.needs_z_t:
             s2.stage1.to(dev).eval()
-            zt_ref = (_encode(lambda x: s2.stage1.encode_image(x).tokens, chunk, transform, batch_size, dev)
-                      if zt_from_stage1 else ref_tokens)
-            z_t = s2.stage1.encode_query(zt_ref.to(dev), ids, mask).hidden
-        query = model.make_query(ids, mask, ref_tokens=ref_tokens.to(dev), z_t=z_t)
+        zt_ref = (_encode(lambda x: s2.stage1.encode_image(x).tokens, chunk, transform, batch_size, dev)
+                  if zt_from_stage1 else None)
+        query = build_rerank_query(s2.stage1, model, s2.tokenizer, texts[start:start + step], ref_tokens, zt_ref)
         rows = rows1[start:start + step]
         union = list(dict.fromkeys(rows.flatten().tolist()))
         where = {r: i for i, r in enumerate(union)}

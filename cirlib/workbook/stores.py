@@ -85,8 +85,8 @@ def stage2_stores(stage1, stage2, setting: str, sets: Sequence["cdata.SplitData"
                   ) -> tuple[fs.FeatureStore | None, fs.FeatureStore | None]:
     """(stage II's ViT store, stage I's ViT store for z_t or None when z_t does not need it); (None, None) when off.
 
-    Stage I's ViT tokens are needed only by the dual re-ranker with `zt_source="stage1_vit"`; with equal ViT weights
-    (`vision_from_stage1`) both are the same store, opened once.
+    Stage I's ViT tokens are needed only by a re-ranker whose z_t comes from them (`zt_from_stage1_vit`: the dual one
+    with `zt_source="stage1_vit"`); with equal ViT weights (`vision_from_stage1`) both are the same store, opened once.
     """
     if not setting:
         return None, None
@@ -94,7 +94,7 @@ def stage2_stores(stage1, stage2, setting: str, sets: Sequence["cdata.SplitData"
     own = vit_store(fs.stage2_image_encoder(stage2), size, setting, sets, target_ratio=target_ratio,
                     outputs=outputs, device=device)
     zt = None
-    if stage2.config.zt_source == "stage1_vit" and stage2.config.reranker == "dual":
+    if stage2.zt_from_stage1_vit:
         zt_encoder = fs.stage1_image_encoder(stage1, ("tokens",))
         if fs.store_key(zt_encoder, fs.preprocessing(target_ratio, size), setting) == own.key:
             zt = own
