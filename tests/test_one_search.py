@@ -148,8 +148,7 @@ def test_a_registered_multi_vector_first_stage_is_ranked_by_the_one_search(toy_f
     assert gallery.shape == (12, toy_first_stage.VECTORS, model.config.projection_dim)
     mask = torch.zeros(5, 12, dtype=torch.bool)
     mask[0, 3] = mask[1, [0, 7]] = mask[4, 11] = True  # up to two excluded rows per query
-    scores, rows = search.search_gallery(query, gallery, 6, exclude=search.excluded_rows(mask),
-                                         similarity=model.similarity)
+    scores, rows = search.search_gallery(query, gallery, 6, exclude=search.excluded_rows(mask))
     want_scores, want_rows = _brute_force(query, gallery, [set(m.nonzero().flatten().tolist()) for m in mask], 6)
     assert rows.tolist() == want_rows
     assert scores.tolist() == [pytest.approx(s, abs=1e-5) for s in want_scores]

@@ -3,7 +3,8 @@
 A first stage is a model class registered in `FIRST_STAGES` under the name `ModelConfig.first_stage` gives; the
 stage-I build and load paths (`factory.build_stage1`, `loading.from_pretrained`) construct it as `cls(config)`, and
 the benchmark pipeline and the gallery index rank with `retrieval.search.search_gallery`, which scores with the
-class's `similarity`. The built-in one is the BLIP fused retriever (`stage1.Stage1Model`, name "blip").
+interface's similarity, `gallery_similarity`. The built-in one is the BLIP fused retriever (`stage1.Stage1Model`,
+name "blip").
 
     from cirlib.models.first_stage import FIRST_STAGES, FirstStage
 
@@ -17,6 +18,8 @@ class's `similarity`. The built-in one is the BLIP fused retriever (`stage1.Stag
 The gallery side may be single-vector ((G, D), cosine of unit vectors) or multi-vector ((G, V, D), e.g. SPRC's
 BLIP-2 retriever with V = 32 query-token outputs per image): `gallery_similarity` is then the max over the V vectors
 (late interaction). Exact search handles both; FAISS search (one vector per image) refuses a multi-vector gallery.
+Not generic yet: the image feature store (`retrieval.feature_store`, hence the gallery index) keys on BLIP's
+`visual_encoder`/`vision_proj` and stores one embedding vector per image.
 """
 from __future__ import annotations
 
@@ -60,7 +63,11 @@ def gallery_similarity(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tens
 
 class FirstStage(ABC):
     """What every first stage offers. Subclasses are nn.Modules built as `cls(config: ModelConfig)` and keep it as
-    `self.config` (saved with the weights by `loading.save_pretrained`)."""
+    `self.config` (saved with the weights by `loading.save_pretrained`).
+
+    Training (`train.tasks.Stage1Task`) also calls `model(ref_tokens, input_ids, attention_mask, target_embeds,
+    label_offset)` -> an object with `logits`, `loss` and `query` (as `stage1.Stage1Output`), and reads `model.temp`.
+    """
 
     name: str  # the registry name (`ModelConfig.first_stage`)
 
@@ -75,8 +82,10 @@ class FirstStage(ABC):
 
     @staticmethod
     def similarity(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        """(N, G) scores of queries against gallery embeddings (`gallery_similarity`; override for another rule, which
-        exact search then uses; FAISS search supports the inner product only)."""
+        """(N, G) scores of queries against gallery embeddings: `gallery_similarity`, the rule the search applies
+        (inner product of unit vectors; the max over V for a (G, V, D) gallery). The pipeline ranks embeddings
+        without the model, so a first stage chooses its rule by the shape of its gallery embeddings, not by
+        overriding this."""
         return gallery_similarity(query, gallery)
 
 

@@ -183,12 +183,13 @@ def excluded_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def search_gallery(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k: int, *,
-                   exclude: torch.Tensor | None = None, method: str = "exact", chunk: int = 4096,
-                   similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = gallery_similarity,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   exclude: torch.Tensor | None = None, method: str = "exact",
+                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """THE first-stage search: the k best gallery rows per query, (scores (N, k') float32, rows (N, k') int64), best
-    first. The benchmark pipeline (`rank_gallery`: top-K files, evaluation, submission) and the gallery index
-    (`GalleryIndex.search`: `cirlib.search`, notebook 08, CIRCO) both rank through it.
+    first, scored by the first-stage interface's similarity (`first_stage.gallery_similarity`: inner product of unit
+    vectors; the max over V for a (G, V, D) multi-vector gallery). The benchmark pipeline (`rank_gallery`: top-K
+    files, evaluation, submission) and the gallery index (`GalleryIndex.search`: `cirlib.search`, notebook 08,
+    CIRCO) both rank through it.
 
     k' = min(k, G - E), E = the most rows any query excludes (so every query gets k' candidates).
 
@@ -201,7 +202,6 @@ def search_gallery(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k: 
             inner-product index (faiss.IndexFlatIP) searched `chunk` queries at a time for k' + E and the excluded
             rows dropped, for galleries whose (N, G) scores do not fit in memory; same candidates, ties may order
             differently. Needs `pip install -e '.[faiss]'` and a single-vector gallery.
-        similarity: the first stage's scores (`FirstStage.similarity`), for exact search.
     """
     n, size = query_embeds.shape[0], gallery_embeds.shape[0]
     if exclude is not None and (exclude.dim() != 2 or exclude.shape[0] != n):
@@ -209,7 +209,7 @@ def search_gallery(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k: 
     width = int((exclude >= 0).sum(1).max()) if exclude is not None and exclude.numel() else 0
     k_eff = max(0, min(k, size - width))
     if method == "exact":
-        sim = similarity(query_embeds, gallery_embeds)
+        sim = gallery_similarity(query_embeds, gallery_embeds)
         if width:
             sim = sim.masked_fill(_row_mask(exclude, size), float("-inf"))
         scores, rows = torch.sort(sim, dim=1, descending=True, stable=True)
