@@ -45,6 +45,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     projection_dim: int = 256  # stage-I joint embedding size
+    first_stage: str = "blip"  # stage-I model: a name in models.first_stage.FIRST_STAGES (checked where it is built)
     stage1_drop_path_rate: float = 0.0  # stochastic depth of the stage-I ViT (original: 0)
     stage2_drop_path_rate: float = 0.1  # stochastic depth of the stage-II ViT (original: 0.1)
     reranker: str = "dual"  # stage-II architecture, a registered re-ranker (RERANKERS): dual | joint | ... (checked when built)

@@ -15,6 +15,7 @@ from torch import nn
 
 from cirlib.models import loading
 from cirlib.models.config import ModelConfig, preset
+from cirlib.models.first_stage import FirstStage, first_stage_class
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
 
@@ -51,15 +52,16 @@ def load_any_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def build_stage1(preset_name: str, vocab_size: int, *, pretrained: str | os.PathLike | None = None,
-                 init_checkpoint: str | os.PathLike | None = None) -> Stage1Model:
-    """A stage-I model: the preset, then BLIP pre-trained weights and/or a checkpoint to start from.
+                 init_checkpoint: str | os.PathLike | None = None, first_stage: str = "blip") -> FirstStage:
+    """A stage-I model: the registered first stage on the preset, then BLIP pre-trained weights and/or a checkpoint.
 
     Args:
         preset_name, vocab_size: as `model_config`.
+        first_stage: a name in `first_stage.FIRST_STAGES` ("blip": `Stage1Model`); RegistryError if unknown.
         pretrained: a BLIP pre-training file (`model_base.pth`), absolute; None = random init.
         init_checkpoint: loaded after `pretrained` (`load_any_checkpoint`), absolute; None = none.
     """
-    model = Stage1Model(model_config(preset_name, vocab_size))
+    model = first_stage_class(first_stage)(model_config(preset_name, vocab_size, first_stage=first_stage))
     if pretrained:
         loading.load_blip_pretrained(model, pretrained)
     if init_checkpoint:

@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cirlib.models.config import ModelConfig
+from cirlib.models.first_stage import FirstStage, first_stage_class
 from cirlib.models.reranker_dual import dual_stream_state_dict  # noqa: F401  (public here since before re-rankers)
 from cirlib.models.stage1 import Stage1Model
+from cirlib.registry import RegistryError
 from cirlib.models.vit import interpolate_pos_embed
 
 if TYPE_CHECKING:
@@ -335,7 +337,7 @@ def from_pretrained(directory: str | os.PathLike) -> "Stage1Model | Stage2Model"
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{cfg_path}: not a valid ModelConfig ({err}): {RERUN_STEP}") from err
     if stage == 1:
-        model: nn.Module = Stage1Model(config)
+        model: nn.Module = _first_stage_class(config.first_stage, cfg_path)(config)
     else:
         from cirlib.models.stage2 import Stage2Model
 
@@ -376,8 +378,15 @@ def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
 # --------------------------------------------------------------------------------------------------------- internals
 
 
+def _first_stage_class(name: str, cfg_path: Path) -> type:
+    try:
+        return first_stage_class(name)
+    except RegistryError as err:
+        raise CheckpointError(f"{cfg_path}: first_stage {name!r} is not registered ({err})") from err
+
+
 def _stage_of(model: nn.Module) -> int:
-    if isinstance(model, Stage1Model):
+    if isinstance(model, FirstStage):
         return 1
     from cirlib.models.stage2 import Stage2Model
 

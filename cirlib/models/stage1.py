@@ -14,22 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlib.models.config import ModelConfig
+from cirlib.models.first_stage import FIRST_STAGES, FirstStage, ImageFeatures, QueryFeatures
 from cirlib.models.text import build_text_encoder, encode_text, set_gradient_checkpointing
 from cirlib.models.vit import build_vit
 
 INITIAL_TEMP = 0.07  # BLIP's init; a BLIP checkpoint overwrites it
-
-
-@dataclass(frozen=True)
-class ImageFeatures:
-    tokens: torch.Tensor  # (B, T, Dv) ViT tokens after the final norm; reference tokens for the query
-    embeds: torch.Tensor  # (B, P) normalize(vision_proj(CLS)); candidate embeddings
-
-
-@dataclass(frozen=True)
-class QueryFeatures:
-    embeds: torch.Tensor  # (B, P) normalize(text_proj([ENC] output)); the retrieval query
-    hidden: torch.Tensor  # (B, L, H) last hidden state z_t, stage II's stream-0 input (pad rows included)
 
 
 @dataclass(frozen=True)
@@ -39,8 +28,15 @@ class Stage1Output:
     query: torch.Tensor  # (B, P) the normalised query embeddings the logits were computed from
 
 
-class Stage1Model(nn.Module):
-    """BLIP_Retrieval: ViT, text encoder with cross-attention, two projections and a learnable temperature."""
+@FIRST_STAGES.register
+class Stage1Model(FirstStage, nn.Module):
+    """BLIP_Retrieval: ViT, text encoder with cross-attention, two projections and a learnable temperature.
+
+    The first stage "blip": ImageFeatures.tokens are the ViT tokens after the final norm, embeds (B, P)
+    normalize(vision_proj(CLS)); QueryFeatures.embeds (B, P) normalize(text_proj([ENC] output)); cosine similarity.
+    """
+
+    name = "blip"
 
     def __init__(self, config: ModelConfig, gradient_checkpointing: bool = False):
         """Args: gradient_checkpointing: see `set_gradient_checkpointing` (not part of the config: it changes memory

@@ -25,8 +25,8 @@ one leaves the entries (its row stays in the store, unread: `IndexReport.stale_r
 other image-side weights or preprocessing gets a new store: `build_index` rebuilds (deleting the old store, the
 reason in the report) or, with `replace=False`, refuses with the reason.
 
-Search: exact (one (N, G) product, a stable sort, as `search.rank_gallery`) or "faiss" (an exact inner-product
-index, for galleries whose (N, G) product does not fit in memory); a query's own reference is excluded when asked.
+Search: `search.search_gallery`, the pipeline's one first-stage search (exact, or "faiss" for galleries whose (N, G)
+product does not fit in memory); a query's own reference is excluded when asked.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import torch
 from cirlib import data as cdata
 from cirlib import paths
 from cirlib.retrieval import feature_store as fs
-from cirlib.retrieval.search import SEARCH
+from cirlib.retrieval import search
 from cirlib.run_folder import folder_lock
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -224,9 +224,9 @@ class GalleryIndex:
                method: str = "exact", chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best rows per query: (scores (N, k') float32 cosine, rows (N, k') int64), best first.
 
-        k' = min(k, gallery size, less one when any query excludes a row). Exact search sorts each row of the
-        (N, G) product stably (ties in name order) with excluded rows at -inf, as `search.rank_gallery`; "faiss"
-        searches an exact inner-product index (`pip install -e '.[faiss]'`) for k + 1 and drops the excluded row.
+        k' = min(k, gallery size, less one when any query excludes a row). The one first-stage search,
+        `search.search_gallery` (exact: a stable sort, ties in name order, as `search.rank_gallery`; "faiss": an exact
+        inner-product index, `pip install -e '.[faiss]'`).
 
         Args:
             exclude: per query, a row never returned (its reference), or None.
@@ -235,38 +235,8 @@ class GalleryIndex:
         exclude = list(exclude) if exclude is not None else [None] * n
         if len(exclude) != n:
             raise ValueError(f"exclude has {len(exclude)} entries for {n} queries")
-        g = self.embeddings
-        removed = any(e is not None for e in exclude)
-        k_eff = max(0, min(k, g.shape[0] - (1 if removed else 0)))
-        if method == "exact":
-            sim = query_embeds.float() @ g.float().T
-            for i, row in enumerate(exclude):
-                if row is not None:
-                    sim[i, row] = float("-inf")
-            scores, idx = torch.sort(sim, dim=1, descending=True, stable=True)
-            return scores[:, :k_eff].float(), idx[:, :k_eff]
-        if method != "faiss":
-            raise ValueError(f"unknown search {method!r}: one of {SEARCH}")
-        try:
-            import faiss
-        except ImportError as e:
-            raise ImportError("search='faiss' needs the faiss package: pip install -e '.[faiss]' (faiss-cpu), or use "
-                              "search='exact'") from e
-        index = faiss.IndexFlatIP(g.shape[1])
-        index.add(g.float().contiguous().numpy())
-        q_all = query_embeds.float().contiguous()
-        scores, rows = [], []
-        for start in range(0, n, chunk):
-            d, i = index.search(q_all[start:start + chunk].numpy(), min(k_eff + 1, g.shape[0]))
-            d, i = torch.from_numpy(d), torch.from_numpy(i).long()
-            for j in range(i.shape[0]):
-                ref = exclude[start + j]
-                keep = (i[j] != ref) if ref is not None else torch.ones(i.shape[1], dtype=torch.bool)
-                scores.append(d[j][keep][:k_eff])
-                rows.append(i[j][keep][:k_eff])
-        if not rows:
-            return torch.empty(0, k_eff), torch.empty(0, k_eff, dtype=torch.long)
-        return torch.stack(scores).float(), torch.stack(rows)
+        rows = torch.tensor([-1 if row is None else int(row) for row in exclude], dtype=torch.long).view(n, 1)
+        return search.search_gallery(query_embeds, self.embeddings, k, exclude=rows, method=method, chunk=chunk)
 
 
 # ---------------------------------------------------------------------------------------------------- building

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
+from cirlib.models.first_stage import gallery_similarity
 from cirlib.progress import progress_bar
 from cirlib.retrieval.topk import TopK
 
@@ -149,8 +150,9 @@ def exclusion_mask(split_data: "cdata.SplitData", queries: Sequence["cdata.Query
 
 
 def similarity(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
-    """(N, G) cosine similarity; excluded items get -inf so they rank last and are cut from the top-K."""
-    sim = query_embeds.float() @ gallery_embeds.float().T
+    """(N, G) first-stage scores (`gallery_similarity`: cosine, or the max over a multi-vector gallery's vectors);
+    excluded items (an (N, G) bool mask) get -inf so they rank last and are cut from the top-K."""
+    sim = gallery_similarity(query_embeds, gallery_embeds)
     if exclude is not None:
         sim = sim.masked_fill(exclude, float("-inf"))
     return sim
@@ -165,6 +167,92 @@ def target_ranks(sim: torch.Tensor, target_pos: torch.Tensor) -> torch.Tensor:
 
 
 SEARCH = ("exact", "faiss")
+
+
+def excluded_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An (N, G) bool exclusion mask as the (N, E) int64 rows `search_gallery` takes (-1 pads rows with fewer)."""
+    if mask is None:
+        return None
+    counts = mask.sum(1)
+    width = int(counts.max()) if mask.shape[0] else 0
+    rows = torch.full((mask.shape[0], width), -1, dtype=torch.long)
+    q, g = mask.nonzero(as_tuple=True)
+    slot = torch.arange(q.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rows[q, slot] = g
+    return rows
+
+
+def search_gallery(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k: int, *,
+                   exclude: torch.Tensor | None = None, method: str = "exact",
+                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE first-stage search: the k best gallery rows per query, (scores (N, k') float32, rows (N, k') int64), best
+    first, scored by the first-stage interface's similarity (`first_stage.gallery_similarity`: inner product of unit
+    vectors; the max over V for a (G, V, D) multi-vector gallery). The benchmark pipeline (`rank_gallery`: top-K
+    files, evaluation, submission) and the gallery index (`GalleryIndex.search`: `cirlib.search`, notebook 08,
+    CIRCO) both rank through it.
+
+    k' = min(k, G - E), E = the most rows any query excludes (so every query gets k' candidates).
+
+    Args:
+        query_embeds: (N, D) first-stage query embeddings.
+        gallery_embeds: (G, D), or (G, V, D) for a multi-vector first stage (exact search only).
+        exclude: (N, E) int64 gallery rows never returned per query (-1 = none; `excluded_rows` makes it from a
+            mask), or None.
+        method: "exact" (default): the (N, G) scores and a stable sort (ties in gallery order). "faiss": an exact
+            inner-product index (faiss.IndexFlatIP) searched `chunk` queries at a time for k' + E and the excluded
+            rows dropped, for galleries whose (N, G) scores do not fit in memory; same candidates, ties may order
+            differently. Needs `pip install -e '.[faiss]'` and a single-vector gallery.
+    """
+    n, size = query_embeds.shape[0], gallery_embeds.shape[0]
+    if exclude is not None and (exclude.dim() != 2 or exclude.shape[0] != n):
+        raise ValueError(f"exclude must be (N, E) = ({n}, E) gallery rows, got shape {tuple(exclude.shape)}")
+    width = int((exclude >= 0).sum(1).max()) if exclude is not None and exclude.numel() else 0
+    k_eff = max(0, min(k, size - width))
+    if method == "exact":
+        sim = gallery_similarity(query_embeds, gallery_embeds)
+        if width:
+            sim = sim.masked_fill(_row_mask(exclude, size), float("-inf"))
+        scores, rows = torch.sort(sim, dim=1, descending=True, stable=True)
+        return scores[:, :k_eff].float(), rows[:, :k_eff]
+    if method == "faiss":
+        return _faiss_search(query_embeds, gallery_embeds, k_eff, exclude if width else None, width, chunk)
+    raise ValueError(f"unknown search {method!r}: one of {SEARCH}")
+
+
+def _row_mask(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, E) rows (-1 pads) as an (N, size) bool mask."""
+    mask = torch.zeros(rows.shape[0], size + 1, dtype=torch.bool)
+    mask.scatter_(1, torch.where(rows >= 0, rows, size), True)
+    return mask[:, :size]
+
+
+def _faiss_search(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k_eff: int,
+                  exclude: torch.Tensor | None, width: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if gallery_embeds.dim() != 2:
+        raise ValueError(f"search='faiss' indexes one vector per gallery image; this gallery has "
+                         f"{gallery_embeds.shape[1]} per image (a multi-vector first stage): use search='exact'")
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("search='faiss' needs the faiss package: pip install -e '.[faiss]' (faiss-cpu), or use "
+                          "search='exact'") from e
+    n = query_embeds.shape[0]
+    if k_eff == 0 or n == 0:
+        return torch.empty(n, k_eff), torch.empty(n, k_eff, dtype=torch.long)
+    index = faiss.IndexFlatIP(gallery_embeds.shape[1])
+    index.add(gallery_embeds.float().contiguous().numpy())
+    q_all = query_embeds.float().contiguous()
+    scores, rows = [], []
+    for start in range(0, n, chunk):
+        d, i = index.search(q_all[start:start + chunk].numpy(), k_eff + width)
+        d, i = torch.from_numpy(d), torch.from_numpy(i).long()
+        if exclude is not None:  # drop the excluded rows wherever they came, then keep the first k_eff of the rest
+            keep = ~(i[:, :, None] == exclude[start:start + chunk, None, :]).any(-1)
+            keep &= keep.cumsum(1) <= k_eff
+            d, i = d[keep].view(-1, k_eff), i[keep].view(-1, k_eff)
+        scores.append(d)
+        rows.append(i)
+    return torch.cat(scores).float(), torch.cat(rows)
 
 
 def _has_targets(queries: Sequence["cdata.Query"]) -> bool:
@@ -214,76 +302,49 @@ def rank_gallery(
     search: str = "exact",
     chunk: int = 4096,
 ) -> Ranking:
-    """Rank the gallery for each query and keep the best k (CIRR: never the query's own reference).
+    """Rank the gallery for each query and keep the best k (CIRR: never the query's own reference), through
+    `search_gallery`.
 
     Args:
         query_embeds: (N, P) stage-I query embeddings of `queries`.
         k: candidates kept per query (at most the gallery size, less the reference for CIRR).
-        search: "exact" (default): one (N, G) product and a full sort, which also ranks every target however far
-            down. "faiss": an exact inner-product index (faiss.IndexFlatIP) searched `chunk` queries at a time, for
-            galleries whose (N, G) similarity matrix does not fit in memory; it returns the same candidates (ties
-            may order differently) but knows target ranks only within the top k. Needs `pip install -e '.[faiss]'`.
+        search: "exact" (default), which also ranks every target however far down, or "faiss" (see
+            `search_gallery`), which knows target ranks only within the top k.
     """
+    mask = exclusion_mask(split_data, queries, gallery)
+    scores, rows = search_gallery(query_embeds, gallery.embeds, k, exclude=excluded_rows(mask), method=search,
+                                  chunk=chunk)
     if search == "exact":
-        return _exact_ranking(split_data, queries, gallery,
-                              similarity(query_embeds, gallery.embeds, exclusion_mask(split_data, queries, gallery)), k)
-    if search == "faiss":
-        return _faiss_ranking(split_data, queries, gallery, query_embeds, k, chunk)
-    raise ValueError(f"unknown search {search!r}: one of {SEARCH}")
+        return _exact_ranking(split_data, queries, gallery, similarity(query_embeds, gallery.embeds, mask),
+                              scores, rows)
+    return _faiss_ranking(split_data, queries, gallery, query_embeds, scores, rows)
 
 
-def _exact_ranking(split_data, queries, gallery: GalleryFeatures, sim: torch.Tensor, k: int) -> Ranking:
-    removed = split_data.dataset == "cirr"
-    k_eff = min(k, sim.shape[1] - (1 if removed else 0))
-    scores, idx = torch.sort(sim, dim=1, descending=True, stable=True)
+def _exact_ranking(split_data, queries, gallery: GalleryFeatures, sim: torch.Tensor, scores: torch.Tensor,
+                   rows: torch.Tensor) -> Ranking:
+    """The search's head, with each target's rank and the CIRR subset order from the full (N, G) scores."""
     target_rank = None
     if _has_targets(queries):
         target_rank = target_ranks(sim, gallery.positions([q.target for q in queries]))
     subset = None
     if _has_cirr_sets(split_data, queries):
         subset = _subset_index(queries, gallery, lambda i, pos: sim[i, pos])
-    return Ranking(scores=scores[:, :k_eff].float(), index=idx[:, :k_eff], target_rank=target_rank,
-                   depth=sim.shape[1], subset_index=subset)
+    return Ranking(scores=scores, index=rows, target_rank=target_rank, depth=sim.shape[1], subset_index=subset)
 
 
-def _faiss_ranking(split_data, queries, gallery: GalleryFeatures, query_embeds: torch.Tensor, k: int,
-                   chunk: int) -> Ranking:
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError("search='faiss' needs the faiss package: pip install -e '.[faiss]' (faiss-cpu), or use "
-                          "search='exact'") from e
-    g = gallery.embeds.float().contiguous()
-    removed = split_data.dataset == "cirr"
-    k_eff = min(k, g.shape[0] - (1 if removed else 0))
-    index = faiss.IndexFlatIP(g.shape[1])
-    index.add(g.numpy())
-    q_all = query_embeds.float().contiguous()
-    refs = gallery.positions([q.reference for q in queries]) if removed else None
-    scores, rows = [], []
-    for start in range(0, len(queries), chunk):
-        q = q_all[start:start + chunk]
-        d, i = index.search(q.numpy(), k_eff + (1 if removed else 0))
-        d, i = torch.from_numpy(d), torch.from_numpy(i).long()
-        if removed:  # drop the reference wherever it came; otherwise the last (k_eff + 1-th) hit
-            ref = refs[start:start + chunk, None]
-            hit = i == ref
-            drop = torch.where(hit.any(1), hit.float().argmax(1), torch.full((i.shape[0],), i.shape[1] - 1))
-            keep = torch.ones_like(i, dtype=torch.bool)
-            keep[torch.arange(i.shape[0]), drop] = False
-            d, i = d[keep].view(-1, k_eff), i[keep].view(-1, k_eff)
-        scores.append(d)
-        rows.append(i)
-    score_t = torch.cat(scores) if scores else torch.empty(0, k_eff)
-    index_t = torch.cat(rows) if rows else torch.empty(0, k_eff, dtype=torch.long)
+def _faiss_ranking(split_data, queries, gallery: GalleryFeatures, query_embeds: torch.Tensor, scores: torch.Tensor,
+                   rows: torch.Tensor) -> Ranking:
+    """The search's head, with target ranks known within it (`depth` = beyond it)."""
+    depth = rows.shape[1]
     target_rank = None
     if _has_targets(queries):
-        hits = index_t == gallery.positions([q.target for q in queries])[:, None]
-        target_rank = torch.where(hits.any(1), hits.float().argmax(1), torch.full((len(queries),), k_eff))
+        hits = rows == gallery.positions([q.target for q in queries])[:, None]
+        target_rank = torch.where(hits.any(1), hits.float().argmax(1), torch.full((len(queries),), depth))
     subset = None
     if _has_cirr_sets(split_data, queries):
+        g, q_all = gallery.embeds.float(), query_embeds.float()
         subset = _subset_index(queries, gallery, lambda i, pos: g[pos] @ q_all[i])
-    return Ranking(scores=score_t.float(), index=index_t, target_rank=target_rank, depth=k_eff, subset_index=subset)
+    return Ranking(scores=scores, index=rows, target_rank=target_rank, depth=depth, subset_index=subset)
 
 
 def _subset_index(queries, gallery: GalleryFeatures, member_scores: Callable) -> torch.Tensor:

@@ -140,7 +140,7 @@ class TopK:
     labels are derived from `target_names`; given labels are checked against them.
     """
 
-    dataset: str  # "cirr" | "fashioniq"
+    dataset: str | None  # "cirr" | "fashioniq"; None: a gallery index's ranked list (`workbook.search.rank`)
     split: str  # CIRR "train" | "val" | "test1"; FashionIQ "train" | "val" | "test"
     category: str | None  # FashionIQ category ("dress", ...); None for CIRR
     sorted_index_names: np.ndarray  # (N, K) str, gallery names best first
@@ -165,7 +165,7 @@ class TopK:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        if self.dataset not in DATASETS:
+        if self.dataset is not None and self.dataset not in DATASETS:
             raise TopKError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "fashioniq" and not self.category:
             raise TopKError("a FashionIQ top-K needs its category (dress, shirt or toptee)")

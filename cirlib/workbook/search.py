@@ -30,7 +30,6 @@ import torch
 from cirlib import data as cdata
 from cirlib import plots, provenance
 from cirlib.data.tokenizer import build_tokenizer
-from cirlib.eval.metrics import fuse_scores
 from cirlib.models import factory, loading
 from cirlib.models.stage1 import Stage1Model
 from cirlib.progress import progress_bar
@@ -38,6 +37,7 @@ from cirlib.retrieval import feature_store as fs
 from cirlib.retrieval.rerank import build_rerank_query
 from cirlib.retrieval.gallery_index import (GalleryIndex, GalleryIndexError, IndexMismatchError, IndexReport,
                                             build_index, list_images)
+from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.workbook.config import SearchConfig
 from cirlib.workbook.steps import stage2_run_config
@@ -45,6 +45,7 @@ from cirlib.workbook.factories import abs_path, device as default_device, load_s
 
 ORIGINAL_TARGET_RATIO = 1.25  # the original's TargetPad threshold, for its released checkpoints
 STAGE2_TOKENS = ("ondemand", "store")
+SEARCH_SPLIT = "search"  # the `TopK.split` of a gallery index's ranked list (it has no dataset)
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -202,7 +203,11 @@ class Hit:
 
 @dataclass
 class QueryResult:
-    """One query's results, best first: stage I's top `top` and stage II's re-ranking of the top K (first `top`)."""
+    """One query's results, best first: stage I's top `top` and stage II's re-ranking of the top K (first `top`).
+
+    A display view of one row of the search's ranked list, a `TopK` (`from_topk`): its order, scores and stage-II
+    re-ranking (`TopK.reranked`) are the TopK's, never computed here.
+    """
 
     reference: str  # the reference as given (a name, a file, or "<image>")
     text: str
@@ -212,6 +217,18 @@ class QueryResult:
     stage2: list[Hit] | None
     candidates: list[Hit]  # the K stage-I candidates in stage-I order, with stage-II scores when re-ranked
     k: int
+
+    @classmethod
+    def from_topk(cls, ranked: TopK | None, reranked: TopK | None, row: int, idx: GalleryIndex, *, reference: str,
+                  text: str, reference_in_index: str | None, reference_excluded: bool, top: int,
+                  stage2: bool) -> "QueryResult":
+        """Row `row` of the search's ranked list (`ranked`, stage-I order; None when it holds no candidate) and of
+        its stage-II re-ranking (`reranked`, None without stage II)."""
+        cands = _hits(ranked, row, idx)
+        second = _hits(reranked, row, idx)[:top] if stage2 else None
+        return cls(reference=reference, text=text, reference_in_index=reference_in_index,
+                   reference_excluded=reference_excluded, stage1=cands[:top], stage2=second, candidates=cands,
+                   k=len(cands))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -318,24 +335,33 @@ def rank(index: str | GalleryIndex, references: Sequence[str | Path | PIL.Image.
     if s2 is not None:
         s2_scores = _stage2_scores(idx, s2, images, texts, rows1, dev, batch_size,
                                    scoring or s2.scoring, max_pairs or s2.max_pairs, stage2_tokens)
-    results = []
-    for i, (_, name, label) in enumerate(refs):
-        cands = [Hit(idx.names[r], str(idx.path(idx.names[r])), float(s),
-                     None if s2_scores is None else float(s2_scores[i, j]))
-                 for j, (r, s) in enumerate(zip(rows1[i].tolist(), scores1[i].tolist()))]
-        reranked = None
-        if s2_scores is not None and cands:
-            final = s2_scores[i:i + 1]
-            if fusion_weight > 0:
-                final = fuse_scores(scores1[i:i + 1], s2_scores[i:i + 1], fusion_weight, normalize=True)
-            order = torch.sort(final, dim=1, descending=True, stable=True).indices[0].tolist()
-            reranked = [cands[j] for j in order][:top]
-        elif s2_scores is not None:
-            reranked = []
-        results.append(QueryResult(reference=label, text=texts[i], reference_in_index=name,
-                                   reference_excluded=exclude[i] is not None, stage1=cands[:top], stage2=reranked,
-                                   candidates=cands, k=len(cands)))
-    return results
+    ranked = ranked_list(idx, scores1, rows1, s2_scores, reference_removed=any(e is not None for e in exclude))
+    reranked = ranked.reranked(fusion_weight) if ranked is not None and s2_scores is not None else None
+    return [QueryResult.from_topk(ranked, reranked, i, idx, reference=label, text=texts[i], reference_in_index=name,
+                                  reference_excluded=exclude[i] is not None, top=top, stage2=s2 is not None)
+            for i, (_, name, label) in enumerate(refs)]
+
+
+def ranked_list(idx: GalleryIndex, scores1: torch.Tensor, rows1: torch.Tensor, s2_scores: torch.Tensor | None, *,
+                reference_removed: bool) -> TopK | None:
+    """The search's ranked list as the benchmark's type, a `TopK` over the index (no dataset: split "search"): each
+    query's candidates (index rows `rows1`) in stage-I order with their stage-I and stage-II scores; None when no
+    query has a candidate (an empty index, or one image that is the excluded reference)."""
+    if rows1.shape[0] == 0 or rows1.shape[1] == 0:
+        return None
+    names = np.asarray(idx.names, dtype=str)
+    return TopK(dataset=None, split=SEARCH_SPLIT, category=None, sorted_index_names=names[rows1.numpy()],
+                index_names=tuple(idx.names), scores=scores1, stage2_scores=s2_scores,
+                reference_removed=reference_removed)
+
+
+def _hits(ranked: TopK | None, row: int, idx: GalleryIndex) -> list[Hit]:
+    """Row `row` of a ranked list as Hits (file path, stage-I score, stage-II score when it has them)."""
+    if ranked is None:
+        return []
+    s2 = None if ranked.stage2_scores is None else ranked.stage2_scores[row].tolist()
+    return [Hit(str(name), str(idx.path(str(name))), s1, None if s2 is None else s2[j])
+            for j, (name, s1) in enumerate(zip(ranked.sorted_index_names[row].tolist(), ranked.scores[row].tolist()))]
 
 
 def _stage2_scores(idx: GalleryIndex, s2: Stage2Source, images, texts, rows1: torch.Tensor, dev, batch_size: int,
