@@ -38,6 +38,7 @@ class Dataset:
     eval_split: ClassVar[str] = "val"  # the split results are reported on
     categories: ClassVar[tuple[str, ...]] = ()  # () = one gallery per split, no categories
     reported_ks: ClassVar[tuple[int, ...]] = (1, 5, 10, 50)  # Recall@K reported over the full gallery
+    headline_ks: ClassVar[tuple[int, ...]] = ()  # the K the model is selected and compared on (() = reported_ks)
     excludes_reference: ClassVar[bool] = False  # the reference image is removed from its own ranking
     has_image_sets: ClassVar[bool] = False  # queries carry an img_set (subset ranking, set negatives)
     min_rerank_k: ClassVar[int] = 0  # a re-ranked list must be at least this deep for the reported metrics
@@ -128,7 +129,7 @@ def get_dataset(which: str | Any) -> Dataset:
     if not isinstance(name, str):
         raise DatasetError(f"a dataset is named by a string, got {name!r}")
     try:
-        cls = DATASETS.get(name.lower())
+        cls = DATASETS.get(name if name in DATASETS else name.lower())
     except RegistryError as err:
         raise DatasetError(str(err)) from None
     return _instance(cls)
@@ -145,14 +146,13 @@ def dataset_names() -> tuple[str, ...]:
 
 
 def original_topk_dataset(raw: Mapping[str, Any]) -> str:
-    """The dataset of one of the original's top-K dicts (no 'cirlib' metadata): the one whose category key it holds,
-    else the one without categories that has original files (CIRR)."""
-    names = dataset_names()
-    for name in names:
-        key = get_dataset(name).original_category_key
-        if key is not None and key in raw:
-            return name
-    plain = [n for n in names if get_dataset(n).original_file_prefix and not get_dataset(n).categories]
-    if len(plain) != 1:
-        raise DatasetError(f"cannot tell which dataset an original top-K file is for (candidates: {plain})")
-    return plain[0]
+    """The dataset of one of the original's top-K dicts (no 'cirlib' metadata). Candidates are the classes that name
+    the original's files themselves (`original_file_prefix` set in the class, not inherited: CIRR, FashionIQ): the one
+    whose category key the dict holds, else the one without a category key."""
+    own = [get_dataset(n) for n in dataset_names() if vars(type(get_dataset(n))).get("original_file_prefix")]
+    keyed = [d.name for d in own if d.original_category_key is not None and d.original_category_key in raw]
+    plain = [d.name for d in own if d.original_category_key is None]
+    found = keyed or plain
+    if len(found) != 1:
+        raise DatasetError(f"cannot tell which dataset an original top-K file is for (candidates: {found})")
+    return found[0]

@@ -24,6 +24,7 @@ class FashionIQ(Dataset):
     categories = readers.FIQ_CATEGORIES
     train_order = readers.FIQ_TRAIN_ORDER  # the original trains the categories jointly, concatenated in this order
     reported_ks = (1, 5, 10, 50)
+    headline_ks = (10, 50)  # average_recall = (avg R@10 + avg R@50) / 2
     min_rerank_k = 50  # reported as R@10 and R@50 over the re-ranked list
     original_file_prefix = "fiq"
     original_category_key = "dress_types"
