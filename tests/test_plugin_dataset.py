@@ -4,6 +4,7 @@ through the public steps; and no code outside the dataset registry and classes c
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,76 @@ def test_the_name_check_finds_what_it_looks_for(tmp_path):
     found = dataset_name_comparisons(pkg)
     assert [f.split(":")[1] for f in found] == ["1", "3", "4", "4", "5", "6"], found
     assert all(f.startswith("cirlib/workbook/x.py:") for f in found)
+
+
+# ------------------------------------------------------------------------------------------------ the toy dataset
+
+PLUGIN = Path(__file__).resolve().parent / "plugins" / "toy_dataset.py"
+TOY = "toyfashion"
+K = 50  # the toy keeps FashionIQ's R@50, so stage II re-ranks at least 50
+TOPK_K = 60  # its val gallery holds 6 images per query: 60 for 10 queries
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline(tmp_path_factory):
+    """The toy dataset found through CIRLIB_PLUGINS (nothing in cirlib names it), its synthetic world, and stage I,
+    top-K (val and train), stage II (hard negatives from the train top-K) and evaluation through the public steps."""
+    from cirlib import data as cdata
+    from cirlib import registry
+    from cirlib.workbook import steps
+    from cirlib.workbook.config import EvaluateConfig, Stage1Config, Stage2TrainConfig, TopKConfig
+
+    assert TOY not in cdata.DATASETS._classes  # not registered before the plugin is imported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(registry.PLUGINS_ENV, str(PLUGIN))
+        try:
+            toy = cdata.get_dataset(TOY)
+            tmp = tmp_path_factory.mktemp("toy")
+            world = toy.write_synthetic_world(tmp / "toy_dataset", n_train=16, n_val=10, seed=5)
+            out = str(tmp / "outputs")
+            common = dict(dataset=TOY, data_root=str(world), categories="skirt", preset="tiny", epochs=1,
+                          max_epoch=1, lr=1e-3, max_steps_per_epoch=2, outputs=out)
+            s1 = steps.train_stage1(Stage1Config(stage1_run="s1", train_image_encoder=True, batch_size=8, **common))
+            report = steps.extract_topk(TopKConfig(stage1_run="s1", topk_k=TOPK_K, topk_splits="val,train",
+                                                   outputs=out))
+            s2 = steps.train_stage2(Stage2TrainConfig(stage2_run="s2", stage1_run="s1", reranker="joint",
+                                                      init="scratch", k=K, hard_negatives=2, mining_k=20, batch_size=4,
+                                                      scoring="shared", validate_every=0, **common))
+            comparison = steps.evaluate(EvaluateConfig(stage2_run="s2", k=K, scoring="shared", outputs=out))
+            yield {"toy": toy, "world": world, "s1": s1, "report": report, "s2": s2, "comparison": comparison}
+        finally:
+            cdata.DATASETS.unregister(TOY)
+            registry._loaded_plugins.discard(str(PLUGIN))
+
+
+def test_toy_dataset_is_found_through_the_plugin_variable(toy_pipeline):
+    from cirlib import data as cdata
+
+    toy = toy_pipeline["toy"]
+    assert type(toy).__name__ == "ToyFashion" and toy.name == TOY and not type(toy).__module__.startswith("cirlib.")
+    sd = cdata.load_split(TOY, toy_pipeline["world"], "val", "skirt")
+    assert sd.dataset == TOY and sd.category == "skirt" and len(sd.queries) == 10
+    assert toy.split_categories("") == ("skirt",)
+    with pytest.raises(cdata.DatasetError, match="unknown ToyFashion category 'dress'"):
+        cdata.load_split(TOY, toy_pipeline["world"], "val", "dress")
+
+
+def test_toy_dataset_runs_stage1_topk_stage2_and_evaluation(toy_pipeline):
+    from cirlib.retrieval.topk import TopK
+
+    s1, s2 = toy_pipeline["s1"], toy_pipeline["s2"]
+    # stage I reports the toy's one category as FashionIQ reports each of its three
+    assert {"skirt_R@10", "skirt_R@50", "avg_R@10", "average_recall"} <= set(s1.metrics)
+    assert s1.metrics["selection"] == s1.metrics["average_recall"]
+    val = TopK.load(s1.run_dir / "topk_val_skirt.pt", dataset=TOY, split="val", category="skirt")
+    assert val.k == TOPK_K and val.num_queries == 10 and val.reference_removed is False
+    assert (s1.run_dir / "topk_train_skirt.pt").is_file()
+    assert (s2.run_dir / "model" / "model.safetensors").is_file()
+    metrics = json.loads((s2.run_dir / "metrics.json").read_text())
+    for stage in ("stage1", "stage2"):
+        assert set(metrics[stage]) >= {"skirt_R@10", "skirt_R@50", "average_recall", "selection"}
+        assert 0.0 <= metrics[stage]["average_recall"] <= 100.0
+    # re-ranking permutes the top K only: the same queries have their target within it
+    assert metrics["stage1"]["skirt_R@50"] == pytest.approx(metrics["stage2"]["skirt_R@50"])
+    assert metrics["stage1"]["skirt_R@10"] == pytest.approx(s1.metrics["skirt_R@10"])
+    assert "average_recall" in toy_pipeline["comparison"].table().index

@@ -188,9 +188,8 @@ def refuse_unsupported(cfg: Any, dataset: str, categories: str = "") -> None:
     if hasattr(cfg, "topk_splits"):
         unknown = [s for s in split_list(cfg.topk_splits) if s not in ds.splits]
         if unknown:
-            hint = f' ("{ds.test_split}" is {ds.title}\'s test split)' if ds.test_split else ""
             problems.append(f"topk_splits={cfg.topk_splits!r}: {unknown} are not {dataset} splits; expected some of "
-                            f"{list(ds.splits)}" + (hint if {"test", "test1"} & set(unknown) else ""))
+                            f"{list(ds.splits)}" + _test_split_hint(unknown, ds))
     if not ds.has_image_sets and getattr(cfg, "set_negatives", 0) > 0:
         problems.append(f"set_negatives={cfg.set_negatives}: negatives from the query's img_set need CIRR's image "
                         f"sets; {ds.title} has none (use hard_negatives, drawn from the train top-K, instead)")
@@ -202,6 +201,18 @@ def refuse_unsupported(cfg: Any, dataset: str, categories: str = "") -> None:
                         "{category} where the category goes (e.g. .../fiq_top_200_val_{category}.pt)")
     if problems:
         raise ValueError(f"{type(cfg).__name__} on {dataset}: " + "; ".join(problems))
+
+
+def _test_split_hint(unknown: Sequence[str], ds: "cdata.Dataset") -> str:
+    """' ("test1" is CIRR's test split)' when an unknown split is another dataset's test split, else ''."""
+    for split in unknown:
+        owners = [o.title for o in map(cdata.get_dataset, cdata.dataset_names())
+                  if o.test_split == split and o.name != ds.name]
+        if len(owners) == 1:
+            return f' ("{split}" is {owners[0]}\'s test split)'
+        if owners:
+            return f' ("{split}" is the test split of {", ".join(owners)})'
+    return ""
 
 
 def _rerank_depth_reason(ds: "cdata.Dataset") -> str:
