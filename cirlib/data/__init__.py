@@ -17,9 +17,9 @@ from cirlib.data import circo, cirr, fashioniq  # noqa: E402,F401  (the built-in
 from cirlib.data.transforms import CLIP_MEAN, CLIP_STD, SquarePad, TargetPad, squarepad_transform, targetpad_transform
 
 __all__ = [
-    "CIRR_SPLITS", "CLIP_MEAN", "CLIP_STD", "DATASETS", "Dataset", "DatasetError", "dataset_names", "get_dataset", "DroppedImages", "FIQ_CATEGORIES",
+    "CIRR_SPLITS", "CLIP_MEAN", "CLIP_STD", "DATASETS", "Dataset", "DatasetError", "DroppedImages", "FIQ_CATEGORIES",
     "FIQ_SPLITS", "FIQ_TRAIN_ORDER", "GalleryDataset", "MISSING_IMAGES_POLICIES", "check_missing_images_policy",
-    "drop_missing", "missing_images_error", "query_images", "raise_if_missing", "split_label", "Query", "QueryDataset", "SplitData", "SquarePad", "TargetPad",
-    "TripletDataset", "collate", "fiq_caption_join", "load_image", "load_split", "query_text",
-    "squarepad_transform", "targetpad_transform",
+    "dataset_names", "drop_missing", "get_dataset", "missing_images_error", "query_images", "raise_if_missing",
+    "split_label", "Query", "QueryDataset", "SplitData", "SquarePad", "TargetPad", "TripletDataset", "collate",
+    "fiq_caption_join", "load_image", "load_split", "query_text", "squarepad_transform", "targetpad_transform",
 ]

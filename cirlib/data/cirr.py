@@ -61,7 +61,7 @@ class CIRR(Dataset):
         """The test split's (caption file, image-split file) a submission is checked against."""
         return root.joinpath(*submission.CAPTIONS_IN_ROOT), root.joinpath(*submission.SPLIT_IN_ROOT)
 
-    def validate_submission(self, path: Path, root: Path, recall_length: int | None = None) -> list[str]:
+    def check_submission_file(self, path: Path, root: Path, recall_length: int | None = None) -> list[str]:
         """The problems of a test-server file (empty: it is valid), checked against the test annotation files;
         recall lists hold min(50, test gallery - 1) names unless `recall_length` says otherwise."""
         captions, split = self.test_annotation_files(root)

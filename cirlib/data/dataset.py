@@ -82,9 +82,6 @@ class Dataset:
             raise DatasetError(f"unknown {self.title} category {category!r}; expected one of "
                                f"{list(self.categories)} or None (all of them)")
 
-    def has_targets(self, split: str) -> bool:
-        return split != self.test_split
-
     # ---------------------------------------------------------------------------------------------------- reading
     def load_split(self, root: Path, split: str, category: str | None = None, *,
                    with_queries: bool = True) -> SplitData:

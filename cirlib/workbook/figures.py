@@ -116,7 +116,7 @@ def submission_report(cfg: Any, files: dict[str, Path]) -> pd.DataFrame:
     dataset = cdata.get_dataset(cfg.dataset)
     rows = []
     for label, path in files.items():
-        problems = dataset.validate_submission(Path(path), root)
+        problems = dataset.check_submission_file(Path(path), root)
         doc = json.loads(Path(path).read_text())
         lists = [v for key, v in doc.items() if key not in ("version", "metric")]
         rows.append({"file": Path(path).name, "metric": doc.get("metric"), "pair ids": len(lists),
