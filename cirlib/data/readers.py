@@ -124,7 +124,7 @@ class DroppedImages:
 class SplitData:
     """A parsed split: queries in caption-file order and the gallery in split-file order ("index_names")."""
 
-    dataset: str  # "cirr" | "fashioniq"
+    dataset: str  # a registered dataset name ("cirr" | "fashioniq" | ...): `cirlib.data.get_dataset(split_data)`
     split: str  # CIRR: train/val/test1; FashionIQ: train/val/test
     category: str | None  # FashionIQ category; None for CIRR and for the joint FashionIQ (all categories)
     root: Path  # dataset root (the cirr_dataset / fashionIQ_dataset folder)
@@ -188,7 +188,8 @@ def load_split(
     """Parse and validate one split's caption and image-split files (no image is opened).
 
     Args:
-        dataset: "cirr" or "fashioniq" (case-insensitive).
+        dataset: a registered dataset name, "cirr" or "fashioniq" (case-insensitive), or a plugin's: its class
+            (`cirlib.data.get_dataset`) checks the split and category and reads its layout.
         root: the dataset root (cirr_dataset / fashionIQ_dataset folder); None reads $CIR_DATA.
         split: CIRR "train" | "val" | "test1"; FashionIQ "train" | "val" | "test".
         category: FashionIQ "dress" | "shirt" | "toptee", or None for all three joined in the original training
