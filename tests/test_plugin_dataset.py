@@ -148,3 +148,42 @@ def test_toy_dataset_runs_stage1_topk_stage2_and_evaluation(toy_pipeline):
     assert metrics["stage1"]["skirt_R@50"] == pytest.approx(metrics["stage2"]["skirt_R@50"])
     assert metrics["stage1"]["skirt_R@10"] == pytest.approx(s1.metrics["skirt_R@10"])
     assert "average_recall" in toy_pipeline["comparison"].table().index
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+def test_get_dataset_by_name_split_or_config_and_unknown_names():
+    from cirlib import data as cdata
+    from cirlib.workbook.config import Stage1Config
+
+    assert cdata.get_dataset("CIRR") is cdata.get_dataset("cirr")
+    sd = cdata.SplitData(dataset="fashioniq", split="val", category="dress", root=Path("."), queries=[], gallery=[])
+    assert cdata.get_dataset(sd).name == "fashioniq" == cdata.get_dataset(Stage1Config(dataset="fashioniq")).name
+    assert {"cirr", "fashioniq", "circo"} <= set(cdata.dataset_names())
+    with pytest.raises(cdata.DatasetError, match="unknown dataset 'coco': known are"):
+        cdata.get_dataset("coco")
+    with pytest.raises(ValueError, match=r"Stage1Config\(dataset='coco'\): unknown dataset 'coco'"):
+        Stage1Config(dataset="coco")
+
+
+def test_what_each_builtin_dataset_owns():
+    from cirlib.data import get_dataset
+    from cirlib.data.dataset import original_topk_dataset
+
+    cirr, fiq, circo = get_dataset("cirr"), get_dataset("fashioniq"), get_dataset("circo")
+    assert cirr.split_categories("dress,shirt") == (None,)
+    assert fiq.split_categories("") == ("dress", "shirt", "toptee") and fiq.split_categories("shirt") == ("shirt",)
+    assert cirr.excludes_reference and not fiq.excludes_reference
+    assert cirr.has_image_sets and not fiq.has_image_sets
+    assert (cirr.test_split, fiq.test_split, circo.test_split) == ("test1", "test", "test")
+    assert circo.reported_ks == (5, 10, 25, 50) and fiq.min_rerank_k == 50 and cirr.min_rerank_k == 0
+    assert cirr.has_test_server and circo.has_test_server and not fiq.has_test_server
+    # the original's top-K files: FashionIQ's carry 'dress_types', CIRR's do not
+    assert original_topk_dataset({"dress_types": "dress"}) == "fashioniq"
+    assert original_topk_dataset({"split": "val"}) == "cirr"
+    summary = fiq.summary_metrics([("dress", {"R@10": 10.0, "R@50": 30.0}), ("shirt", {"R@10": 20.0, "R@50": 40.0})])
+    assert summary["avg_R@10"] == 15.0 and summary["average_recall"] == summary["selection"] == 25.0
+    split = cirr.split_metrics({"R@5": 40.0}, [[True, False, False, False, False]] * 2)
+    assert split["Rsubset@1"] == 100.0
+    assert cirr.summary_metrics([(None, split)])["selection"] == 70.0

@@ -57,6 +57,17 @@ class CIRR(Dataset):
         return out
 
     # ------------------------------------------------------------------------------------------------- submission
+    def submission_files(self, split_data: readers.SplitData, recall_lists: Sequence[Sequence[str]],
+                         subset_lists: Sequence[Sequence[str]], name: str) -> tuple[submission.SubmissionFile, ...]:
+        """The server's two files for the test split's queries (`recall_submission_<name>.json` and
+        `recall_subset_submission_<name>.json`): 50 ranked gallery names and 3 ranked img_set members per pair id."""
+        pair_ids = [q.pair_id for q in split_data.queries]
+        return submission.cirr_submission_files(pair_ids, recall_lists, subset_lists, name)
+
+    def check_submission(self, path: Path, split_data: readers.SplitData) -> None:
+        """Raise SubmissionError listing every problem the server would find in a written file."""
+        submission.check_cirr_submission(path, split_data.queries, split_data.gallery)
+
     def test_annotation_files(self, root: Path) -> tuple[Path, Path]:
         """The test split's (caption file, image-split file) a submission is checked against."""
         return root.joinpath(*submission.CAPTIONS_IN_ROOT), root.joinpath(*submission.SPLIT_IN_ROOT)

@@ -593,15 +593,13 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
 
 def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
                        out_dir: Path) -> dict[str, Path]:
-    from cirlib.eval import submission
-
-    pair_ids = [q.pair_id for q in sd.queries]
+    ds = cdata.get_dataset(sd)
     written: dict[str, Path] = {}
     for label, (name, recall_lists, subset_lists) in lists.items():
-        files = submission.cirr_submission_files(pair_ids, recall_lists.tolist(), subset_lists.tolist(), name)
+        files = ds.submission_files(sd, recall_lists.tolist(), subset_lists.tolist(), name)
         # The server's exact text (no indent, so not paths.write_json), written atomically.
         pr, ps = (paths.atomic_write_text(out_dir / f.file_name, f.text()) for f in files)
         for path in (pr, ps):
-            submission.check_cirr_submission(path, sd.queries, sd.gallery)
+            ds.check_submission(path, sd)
         written[f"{label}_recall"], written[f"{label}_subset"] = pr, ps
     return written
