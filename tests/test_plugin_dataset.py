@@ -94,7 +94,7 @@ def toy_pipeline(tmp_path_factory):
     from cirlib.workbook import steps
     from cirlib.workbook.config import EvaluateConfig, Stage1Config, Stage2TrainConfig, TopKConfig
 
-    assert TOY not in cdata.DATASETS._classes  # not registered before the plugin is imported
+    assert TOY not in cdata.DATASETS  # not registered before the plugin is imported (CIRLIB_PLUGINS unset)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(registry.PLUGINS_ENV, str(PLUGIN))
         try:
