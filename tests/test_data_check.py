@@ -10,7 +10,8 @@ import pytest
 
 from cirlib import paths
 from cirlib.data import load_split, synth
-from cirlib.data.check import PUBLIC_COUNTS, check_dataset
+from cirlib.data.check import check_dataset
+from cirlib.data.dataset import get_dataset
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,8 @@ def test_real_annotations_counts_and_identical_verdicts(real, tmp_path):
     assert status["cirr/image_splits/split.rc2.train.json"] == "identical"
     assert status["cirr/captions/cap.rc2.train.json"] == "missing"  # not in the public reference copy
     s = {x.split: x for x in report.splits}
-    assert (s["val"].queries, s["val"].images) == PUBLIC_COUNTS["cirr"][("val", None)]
-    assert (s["test1"].queries, s["test1"].images) == PUBLIC_COUNTS["cirr"][("test1", None)]
+    assert (s["val"].queries, s["val"].images) == get_dataset("cirr").public_counts[("val", None)]
+    assert (s["test1"].queries, s["test1"].images) == get_dataset("cirr").public_counts[("test1", None)]
     assert s["train"].images == 16939 and s["train"].queries is None and s["train"].error
     assert s["val"].missing == 2297 - 5 and s["val"].queries_affected > 0
     assert report.blocking
@@ -101,7 +102,7 @@ def test_real_annotations_counts_and_identical_verdicts(real, tmp_path):
     fiq_report = check_dataset("fashioniq", fiq, workers=0, progress=False, problems_file=tmp_path / "fiq.tsv")
     assert all(f["status"] == "identical" for f in fiq_report.annotation_files)
     for x in fiq_report.splits:
-        assert (x.queries, x.images) == PUBLIC_COUNTS["fashioniq"][(x.split, x.category)]
+        assert (x.queries, x.images) == get_dataset("fashioniq").public_counts[(x.split, x.category)]
 
 
 def test_an_edited_caption_file_is_modified(real, tmp_path):

@@ -25,50 +25,13 @@ from pathlib import Path
 import PIL.Image
 
 from cirlib import paths
-from cirlib.data.readers import CIRR_SPLITS, FIQ_CATEGORIES, FIQ_SPLITS, DatasetError, SplitData, load_split
+from cirlib.data.dataset import dataset_names, get_dataset
+from cirlib.data.readers import CIRR_RAW_FOLDER, DatasetError, SplitData, load_split
 from cirlib.progress import progress_bar
 
-# The public release (shared/data/real-annotations/README.md): sha256 of each annotation file, by its path under
-# the dataset root, and the (queries, gallery images) of each split. CIRR's train captions (28,225 queries) were not
-# in our reference copy, so their hash is unknown: such a file is reported as "not compared", never as identical.
-PUBLIC_SHA256 = {
-    "cirr": {
-        "cirr/image_splits/split.rc2.train.json": "7b3f2211ff67e527190754ab778321a3c83f0baa6150d1e6c19646ec25c3bcb9",
-        "cirr/image_splits/split.rc2.val.json": "de36f7a7219c8bb06347a67748cfc68405be7dad62853a1e31846c98e491235b",
-        "cirr/image_splits/split.rc2.test1.json": "bf2bb9ed0659c4aae35de72350652b9ab75d36a060211f826bec15c58ec12566",
-        "cirr/captions/cap.rc2.val.json": "a85c3a1aa464f1af7229918e8018d08b8b20ce5dab479ffdf39d61113140f919",
-        "cirr/captions/cap.rc2.test1.json": "26a2b2e7a5c96c903491aefc7d5f237f03d3cca97712e1b6bb3b231db5ff8001",
-        "cirr/captions/cap.rc2.train.json": None,
-    },
-    "fashioniq": {
-        "image_splits/split.dress.train.json": "dcb1c7329003e85e39a3010147a620cee4b7de6a5ddf2626f253bc9a2cdd78e5",
-        "image_splits/split.dress.val.json": "21ff91d53c23859da91bfd49f3acc139b7f3a3dc944fc4e4a80194468cf14bab",
-        "image_splits/split.dress.test.json": "1d1d3af24b9ec4ed3f7805c53a870148df9b51e232b32912505d8ae54718353d",
-        "image_splits/split.shirt.train.json": "1552c05d866d31b43321a719b2cb8a65f02c53e9a6bc355861fe1d62498b9983",
-        "image_splits/split.shirt.val.json": "b82effbf7352a6f828b38c45eb32e53d726bd4d6fd81d6290c81eeb2c68e3234",
-        "image_splits/split.shirt.test.json": "8d243830e80e77c23c8dc9a85db87813230d38da146f0706082db812f591968b",
-        "image_splits/split.toptee.train.json": "aa9b3a55332340f21360fb6a3fe174badd27ce389fe7d78d890bf2b9032ffe05",
-        "image_splits/split.toptee.val.json": "ee42b2505275dd7a19b11ddb88c9264aab2d77f4e59b075fb1c7c3095d02f412",
-        "image_splits/split.toptee.test.json": "25a30d4f4013a04026585399b10980db7cba39dfaad0d97a0671a62e2125ddbf",
-        "captions/cap.dress.train.json": "1691bd52e5bbda755b0c1f14d1024000be2c57a0cc29511a327af1372636a946",
-        "captions/cap.dress.val.json": "5e5117d45695df9c3ca91fac3e0bc49e6422ae9c8b3793f0ac9b3ab83adb7de9",
-        "captions/cap.dress.test.json": "190240b3b4d115cd4f80de65ab78ca18a3f8581c041cbeea6f5a1f57ee4f5a48",
-        "captions/cap.shirt.train.json": "0999ce5da01a38f0cef1547941b738f4c56e225fdd9b8e03e2a6edaf292f94c3",
-        "captions/cap.shirt.val.json": "7b7ca3797b85dddfd83e74cdb4454cb63e3e7c09acef2590155efbacea6d7feb",
-        "captions/cap.shirt.test.json": "27c7551b005d4befa53135a7ddee5e31c97821eafd3ceb3fec514e7ac0ad83a7",
-        "captions/cap.toptee.train.json": "6daa171a9e744823087780a3b69b8b697bd05526adb6dd55a38ee6c4904ab348",
-        "captions/cap.toptee.val.json": "b4e09f428e6c255cc4b4ec46e77908305ab83075d82840c960be81af15cdc5eb",
-        "captions/cap.toptee.test.json": "db822aa52340ce1f09c3000064f79b60b6c476b50b98bf34200dd2996c06e146",
-    },
-}
-PUBLIC_COUNTS: dict[str, dict[tuple[str, str | None], tuple[int, int]]] = {
-    "cirr": {("train", None): (28225, 16939), ("val", None): (4181, 2297), ("test1", None): (4148, 2315)},
-    "fashioniq": {
-        ("train", "dress"): (5985, 11452), ("val", "dress"): (2017, 3817), ("test", "dress"): (2024, 3818),
-        ("train", "shirt"): (5988, 19036), ("val", "shirt"): (2038, 6346), ("test", "shirt"): (2038, 6346),
-        ("train", "toptee"): (6027, 16121), ("val", "toptee"): (1961, 5373), ("test", "toptee"): (2056, 5374),
-    },
-}
+# The public release's sha256 of each annotation file and (queries, gallery images) of each split are the dataset
+# classes' `public_sha256` and `public_counts` (shared/data/real-annotations/README.md). CIRR's train captions (28,225
+# queries) were not in our reference copy, so their hash is unknown: such a file is reported as "not compared".
 _CHUNK = 64  # images per task sent to a worker process
 
 
@@ -196,12 +159,6 @@ def _inspect_chunk(chunk: list[str]) -> list[str | None]:
     return [_inspect(p) for p in chunk]
 
 
-def _splits_of(dataset: str) -> list[tuple[str, str | None]]:
-    if dataset == "cirr":
-        return [(s, None) for s in CIRR_SPLITS]
-    return [(s, c) for c in FIQ_CATEGORIES for s in FIQ_SPLITS]
-
-
 def _read_split(dataset: str, root: Path, split: str, category: str | None) -> tuple[SplitData | None, str | None]:
     """The split with its queries; else its gallery alone and why the queries could not be read."""
     try:
@@ -218,27 +175,26 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
     """Check a dataset folder; see the module docstring. Never raises for what it finds: it reports it.
 
     Args:
-        dataset: "cirr" or "fashioniq".
+        dataset: a registered dataset name ("cirr", "fashioniq"): its class knows its splits, public hashes, counts.
         root: the dataset root (cirr_dataset / fashionIQ_dataset folder).
         workers: image-checking processes (default: the CPU count, at most 8; 0 checks in this process).
         progress: show a progress bar over the images.
         problems_file: where the full list of image problems goes (default
             `outputs/data_check/<dataset>_image_problems.tsv`).
     """
-    dataset = str(dataset).lower()
-    if dataset not in PUBLIC_SHA256:
-        raise ValueError(f"unknown dataset {dataset!r}; expected 'cirr' or 'fashioniq'")
+    ds = get_dataset(dataset)
+    dataset = ds.name
     root = paths.data_root(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
     notes = []
     if (root / "world.json").is_file():
         notes.append("a synthetic world written by cirlib.synth: its annotation files are its own, not the public ones")
-    if dataset == "cirr" and (root / "img_raw").is_dir() and not (root / "dev").is_dir():
+    if ds.has_image_sets and (root / CIRR_RAW_FOLDER).is_dir() and not (root / "dev").is_dir():
         notes.append("images are read under img_raw/ (the official download's layout, used as it is)")
 
     annotation_files = []
-    for rel, want in PUBLIC_SHA256[dataset].items():
+    for rel, want in ds.public_sha256.items():
         path = root / rel
         if not path.is_file():
             annotation_files.append({"file": rel, "status": "missing", "sha256": None})
@@ -252,9 +208,9 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
     checks: list[SplitCheck] = []
     path_of: dict[tuple[str, str | None, str], str] = {}
     uses: dict[tuple[str, str | None, str], int] = {}
-    for split, category in _splits_of(dataset):
+    for split, category in ds.all_splits():
         data, error = _read_split(dataset, root, split, category)
-        expected = PUBLIC_COUNTS[dataset].get((split, category), (None, None))
+        expected = ds.public_counts.get((split, category), (None, None))
         if data is None:
             checks.append(SplitCheck(split, category, None, expected[0], None, expected[1], error=error))
             continue
@@ -309,7 +265,8 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cirlib.data check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(PUBLIC_SHA256))
+    checkable = [n for n in dataset_names() if get_dataset(n).public_sha256]
+    parser.add_argument("--dataset", required=True, choices=checkable)
     parser.add_argument("root", type=Path, help="the cirr_dataset or fashionIQ_dataset folder")
     parser.add_argument("--workers", type=int, default=None, help="image-checking processes (default: CPU count)")
     parser.add_argument("--problems-file", type=Path, default=None,

@@ -9,8 +9,8 @@ The layout of the public release (root = the `CIRCO` folder)::
 The gallery of both splits is the whole unlabeled set (about 123k images): COCO's image list when it is there, else
 every `<12 digits>.jpg` of the image folder. The records' schema (`id`, `reference_img_id`, `relative_caption`,
 `shared_concept`, val: `target_img_id`, `gt_img_ids`, `semantic_aspects`) is parsed by one parser,
-`cirlib.eval.circo.read_annotations` (the eval room imports nothing from cirlib, and this room may not import eval);
-this module knows where the files are, which images form the gallery, and whether every image a query names is in
+`cirlib.eval.circo.read_annotations` (the eval room imports nothing from cirlib);
+this module knows where the files are (and holds the `CIRCO` dataset class), which images form the gallery, and whether every image a query names is in
 the gallery and on disk. `cirlib.workbook.circo_eval.load_circo` joins the two.
 
 Missing images follow the readers' `missing_images` policies: "error" stops, naming every missing file (the first
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cirlib.data.readers import MISSING_SHOWN, DatasetError, check_missing_images_policy, write_missing_list
+from cirlib.data.dataset import DATASETS, Dataset
+from cirlib.eval import circo as eval_circo
 
 SPLITS = ("val", "test")
 ANNOTATIONS_DIR = "annotations"
@@ -251,3 +253,41 @@ def source_files(root: str | os.PathLike, splits: Iterable[str]) -> list[Path]:
     if (root / IMAGE_LIST).is_file():
         files.append(root / IMAGE_LIST)
     return files
+
+
+@DATASETS.register
+class CIRCO(Dataset):
+    """CIRCO: evaluation only (val and test over one gallery of COCO 2017 unlabeled images), several ground truths
+    per query, mAP@K; read and ranked by `cirlib.workbook.circo_eval` (notebook 09), not by `load_split`."""
+
+    name = "circo"
+    title = "CIRCO"
+    splits = SPLITS
+    test_split = "test"
+    reported_ks = eval_circo.KS
+    excludes_reference = True  # its reference is never a ground truth (a setting of notebook 09: exclude_reference)
+    has_test_server = True
+    layout = LAYOUT
+    root_marker, root_folder = ANNOTATIONS_DIR, "CIRCO"
+
+    def load_split(self, root: Path, split: str, category: str | None = None, *, with_queries: bool = True):
+        raise DatasetError("CIRCO has no training split and no SplitData reader: it is evaluated by "
+                           "`cirlib.workbook.circo_eval` (notebook 09), which reads `annotation_file` and "
+                           "`read_gallery` of cirlib.data.circo")
+
+    def ranking_text(self, query: Any, use_shared_concept: bool = False) -> str:
+        """The relative caption, or "<shared concept>, <relative caption>" (a query of `eval.circo.read_annotations`)."""
+        return (f"{query.shared_concept}, {query.relative_caption}" if use_shared_concept
+                else query.relative_caption)
+
+    def metrics(self, predictions: dict[int, Sequence[int]], queries: Sequence[Any]) -> dict[str, Any]:
+        """mAP@K and Recall@K over `reported_ks`, semantic mAP@10 (`cirlib.eval.circo.circo_metrics`)."""
+        return eval_circo.circo_metrics(predictions, queries, self.reported_ks)
+
+    def submission_document(self, predictions: dict[int, Sequence[int]]) -> dict[str, list[int]]:
+        return eval_circo.submission_document(predictions)
+
+    def validate_submission(self, document: dict[str, Any], queries: Sequence[Any],
+                            gallery: set[int] | None = None) -> list[str]:
+        """Every problem that would make the test server refuse `document` (empty: it is valid)."""
+        return eval_circo.validate_submission(document, queries, gallery)

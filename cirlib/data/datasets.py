@@ -9,7 +9,8 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from cirlib.data.readers import DatasetError, SplitData, fiq_caption_join, load_image, query_text, split_label
+from cirlib.data.dataset import get_dataset
+from cirlib.data.readers import DatasetError, SplitData, load_image, query_text, split_label
 
 # --------------------------------------------------------------------------------------------------------------------
 # torch Datasets
@@ -83,7 +84,8 @@ class TripletDataset(Dataset):
 
 class QueryDataset(Dataset):
     """Queries without images ("relative" evaluation mode): items {"index", "pair_id", "reference", "target",
-    "text", "members"}. FashionIQ text is always the fixed "C1 and c2" join, also on the train split."""
+    "text", "members"}. The text is the dataset's ranking text on every split (FashionIQ: the fixed "C1 and c2" join,
+    also on the train split)."""
 
     def __init__(self, split_data: SplitData):
         self.data = split_data
@@ -93,7 +95,7 @@ class QueryDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         q = self.data.queries[i]
-        text = q.captions[0] if self.data.dataset == "cirr" else fiq_caption_join(q.captions)
+        text = get_dataset(self.data).ranking_text(q)
         return {
             "index": q.index,
             "pair_id": q.pair_id,

@@ -52,7 +52,6 @@ import PIL.Image
 from cirlib import paths
 from cirlib.paths import data_root
 
-DATASETS = ("cirr", "fashioniq")
 CIRR_SPLITS = ("train", "val", "test1")
 FIQ_SPLITS = ("train", "val", "test")
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -125,7 +124,7 @@ class DroppedImages:
 class SplitData:
     """A parsed split: queries in caption-file order and the gallery in split-file order ("index_names")."""
 
-    dataset: str  # "cirr" | "fashioniq"
+    dataset: str  # a registered dataset name ("cirr" | "fashioniq" | ...): `cirlib.data.get_dataset(split_data)`
     split: str  # CIRR: train/val/test1; FashionIQ: train/val/test
     category: str | None  # FashionIQ category; None for CIRR and for the joint FashionIQ (all categories)
     root: Path  # dataset root (the cirr_dataset / fashionIQ_dataset folder)
@@ -189,7 +188,8 @@ def load_split(
     """Parse and validate one split's caption and image-split files (no image is opened).
 
     Args:
-        dataset: "cirr" or "fashioniq" (case-insensitive).
+        dataset: a registered dataset name, "cirr" or "fashioniq" (case-insensitive), or a plugin's: its class
+            (`cirlib.data.get_dataset`) checks the split and category and reads its layout.
         root: the dataset root (cirr_dataset / fashionIQ_dataset folder); None reads $CIR_DATA.
         split: CIRR "train" | "val" | "test1"; FashionIQ "train" | "val" | "test".
         category: FashionIQ "dress" | "shirt" | "toptee", or None for all three joined in the original training
@@ -199,22 +199,18 @@ def load_split(
     The module docstring lists how the quirks of the real files (empty captions, duplicates, ranks, soft targets)
     are handled.
     """
-    name = _check_dataset(dataset)
-    root_path = _resolve_root(root, name)
-    if name == "cirr":
-        return _load_cirr(root_path, split, category, with_queries)
-    return _load_fiq(root_path, split, category, with_queries)
+    from cirlib.data.dataset import get_dataset  # the dataset classes call this module's readers
+
+    ds = get_dataset(dataset)
+    root_path = resolve_root(root, ds.name, ds.layout, ds.root_marker, ds.root_folder)
+    ds.check_split(split)
+    ds.check_category(category)
+    return ds.load_split(root_path, split, category, with_queries=with_queries)
 
 
-def _check_dataset(dataset: str) -> str:
-    name = str(dataset).lower()
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
-    return name
-
-
-def _resolve_root(root: str | os.PathLike | None, dataset: str) -> Path:
-    layout = _CIRR_LAYOUT if dataset == "cirr" else _FIQ_LAYOUT
+def resolve_root(root: str | os.PathLike | None, dataset: str, layout: str, marker: str, folder: str) -> Path:
+    """The dataset root (None reads $CIR_DATA), refused with the expected `layout` when it is not a folder or is the
+    folder that holds the dataset folder (`folder`, recognised by the `marker` subfolder it lacks)."""
     try:
         path = data_root(root)
     except ValueError as e:
@@ -222,8 +218,7 @@ def _resolve_root(root: str | os.PathLike | None, dataset: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{dataset} dataset root {path} does not exist or is not a folder\n{layout}")
     # A common slip is passing the folder that holds the dataset folder; say so instead of "missing file".
-    marker, folder = ("cirr", "cirr_dataset") if dataset == "cirr" else ("captions", "fashionIQ_dataset")
-    if not (path / marker).is_dir() and (path / folder).is_dir():
+    if marker and not (path / marker).is_dir() and (path / folder).is_dir():
         raise DatasetError(f"{path} has no {marker}/ folder but holds {folder}/: pass root={path / folder}\n{layout}")
     return path
 
@@ -245,10 +240,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path, expected: type, dataset: str, what: str) -> Any:
-    """Read a JSON file whose top level must be `expected` (list or dict); no object in it may repeat a key."""
+def _read_json(path: Path, expected: type, layout: str, what: str) -> Any:
+    """Read a JSON file whose top level must be `expected` (list or dict); no object in it may repeat a key. A missing
+    file is reported with the expected `layout`."""
     if not path.is_file():
-        layout = _CIRR_LAYOUT if dataset == "cirr" else _FIQ_LAYOUT
         raise DatasetError(f"missing {what} file {path}\n{layout}")
     try:
         with open(path, encoding="utf-8") as f:
@@ -310,11 +305,6 @@ def _require_in_gallery(name: str, role: str, gallery: Mapping[str, Any], label:
         raise DatasetError(f"{label}: {role} {name!r} is not in the gallery {split_file} ({len(gallery)} images)")
 
 
-def _check_split(split: str, allowed: Sequence[str], dataset: str) -> None:
-    if split not in allowed:
-        raise DatasetError(f"unknown {dataset} split {split!r}; expected one of {list(allowed)}")
-
-
 def _safe_relpath(rel: str, name: str, split_file: Path) -> str:
     # Split paths are joined onto the root; an absolute path or '..' would silently read outside the dataset.
     # Plain string checks: Path() per entry would dominate reading the 16,939-entry train split.
@@ -350,12 +340,10 @@ def cirr_image_root(root: Path, relpaths: Mapping[str, str]) -> Path:
     return raw
 
 
-def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool) -> SplitData:
-    _check_split(split, CIRR_SPLITS, "CIRR")
-    if category is not None:
-        raise DatasetError(f"CIRR has no categories; got category={category!r} (pass None)")
+def load_cirr_layout(root: Path, split: str, with_queries: bool, dataset: str = "cirr") -> SplitData:
+    """One split of the CIRR layout (split and root already checked); `dataset` names the SplitData's dataset."""
     split_file = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
-    raw_split = _read_json(split_file, dict, "cirr", "CIRR image-split")
+    raw_split = _read_json(split_file, dict, _CIRR_LAYOUT, "CIRR image-split")
     relpaths: dict[str, str] = {}
     for name, rel in raw_split.items():
         if not isinstance(rel, str):
@@ -371,7 +359,7 @@ def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool)
     if with_queries:
         cap_file = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
         sources.append(cap_file)
-        records = _read_json(cap_file, list, "cirr", "CIRR caption")
+        records = _read_json(cap_file, list, _CIRR_LAYOUT, "CIRR caption")
         has_target = split != "test1"
         expected = "pairid, reference, caption, img_set.members" + (", target_hard" if has_target else "")
         seen_pairids: dict[int, int] = {}
@@ -423,18 +411,16 @@ def _load_cirr(root: Path, split: str, category: str | None, with_queries: bool)
                 )
             )
     return SplitData(
-        dataset="cirr", split=split, category=None, root=root, queries=queries, gallery=gallery, relpaths=relpaths,
+        dataset=dataset, split=split, category=None, root=root, queries=queries, gallery=gallery, relpaths=relpaths,
         image_root=cirr_image_root(root, relpaths), source_files=tuple(sources),
     )
 
 
-def _load_fiq(root: Path, split: str, category: str | None, with_queries: bool) -> SplitData:
-    _check_split(split, FIQ_SPLITS, "FashionIQ")
-    if category is not None and category not in FIQ_CATEGORIES:
-        raise DatasetError(
-            f"unknown FashionIQ category {category!r}; expected one of {list(FIQ_CATEGORIES)} or None (all three)"
-        )
-    categories = FIQ_TRAIN_ORDER if category is None else (category,)
+def load_fiq_layout(root: Path, split: str, category: str | None, with_queries: bool, *,
+                    train_order: Sequence[str] = FIQ_TRAIN_ORDER, dataset: str = "fashioniq") -> SplitData:
+    """One split of the FashionIQ layout (split, category and root already checked): one category, or (None) all of
+    `train_order` joined in that order; `dataset` names the SplitData's dataset."""
+    categories = tuple(train_order) if category is None else (category,)
     gallery: list[str] = []
     in_gallery: set[str] = set()
     queries: list[Query] = []
@@ -442,7 +428,7 @@ def _load_fiq(root: Path, split: str, category: str | None, with_queries: bool) 
     for cat in categories:
         split_file = root / "image_splits" / f"split.{cat}.{split}.json"
         sources.append(split_file)
-        names = _read_json(split_file, list, "fashioniq", "FashionIQ image-split")
+        names = _read_json(split_file, list, _FIQ_LAYOUT, "FashionIQ image-split")
         cat_names: set[str] = set()
         for j, name in enumerate(names):
             # Names become file names (images/<name>.jpg), so they may not contain a path.
@@ -459,14 +445,14 @@ def _load_fiq(root: Path, split: str, category: str | None, with_queries: bool) 
             queries.extend(_read_fiq_captions(root, cat, split, cat_names, split_file))
             sources.append(root / "captions" / f"cap.{cat}.{split}.json")
     return SplitData(
-        dataset="fashioniq", split=split, category=category, root=root, queries=queries, gallery=gallery,
+        dataset=dataset, split=split, category=category, root=root, queries=queries, gallery=gallery,
         source_files=tuple(sources),
     )
 
 
 def _read_fiq_captions(root: Path, cat: str, split: str, gallery: set[str], split_file: Path) -> list[Query]:
     cap_file = root / "captions" / f"cap.{cat}.{split}.json"
-    records = _read_json(cap_file, list, "fashioniq", "FashionIQ caption")
+    records = _read_json(cap_file, list, _FIQ_LAYOUT, "FashionIQ caption")
     has_target = split != "test"
     expected = "candidate, captions (2 strings)" + (", target" if has_target else "")
     queries = []
@@ -647,18 +633,13 @@ def query_text(query: Query, dataset: str, split: str, rng: random.Random | None
 
     Args:
         query: the query record.
-        dataset: "cirr" or "fashioniq".
+        dataset: a registered dataset name ("cirr", "fashioniq", ...): its class's `query_text` decides.
         split: the split the query comes from.
         rng: seeded generator; required for FashionIQ train, ignored otherwise.
     """
-    name = _check_dataset(dataset)
-    if name == "cirr":
-        return query.captions[0]
-    if split == "train":
-        if rng is None:
-            raise ValueError("FashionIQ training text is randomised: pass a seeded random.Random as rng")
-        return fiq_caption_join(query.captions, rng)
-    return fiq_caption_join(query.captions)
+    from cirlib.data.dataset import get_dataset  # the dataset classes call this module's readers
+
+    return get_dataset(dataset).query_text(query, split, rng)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cirlib import paths
+from cirlib.data.readers import CIRR_SPLITS, FIQ_CATEGORIES, FIQ_SPLITS  # the layouts this world writes
 
 # Bump when a change to this module changes the generated files, so that `generate` does not skip a stale world.
 GENERATOR_VERSION = 2
@@ -59,9 +60,6 @@ SIZES = ("small", "large")
 EDIT_KINDS = ("add", "remove", "recolour", "replace", "resize", "move")
 ATTRIBUTES = ("cell", "colour", "shape", "size")  # what a near-duplicate changes
 
-CIRR_SPLITS = ("train", "val", "test1")
-FIQ_SPLITS = ("train", "val", "test")
-FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 # Image folders and name prefixes of the real CIRR release (val images live in ./dev/ and are named dev-*).
 _CIRR_FOLDER = {"train": "train", "val": "dev", "test1": "test1"}
 _CIRR_SET_SIZE = 6  # the original and our reader assume 6 img_set members

@@ -84,7 +84,7 @@ def rerank(
     texts = query_texts(split_data, queries)
     head = topk.sliced(k)
     cand_names = head.sorted_index_names
-    is_cirr_sets = split_data.dataset == "cirr" and all(q.members for q in queries)
+    is_cirr_sets = cdata.get_dataset(split_data).has_image_sets and all(q.members for q in queries)
     subset_names = None
     if is_cirr_sets:
         subset_names = (head.group_names if head.group_names is not None

@@ -100,16 +100,16 @@ def stage2_encoder(model) -> Callable:
 
 
 def query_texts(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"]) -> list[str]:
-    """Ranking texts, on every split (FashionIQ: the fixed "C1 and c2" join; CIRR: the caption).
+    """Ranking texts, on every split: the dataset's `ranking_text` (FashionIQ: the fixed "C1 and c2" join; CIRR: the
+    caption).
 
     Ranking is deterministic, also on the train split (mining stage-II negatives from its top-K): a FashionIQ train
     query is ranked with the validation join, as `QueryDataset` does, never with one of the four random training
     joins (`query_text` on "train" draws those and refuses without a generator). The original mines nothing and
     ranks FashionIQ val only, always with "C1 and c2".
     """
-    if split_data.dataset == "fashioniq":
-        return [cdata.fiq_caption_join(q.captions) for q in queries]
-    return [cdata.query_text(q, split_data.dataset, split_data.split, None) for q in queries]
+    ranking_text = cdata.get_dataset(split_data).ranking_text
+    return [ranking_text(q) for q in queries]
 
 
 @torch.inference_mode()
@@ -141,8 +141,9 @@ def encode_queries(
 
 def exclusion_mask(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"],
                    gallery: GalleryFeatures) -> torch.Tensor | None:
-    """(N, G) bool, True where a gallery item must not be ranked: the reference itself for CIRR, none for FashionIQ."""
-    if split_data.dataset != "cirr":
+    """(N, G) bool, True where a gallery item must not be ranked: the reference itself where the dataset excludes it
+    (CIRR), none otherwise (FashionIQ)."""
+    if not cdata.get_dataset(split_data).excludes_reference:
         return None
     mask = torch.zeros(len(queries), len(gallery.names), dtype=torch.bool)
     mask[torch.arange(len(queries)), gallery.positions([q.reference for q in queries])] = True
@@ -260,7 +261,7 @@ def _has_targets(queries: Sequence["cdata.Query"]) -> bool:
 
 
 def _has_cirr_sets(split_data: "cdata.SplitData", queries: Sequence["cdata.Query"]) -> bool:
-    return split_data.dataset == "cirr" and bool(queries) and all(q.members for q in queries)
+    return cdata.get_dataset(split_data).has_image_sets and bool(queries) and all(q.members for q in queries)
 
 
 @dataclass
@@ -381,7 +382,7 @@ def topk_from_ranking(
         index_names=list(gallery.names),
         target_names=target_names,
         group_names=group_names,
-        reference_removed=split_data.dataset == "cirr",
+        reference_removed=cdata.get_dataset(split_data).excludes_reference,
         stage1_run=stage1_run,
     )
 

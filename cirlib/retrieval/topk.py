@@ -37,11 +37,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cirlib.data.dataset import DATASETS, Dataset, get_dataset, original_topk_dataset
 from cirlib.eval.metrics import fuse_scores
 from cirlib.paths import atomic_write
 
 FORMAT_VERSION = 1
-DATASETS = ("cirr", "fashioniq")
 ORIGINAL_KEYS = (
     "sorted_index_names", "target_names", "index_names", "labels", "group_labels", "split", "dress_types"
 )
@@ -49,6 +49,13 @@ ORIGINAL_KEYS = (
 
 class TopKError(ValueError):
     """A top-K file or object is malformed, or does not match what the caller expects."""
+
+
+def _dataset(name: Any) -> Dataset:
+    """The dataset object of a top-K's dataset name (an unknown one is a TopKError)."""
+    if not isinstance(name, str) or name not in DATASETS:
+        raise TopKError(f"dataset must be one of {DATASETS.names()} (registered datasets), got {name!r}")
+    return get_dataset(name)
 
 
 def _numpy_string_array_globals() -> list:
@@ -140,7 +147,9 @@ class TopK:
     labels are derived from `target_names`; given labels are checked against them.
     """
 
-    dataset: str | None  # "cirr" | "fashioniq"; None: a gallery index's ranked list (`workbook.search.rank`)
+    # a registered dataset name ("cirr" | "fashioniq" | ...; `cirlib.data.get_dataset`); None: a gallery index's
+    # ranked list (`workbook.search.rank`)
+    dataset: str | None
     split: str  # CIRR "train" | "val" | "test1"; FashionIQ "train" | "val" | "test"
     category: str | None  # FashionIQ category ("dress", ...); None for CIRR
     sorted_index_names: np.ndarray  # (N, K) str, gallery names best first
@@ -165,16 +174,15 @@ class TopK:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        if self.dataset is not None and self.dataset not in DATASETS:
-            raise TopKError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.dataset == "fashioniq" and not self.category:
-            raise TopKError("a FashionIQ top-K needs its category (dress, shirt or toptee)")
-        if self.dataset == "cirr" and self.category is not None:
-            raise TopKError(f"a CIRR top-K has no category, got {self.category!r}")
-        if self.dataset == "fashioniq" and (self.group_labels is not None or self.group_names is not None):
-            raise TopKError("group_labels / group_names are CIRR's subset ranking; FashionIQ has none")
+        ds = None if self.dataset is None else _dataset(self.dataset)
+        if ds is not None and ds.categories and not self.category:
+            raise TopKError(f"a {ds.title} top-K needs its category (one of {', '.join(ds.categories)})")
+        if ds is not None and not ds.categories and self.category is not None:
+            raise TopKError(f"a {ds.title} top-K has no category, got {self.category!r}")
+        if ds is not None and not ds.has_image_sets and (self.group_labels is not None or self.group_names is not None):
+            raise TopKError(f"group_labels / group_names are the ranking of a query's image set; {ds.title} has none")
         if self.reference_removed is None:
-            set_("reference_removed", self.dataset == "cirr")
+            set_("reference_removed", ds is not None and ds.excludes_reference)
 
         names = _names_matrix(self.sorted_index_names, "sorted_index_names")
         n, k = names.shape
@@ -402,11 +410,12 @@ class TopK:
         if self.labels is not None:
             # a fresh contiguous tensor: the original saved a view, dragging the whole N x G storage into the file
             out["labels"] = self.labels.contiguous().clone()
-        if self.dataset == "cirr" and self.group_labels is not None:
+        if _dataset(self.dataset).has_image_sets and self.group_labels is not None:
             out["group_labels"] = self.group_labels.contiguous().clone()
         out["split"] = self.split
-        if self.dataset == "fashioniq":
-            out["dress_types"] = self.category
+        category_key = _dataset(self.dataset).original_category_key
+        if category_key is not None:
+            out[category_key] = self.category
         out["cirlib"] = {
             "format_version": FORMAT_VERSION,
             "dataset": self.dataset,
@@ -458,10 +467,11 @@ class TopK:
             category = meta.get("category")
         else:
             # the original's own files: only FashionIQ ones carry 'dress_types'
-            dataset = "fashioniq" if "dress_types" in raw else "cirr"
+            dataset = original_topk_dataset(raw)
             category = raw.get("dress_types")
             meta = {}
-        if dataset == "fashioniq" and raw.get("dress_types") != category:
+        category_key = _dataset(dataset).original_category_key
+        if category_key is not None and raw.get(category_key) != category:
             raise TopKError(f"'dress_types' = {raw.get('dress_types')!r} disagrees with cirlib category {category!r}")
         if isinstance(category, str) and "," in category:
             raise TopKError(f"'dress_types' = {category!r} joins several categories; a top-K holds one category")

@@ -134,12 +134,13 @@ def _report(name: str, result: Any) -> dict[str, Any]:
 
 def run_steps(steps: Sequence[str], configs: Sequence[Any], out: Callable[[str], None] = print) -> list[Any]:
     """Run the steps in order (every process calls this); the main process reports one JSON line per step."""
+    from cirlib.data import get_dataset
     from cirlib.workbook import inputs
     from cirlib.workbook import steps as steps_module
 
     results = []
     for name, cfg in zip(steps, configs):
-        if name == "submit" and steps_module.trained_config(cfg).dataset != "cirr":
+        if name == "submit" and not get_dataset(steps_module.trained_config(cfg).dataset).has_test_server:
             if dist.is_main_process():
                 out(json.dumps({"step": name, "skipped": f"stage-II run {cfg.stage2_run!r} is not on CIRR: test "
                                                           "submissions exist for CIRR only"}))

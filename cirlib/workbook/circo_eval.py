@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from cirlib import paths, provenance
+from cirlib.data import get_dataset
 from cirlib.data import circo as layout
 from cirlib.eval import circo
 from cirlib.progress import progress_bar
@@ -35,6 +36,7 @@ from cirlib.workbook.factories import abs_path, dataset_root, device
 LIST_LENGTH = circo.SUBMISSION_LENGTH  # ids per query and stage (the server's 50)
 QUERY_CHUNK = 64  # queries ranked per call (their reference images are held in memory together)
 STAGES = ("stage1", "stage2")
+CIRCO = get_dataset("circo")  # its splits, query text, metrics and test-server format
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def load_circo(root: str | Path, split: str, *, missing_images: str = "error",
 
 def query_text(query: circo.CircoQuery, use_shared_concept: bool = False) -> str:
     """The text a query gives the models: the relative caption, or "<shared concept>, <relative caption>"."""
-    return f"{query.shared_concept}, {query.relative_caption}" if use_shared_concept else query.relative_caption
+    return CIRCO.ranking_text(query, use_shared_concept)
 
 
 def default_index(cfg: CircoConfig) -> Path:
@@ -180,9 +182,9 @@ def result_folder(cfg: CircoConfig) -> RunFolder:
 
 def _check(cfg: CircoConfig) -> list[str]:
     splits = split_list(cfg.splits)
-    unknown = [s for s in splits if s not in layout.SPLITS]
+    unknown = [s for s in splits if s not in CIRCO.splits]
     if not splits or unknown:
-        raise ValueError(f"splits={cfg.splits!r}: expected a comma-separated subset of {list(layout.SPLITS)}")
+        raise ValueError(f"splits={cfg.splits!r}: expected a comma-separated subset of {list(CIRCO.splits)}")
     if cfg.max_val_queries < 0:
         raise ValueError(f"max_val_queries={cfg.max_val_queries}, expected >= 0 (0 = all)")
     return splits
@@ -221,7 +223,7 @@ def evaluate_circo(cfg: CircoConfig) -> CircoResult:
     made_by = provenance.record(
         "evaluate_circo", identity(cfg), weights={"stage1": s1.weights_file,
                                                   "stage2": s2_run.weights_file if s2_run else None},
-        inputs={"index": index_dir / "index.json"}, splits=list(data.values()), dataset="circo", data_root=root,
+        inputs={"index": index_dir / "index.json"}, splits=list(data.values()), dataset=CIRCO.name, data_root=root,
         preset=s1.preset, device=device(), precision="fp32", outputs=cfg.outputs or None, settings=settings)
     result = CircoResult(index=report)
     trained_on = s2_run.saved_config().get("stage1_run") if s2_run else None
@@ -237,9 +239,9 @@ def evaluate_circo(cfg: CircoConfig) -> CircoResult:
                             search_method=cfg.search, batch_size=cfg.batch_size, outputs=cfg.outputs)
         result.queries[split] = len(d.queries)
         for stage in stages:
-            doc = circo.submission_document(ranked[stage])
-            if split == "test":
-                problems = circo.validate_submission(doc, d.queries, set(gallery.files))
+            doc = CIRCO.submission_document(ranked[stage])
+            if split == CIRCO.test_split:
+                problems = CIRCO.validate_submission(doc, d.queries, set(gallery.files))
                 if problems:
                     raise circo.CircoError(f"the {stage} test file would be refused by the server: "
                                            + "; ".join(problems[:5]))
@@ -248,7 +250,7 @@ def evaluate_circo(cfg: CircoConfig) -> CircoResult:
             paths.write_json(sidecar_file(path), {**made_by, "split": split, "stage": stage})
             result.files[f"{split} {stage}"] = path
             if split == "val":
-                result.metrics[stage] = circo.circo_metrics(ranked[stage], d.queries)
+                result.metrics[stage] = CIRCO.metrics(ranked[stage], d.queries)
     if "val" in data:
         val = data["val"]
         record = {"metrics": result.metrics, "queries": len(val.queries), "settings": settings,

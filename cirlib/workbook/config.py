@@ -14,7 +14,18 @@ from typing import Any, Mapping, TypeVar
 from cirlib.models.rerankers import RERANKERS
 from cirlib.run_folder import RunFolder
 
-FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+def check_dataset_field(cfg: Any) -> None:
+    """Refuse a config whose `dataset` is not a registered dataset (`cirlib.data.DATASETS`; plugins are looked up
+    first), naming the config, the value and the known names. The categories are the dataset class's."""
+    from cirlib.data.dataset import get_dataset  # imports torch: only when a config is built
+    from cirlib.data.readers import DatasetError
+
+    try:
+        get_dataset(cfg.dataset)
+    except DatasetError as err:
+        raise ValueError(f"{type(cfg).__name__}(dataset={cfg.dataset!r}): {err}") from None
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,9 @@ class DataConfig:
     image_size: int = 384  # preprocessing output side in pixels
     seed: int = 0  # which examples are drawn
     smoke: bool = False  # tiny fast run (tests)
+
+    def __post_init__(self) -> None:
+        check_dataset_field(self)
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,9 @@ class Stage1Config:
     overwrite: bool = False  # retrain even when the run finished with this config
     smoke: bool = False  # tiny fast run: 1 epoch of 2 steps, few validation queries
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs; relative = from the repository)
+
+    def __post_init__(self) -> None:
+        check_dataset_field(self)
 
     @property
     def stage1_folder(self) -> RunFolder:
@@ -151,6 +168,7 @@ class Stage2TrainConfig:
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
 
     def __post_init__(self) -> None:
+        check_dataset_field(self)
         RERANKERS.get(self.reranker)  # an unknown name: the registry's error, listing the known ones
 
     @property
@@ -215,6 +233,9 @@ class AnalysisConfig:
     smoke: bool = False  # tiny fast run (tests)
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
 
+    def __post_init__(self) -> None:
+        check_dataset_field(self)
+
 
 @dataclass(frozen=True)
 class ExplorerConfig:
@@ -225,6 +246,9 @@ class ExplorerConfig:
     dataset: str = "cirr"  # "cirr" | "fashioniq"
     data_root: str = ""  # dataset root (the images shown); "" = $CIR_DATA
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+    def __post_init__(self) -> None:
+        check_dataset_field(self)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ EVAL_SPLIT = "val"  # both datasets are reported on their validation split (test
 
 def split_sets(dataset: str, root: Path, split: str, categories: str, *, max_queries: int = 0,
                missing_images: str | None = None, list_file: Path | None = None) -> list["cdata.SplitData"]:
-    """One SplitData per FashionIQ category (in the configured order), or the one CIRR split.
+    """One SplitData per category (FashionIQ's, in the configured order), or the one split of a dataset without
+    categories (CIRR).
 
     Args:
         max_queries: keep the first N queries of each caption file (0 = all), before any is dropped.
@@ -35,10 +36,8 @@ def split_sets(dataset: str, root: Path, split: str, categories: str, *, max_que
             images whose files are missing (`cdata.drop_missing`; `SplitData.dropped` says what).
         list_file: where "error" writes the full list of missing files (default: a temporary file).
     """
-    if dataset == "fashioniq":
-        sets = [cdata.load_split("fashioniq", root, split, c) for c in split_list(categories)]
-    else:
-        sets = [cdata.load_split(dataset, root, split)]
+    sets = [cdata.load_split(dataset, root, split, c)
+            for c in cdata.get_dataset(dataset).split_categories(categories)]
     sets = [limit_queries(sd, max_queries) for sd in sets]
     if missing_images is None:
         return sets
@@ -161,7 +160,7 @@ def mining_subset(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
     """
     if n <= 0 or n >= len(split_data.queries):
         return split_data
-    if split_data.dataset != "cirr":
+    if not cdata.get_dataset(split_data).has_image_sets:
         return limit_queries(split_data, n)
     queries = list(split_data.queries[:n])
     used = {name for q in queries for name in (q.reference, q.target, *(q.members or ()))}
@@ -169,43 +168,57 @@ def mining_subset(split_data: "cdata.SplitData", n: int) -> "cdata.SplitData":
     return dataclasses.replace(split_data, queries=queries, gallery=gallery)
 
 
-FIQ_MIN_RERANK_K = 50  # FashionIQ is reported as R@10 and R@50 over the re-ranked list
-
-
 def refuse_unsupported(cfg: Any, dataset: str, categories: str = "") -> None:
     """Refuse, before any work, settings that the dataset cannot honour, each with the reason (one error for all).
 
-    Checks the fields a config has: `topk_splits` (the dataset's split names), `set_negatives` (CIRR img_sets only),
-    `k` (FashionIQ's R@50 needs k >= 50) and `topk_path` (several FashionIQ categories need "{category}" in it).
+    Checks the fields a config has: `topk_splits` (the dataset's split names), `set_negatives` (datasets with image
+    sets only: CIRR), `k` (at least the dataset's `min_rerank_k`: FashionIQ's R@50 needs k >= 50) and `topk_path`
+    (several categories need "{category}" in it).
 
     Args:
         cfg: a TopKConfig, Stage2TrainConfig or EvaluateConfig (any object with some of those fields).
-        dataset: the dataset the step runs on ("cirr" | "fashioniq"): the stage-I or stage-II run's, for the steps
+        dataset: the dataset the step runs on (a registered name): the stage-I or stage-II run's, for the steps
             that take it from a run folder.
-        categories: the FashionIQ categories the step runs on (comma-separated).
+        categories: the categories the step runs on (comma-separated; datasets with categories).
     Raises:
         ValueError: naming each refused field, its value and why.
     """
-    fiq = dataset == "fashioniq"
+    ds = cdata.get_dataset(dataset)
     problems = []
     if hasattr(cfg, "topk_splits"):
-        known = cdata.FIQ_SPLITS if fiq else cdata.CIRR_SPLITS
-        unknown = [s for s in split_list(cfg.topk_splits) if s not in known]
+        unknown = [s for s in split_list(cfg.topk_splits) if s not in ds.splits]
         if unknown:
-            hint = ' ("test1" is CIRR\'s test split)' if fiq else ' ("test" is FashionIQ\'s test split)'
             problems.append(f"topk_splits={cfg.topk_splits!r}: {unknown} are not {dataset} splits; expected some of "
-                            f"{list(known)}" + (hint if {"test", "test1"} & set(unknown) else ""))
-    if fiq and getattr(cfg, "set_negatives", 0) > 0:
+                            f"{list(ds.splits)}" + _test_split_hint(unknown, ds))
+    if not ds.has_image_sets and getattr(cfg, "set_negatives", 0) > 0:
         problems.append(f"set_negatives={cfg.set_negatives}: negatives from the query's img_set need CIRR's image "
-                        "sets; FashionIQ has none (use hard_negatives, drawn from the train top-K, instead)")
-    if fiq and hasattr(cfg, "k") and cfg.k < FIQ_MIN_RERANK_K:
-        problems.append(f"k={cfg.k}: FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be "
-                        f">= {FIQ_MIN_RERANK_K} (the paper uses 100)")
-    if fiq and getattr(cfg, "topk_path", "") and "{category}" not in cfg.topk_path and len(split_list(categories)) > 1:
-        problems.append(f"topk_path={cfg.topk_path!r}: FashionIQ has one top-k file per category; write "
+                        f"sets; {ds.title} has none (use hard_negatives, drawn from the train top-K, instead)")
+    if hasattr(cfg, "k") and cfg.k < ds.min_rerank_k:
+        problems.append(f"k={cfg.k}: {_rerank_depth_reason(ds)}")
+    if (ds.categories and getattr(cfg, "topk_path", "") and "{category}" not in cfg.topk_path
+            and len(ds.split_categories(categories)) > 1):
+        problems.append(f"topk_path={cfg.topk_path!r}: {ds.title} has one top-k file per category; write "
                         "{category} where the category goes (e.g. .../fiq_top_200_val_{category}.pt)")
     if problems:
         raise ValueError(f"{type(cfg).__name__} on {dataset}: " + "; ".join(problems))
+
+
+def _test_split_hint(unknown: Sequence[str], ds: "cdata.Dataset") -> str:
+    """' ("test1" is CIRR's test split)' when an unknown split is another dataset's test split, else ''."""
+    for split in unknown:
+        owners = [o.title for o in map(cdata.get_dataset, cdata.dataset_names())
+                  if o.test_split == split and o.name != ds.name]
+        if len(owners) == 1:
+            return f' ("{split}" is {owners[0]}\'s test split)'
+        if owners:
+            return f' ("{split}" is the test split of {", ".join(owners)})'
+    return ""
+
+
+def _rerank_depth_reason(ds: "cdata.Dataset") -> str:
+    reported = " and ".join(f"R@{x}" for x in ds.headline_ks or ds.reported_ks)
+    return (f"{ds.title} is reported as {reported} over the re-ranked list, so k must be >= {ds.min_rerank_k} "
+            "(the paper uses 100)")
 
 
 def match_rows(tk: TopK, sd: "cdata.SplitData", path: Path) -> TopK:
@@ -264,11 +277,10 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
     dev = dev or device()
     model.eval()
     transform = cdata.targetpad_transform(target_ratio, image_size)
-    metrics: dict[str, float] = {}
-    per_cat: dict[str, dict[str, float]] = {}
+    per_split: list[tuple[str | None, dict[str, float]]] = []
     topks: list[TopK] = []
     for sd in sets:
-        ks = M.REPORTED_KS[sd.dataset]
+        ks = cdata.get_dataset(sd).reported_ks
         if store is not None:
             gallery = store.gallery_features(sd.gallery)
         else:
@@ -285,15 +297,8 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
         if not all(q.target is not None for q in sd.queries):
             continue
         rec = M.recall_from_ranks(ranking.target_rank.numpy(), ks)
-        if sd.dataset == "fashioniq":
-            per_cat[sd.category] = rec
-        else:
-            metrics.update(rec)
-            metrics.update(M.subset_recall_at_k(head.group_labels.numpy(), M.SUBSET_KS))
-            metrics["selection"] = M.cirr_selection_score(metrics)
-    if per_cat:
-        metrics.update(M.fashioniq_summary(per_cat))
-        metrics["selection"] = metrics["average_recall"]
+        per_split.append((sd.category, cdata.get_dataset(sd).split_metrics(rec, head.group_labels)))
+    metrics = cdata.get_dataset(sets[0]).summary_metrics(per_split) if per_split else {}
     return metrics, topks
 
 
@@ -339,13 +344,11 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
     stage1.eval()
     stage2.eval()
     transform = cdata.targetpad_transform(target_ratio, stage2.config.vision.image_size)
-    s1: dict[str, float] = {}
-    s2: dict[str, float] = {}
-    per1, per2 = {}, {}
+    per1: list[tuple[str | None, dict[str, float]]] = []
+    per2: list[tuple[str | None, dict[str, float]]] = []
     results = []
-    if sets and sets[0].dataset == "fashioniq" and k < FIQ_MIN_RERANK_K:
-        raise ValueError(f"FashionIQ is reported as R@10 and R@50 over the re-ranked list, so k must be >= "
-                         f"{FIQ_MIN_RERANK_K} (got k={k}; the paper uses 100)")
+    if sets and k < cdata.get_dataset(sets[0]).min_rerank_k:
+        raise ValueError(f"{_rerank_depth_reason(cdata.get_dataset(sets[0]))} (got k={k})")
     for sd, tk in zip(sets, topks):
         gallery, zt_gallery = rerank_galleries(stage1, stage2, sd, transform, store, zt_store, dev)
         scored = rerank(stage1, stage2, tok, sd, tk, gallery, k=k, fusion_weight=fusion_weight,
@@ -353,17 +356,10 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
                         provenance=None if save_to is None else {"run": save_to.name})
         res = scored.reranked(fusion_weight)
         results.append(res)
-        ks = [x for x in M.REPORTED_KS[sd.dataset] if x <= k]
-        r1 = M.recall_at_k(tk.labels[:, :k].numpy(), ks)
-        r2 = M.recall_at_k(res.labels.numpy(), ks)
-        if sd.dataset == "fashioniq":
-            per1[sd.category], per2[sd.category] = r1, r2
-        else:
-            s1.update(r1)
-            s2.update(r2)
-            s1.update(M.subset_recall_at_k(tk.group_labels.numpy(), M.SUBSET_KS))
-            s2.update(M.subset_recall_at_k(res.group_labels.numpy(), M.SUBSET_KS))
-            s1["selection"], s2["selection"] = M.cirr_selection_score(s1), M.cirr_selection_score(s2)
+        ds = cdata.get_dataset(sd)
+        ks = [x for x in ds.reported_ks if x <= k]
+        per1.append((sd.category, ds.split_metrics(M.recall_at_k(tk.labels[:, :k].numpy(), ks), tk.group_labels)))
+        per2.append((sd.category, ds.split_metrics(M.recall_at_k(res.labels.numpy(), ks), res.group_labels)))
         if save_to is not None and dist.is_main_process():
             labels = res.labels.contiguous()
             paths.atomic_write(save_to.labels_file(sd.split, sd.category), lambda tmp: torch.save(labels, tmp))
@@ -372,8 +368,6 @@ def evaluate_stage2(stage1, stage2, tok, sets, topks, *, k: int, fusion_weight: 
                 paths.write_json(save_to.labels_provenance_file(sd.split, sd.category),
                                  {"file": written.name, "sha256": file_sha256(written), "provenance": provenance})
             dataclasses.replace(scored, produced_by=provenance).save(save_to.reranked_file(sd.split, sd.category))
-    if per1:
-        s1.update(M.fashioniq_summary(per1))
-        s2.update(M.fashioniq_summary(per2))
-        s1["selection"], s2["selection"] = s1["average_recall"], s2["average_recall"]
+    s1 = cdata.get_dataset(sets[0]).summary_metrics(per1) if per1 else {}
+    s2 = cdata.get_dataset(sets[0]).summary_metrics(per2) if per2 else {}
     return s1, s2, results

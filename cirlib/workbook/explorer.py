@@ -98,7 +98,7 @@ class Explorer:
         return list(self.sources)
 
     def _category(self, category: str | None) -> str | None:
-        if category is None and self.cfg.dataset == "fashioniq":
+        if category is None and cdata.get_dataset(self.cfg.dataset).categories:
             category = self.categories[0]
         if category not in self.sources:
             raise KeyError(f"no re-ranked file for category {category!r}; have {self.categories}")
@@ -179,7 +179,7 @@ class Explorer:
         cat0 = self.categories[0]
         k0, w0 = self.default_settings(cat0)
         category = W.Dropdown(options=[(c, c) for c in self.categories], value=cat0, description="category",
-                              layout=W.Layout(display="" if self.cfg.dataset == "fashioniq" else "none"))
+                              layout=W.Layout(display="" if cdata.get_dataset(self.cfg.dataset).categories else "none"))
         row = W.BoundedIntText(value=0, min=0, max=self.topk(cat0).num_queries - 1, description="query row")
         k = W.IntSlider(value=k0, min=1, max=self.topk(cat0).k, description="K", continuous_update=False)
         weight = W.FloatSlider(value=w0, min=0.0, max=1.0, step=0.05, description="fusion w",

@@ -27,7 +27,7 @@ from cirlib.eval.rank_shift import rank_shift
 from cirlib.retrieval.topk import TopK, read_topk_dict
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import steps
-from cirlib.workbook.config import FASHIONIQ_CATEGORIES, AnalysisConfig, ExplorerConfig, split_list
+from cirlib.workbook.config import AnalysisConfig, ExplorerConfig
 
 QUALITATIVE_TOP = 5  # candidates per stage in a qualitative row
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100, 200)  # recall-curve points (those <= K are drawn)
@@ -45,7 +45,7 @@ def _abs(p: str) -> Path:
 
 
 def _categories(cfg: Any) -> list[str | None]:
-    return list(split_list(cfg.categories)) if cfg.dataset == "fashioniq" else [None]
+    return list(cdata.get_dataset(cfg.dataset).split_categories(cfg.categories))
 
 
 def _topk_file(stage1_dir: Path, split: str, category: str | None) -> Path:
@@ -70,7 +70,7 @@ def plot_candidate_recall(cfg: Any) -> Figure:
     run = cfg.stage1_folder
     trained = run.saved_config()
     dataset = trained["dataset"]
-    for cat in (split_list(trained["categories"]) if dataset == "fashioniq" else [None]):
+    for cat in cdata.get_dataset(dataset).split_categories(trained.get("categories")):
         path = run.topk_file("val", cat)
         if not path.is_file():
             raise FileNotFoundError(f"no validation top-k file at {path}: run extract_topk with 'val' in topk_splits")
@@ -109,19 +109,14 @@ def submission_report(cfg: Any, files: dict[str, Path]) -> pd.DataFrame:
         cfg: the stage-II config (its data_root locates the test1 annotation files).
         files: label -> path, as returned by `steps.submit_cirr` (empty when skipped: an empty table).
     """
-    from cirlib.eval import submission
-
     columns = ["file", "metric", "pair ids", "names per list", "problems"]
     if not files:
         return pd.DataFrame(columns=columns)
     root = paths.data_root(cfg.data_root or None)
-    captions = root / "cirr" / "captions" / "cap.rc2.test1.json"
-    split = root / "cirr" / "image_splits" / "split.rc2.test1.json"
-    gallery = submission.read_gallery_names(split)
-    length = min(submission.RECALL_LENGTH, len(gallery) - 1)
+    dataset = cdata.get_dataset(cfg.dataset)
     rows = []
     for label, path in files.items():
-        problems = submission.validate_cirr_submission(path, captions, gallery, recall_length=length)
+        problems = dataset.check_submission_file(Path(path), root)
         doc = json.loads(Path(path).read_text())
         lists = [v for key, v in doc.items() if key not in ("version", "metric")]
         rows.append({"file": Path(path).name, "metric": doc.get("metric"), "pair ids": len(lists),
@@ -137,7 +132,7 @@ def submission_report(cfg: Any, files: dict[str, Path]) -> pd.DataFrame:
 class LabelSource:
     """Where one dataset's (category's) stage-I and stage-II validation rankings come from."""
 
-    dataset: str  # "cirr" | "fashioniq"
+    dataset: str  # a registered dataset name ("cirr" | "fashioniq")
     category: str | None
     what: str  # "ours" | "original"
     stage2_path: Path  # ours: the re-ranked file (top-k format, both scores); original: the bare stage-II label tensor
@@ -162,26 +157,22 @@ def _stage2_folder(cfg: AnalysisConfig | ExplorerConfig) -> RunFolder:
 def label_sources(cfg: AnalysisConfig | ExplorerConfig) -> list[LabelSource]:
     """The files to plot, one source per dataset or FashionIQ category.
 
-    FashionIQ categories are those with a stage-II file; with none, all three are listed (and reported missing).
+    The categories (FashionIQ's) are those with a stage-II file; with none, all are listed (and reported missing).
 
     Args:
         cfg: the analysis config (ours: stage2_run; the original's files: original_dir) or the explorer's (ours).
     """
     original_dir = cfg.original_dir if isinstance(cfg, AnalysisConfig) else ""
-    if cfg.dataset not in ("cirr", "fashioniq"):
-        raise ValueError(f"dataset must be 'cirr' or 'fashioniq', got {cfg.dataset!r}")
-    cats: list[str | None] = list(FASHIONIQ_CATEGORIES) if cfg.dataset == "fashioniq" else [None]
+    dataset = cdata.get_dataset(cfg.dataset)
     sources = []
-    for cat in cats:
+    for cat in dataset.split_categories():
         if original_dir:
-            folder = _abs(original_dir)
-            s1 = folder / ("cirr_top_200_val.pt" if cat is None else f"fiq_top_200_val_{cat}.pt")
-            s2 = folder / ("cirr_stageII_labels_val.pt" if cat is None else f"fiq_stageII_labels_val_{cat}.pt")
+            s1, s2 = dataset.original_files(_abs(original_dir), cat)
             sources.append(LabelSource(cfg.dataset, cat, "original", s2, s1))
         else:
             sources.append(LabelSource(cfg.dataset, cat, "ours", _stage2_folder(cfg).reranked_file("val", cat), None))
     present = [s for s in sources if s.stage2_path.exists()]
-    return present if (cfg.dataset == "fashioniq" and present) else sources
+    return present if (dataset.categories and present) else sources
 
 
 def evaluated_settings(reranked_file: TopK, path: Path | str = "<re-ranked file>") -> tuple[int, float]:

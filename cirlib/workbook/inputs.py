@@ -7,10 +7,11 @@ from typing import Any
 
 import pandas as pd
 
+from cirlib import data as cdata
 from cirlib import paths
 from cirlib.run_folder import RunFolder
 from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, ExplorerConfig, Stage1Config, Stage2TrainConfig,
-                                    SubmissionConfig, TopKConfig, split_list)
+                                    SubmissionConfig, TopKConfig)
 from cirlib.workbook.factories import abs_path
 from cirlib.workbook.figures import label_sources
 
@@ -31,7 +32,7 @@ def _data_inputs(cfg: Any) -> list[Input]:
 
 
 def _categories(cfg: Any) -> list[str | None]:
-    return list(split_list(cfg.categories)) if cfg.dataset == "fashioniq" else [None]
+    return list(cdata.get_dataset(cfg.dataset).split_categories(cfg.categories))
 
 
 def _finished_run(run: RunFolder, made_by: str) -> list[Input]:
@@ -120,7 +121,7 @@ def required_inputs(cfg: Any, step: str) -> list[Input]:
                                                                                       "03_stage2_train")
         if step == "evaluate":
             return found + _val_topk_inputs(trained, cfg.topk_path or trained.topk_path)
-        if trained.dataset != "cirr":
+        if not cdata.get_dataset(trained.dataset).has_test_server:
             return found[:0]  # nothing to submit: FashionIQ has no test server
         return found + [Input("test1 top-k file", trained.stage1_folder.topk_file("test1"),
                               "02_stage1_topk with topk_splits including 'test1'")]

@@ -25,7 +25,7 @@ def load(cfg: DataConfig, *, apply_missing_images: bool = False) -> cdata.SplitD
             missing image of the split, "drop" leaves out the queries and gallery images whose files are missing.
     """
     root = paths.data_root(cfg.data_root or None)
-    category = cfg.category if cfg.dataset == "fashioniq" else None
+    category = cfg.category if cdata.get_dataset(cfg.dataset).categories else None
     sd = cdata.load_split(cfg.dataset, root, cfg.split, category)
     if not apply_missing_images:
         return sd

@@ -311,7 +311,7 @@ def _stage2_inputs(cfg: Stage2TrainConfig, val_files: list[Path]) -> dict[str, A
     inputs: dict[str, Any] = {"stage1_weights_sha256": file_sha256(weights) if weights.exists() else None,
                               "val_topk": {p.name: _topk_fingerprint(p) for p in val_files if p.exists()}}
     if cfg.hard_negatives > 0:
-        cats = split_list(cfg.categories) if cfg.dataset == "fashioniq" else [None]
+        cats = cdata.get_dataset(cfg.dataset).split_categories(cfg.categories)
         train_files = [cfg.stage1_folder.topk_file("train", c) for c in cats]
         inputs["train_topk"] = {p.name: _topk_fingerprint(p) for p in train_files if p.exists()}
     return inputs
@@ -544,12 +544,13 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     """
     run = cfg.stage2_folder
     trained = trained_config(cfg)
-    if trained.dataset != "cirr":
+    ds = cdata.get_dataset(trained.dataset)
+    if not ds.has_test_server:
         _say(f"stage-II run {cfg.stage2_run!r} is on {trained.dataset!r}: test submissions exist for CIRR only")
         return {}
     root = data_root(trained)
-    sd = step_sets("submit_cirr", "cirr", root, trained.categories, {"test1": 0}, trained.missing_images,
-                   run)["test1"][0]
+    sd = step_sets("submit_cirr", trained.dataset, root, trained.categories, {ds.test_split: 0}, trained.missing_images,
+                   run)[ds.test_split][0]
     if sd.dropped is not None:
         d = sd.dropped
         raise cdata.DatasetError(
@@ -564,10 +565,10 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     stage2 = load_stage2_run(run)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
-    p = trained.stage1_folder.topk_file("test1")
+    p = trained.stage1_folder.topk_file(sd.split)
     if not p.exists():
         raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
-    tk = match_rows(TopK.load(p, dataset="cirr", split="test1", index_names=sd.gallery), sd, p)
+    tk = match_rows(TopK.load(p, dataset=trained.dataset, split=sd.split, index_names=sd.gallery), sd, p)
     if tk.k < SUBMISSION_LENGTH:
         raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
                          f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
@@ -591,7 +592,7 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     if dist.is_main_process():
         written = _write_submissions(sd, lists, run.submission_dir)
         # the server's files hold the server's format only: what produced them goes in a sidecar beside the folder
-        made_by = _record("submit_cirr", cfg, [sd], dataset="cirr", root=root, preset=trained.preset,
+        made_by = _record("submit_cirr", cfg, [sd], dataset=trained.dataset, root=root, preset=trained.preset,
                           precision="fp32", seed=None, inputs={p.name: p},
                           weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
                           stage2_config=identity(trained), **provenance_of(store))
@@ -605,15 +606,13 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
 
 def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
                        out_dir: Path) -> dict[str, Path]:
-    from cirlib.eval import submission
-
-    pair_ids = [q.pair_id for q in sd.queries]
+    ds = cdata.get_dataset(sd)
     written: dict[str, Path] = {}
     for label, (name, recall_lists, subset_lists) in lists.items():
-        files = submission.cirr_submission_files(pair_ids, recall_lists.tolist(), subset_lists.tolist(), name)
+        files = ds.submission_files(sd, recall_lists.tolist(), subset_lists.tolist(), name)
         # The server's exact text (no indent, so not paths.write_json), written atomically.
         pr, ps = (paths.atomic_write_text(out_dir / f.file_name, f.text()) for f in files)
         for path in (pr, ps):
-            submission.check_cirr_submission(path, sd.queries, sd.gallery)
+            ds.check_submission(path, sd)
         written[f"{label}_recall"], written[f"{label}_subset"] = pr, ps
     return written
