@@ -249,7 +249,7 @@ CODE_PATHS = {
                         factories.build_stage2, factories.stage1_for, factories.stage1_weights_file,
                         factories.tokenizer_for, factories.data_root, Stage2TrainConfig.stage1_folder,
                         Stage2TrainConfig.stage2_folder),
-    EvaluateConfig: (steps.evaluate, steps.resolve, EvaluateConfig.stage2_folder),
+    EvaluateConfig: (steps.evaluate, steps._evaluate_and_write, steps.resolve, EvaluateConfig.stage2_folder),
     SubmissionConfig: (steps.submit_cirr, SubmissionConfig.stage2_folder),
     DataConfig: (preview.load, preview.check_download, preview.split_summary, preview.show_triplets),
     AnalysisConfig: (figures.make_figures, figures.label_sources, figures._stage2_folder, figures.load_label_pair,
