@@ -716,7 +716,7 @@ def _where_run_stands(run: RunFolder, cfg: TrainConfig, resume: bool,
     final = run.checkpoint_dir("last")
     found = existing_checkpoint(final)
     if found is not None and found != final:  # a crash inside the folder swap left the previous one aside
-        _on_main(accelerator, lambda: found.replace(final))
+        _on_main(accelerator, lambda: paths.publish(found, final))
     if existing_checkpoint(final) is None:
         return None, None
     info = read_info(final)
