@@ -134,6 +134,22 @@ def _os_error_of(path: Path, err: RuntimeError) -> OSError:
     return OSError(errno.EIO, f"the write failed ({str(err).splitlines()[0][:200]})")
 
 
+def publish(partial: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a fully written file (or a folder, onto a name that does not exist) `partial` onto `final` in one step,
+    for writers that must choose the partial file's name themselves (a suffix a library insists on, a `.partial` file
+    a reader checks for); else use `atomic_write` or `atomic_dir`.
+
+    Raises:
+        FileWriteError: naming `final` when the rename fails.
+    """
+    final = Path(final)
+    try:
+        os.replace(partial, final)
+    except OSError as err:
+        raise _write_failed(final, err) from err
+    return final
+
+
 def _discard(tmp: Path) -> None:
     """Remove a half-written temporary file; when its folder cannot even hold it (a file in the way), there is none."""
     try:

@@ -214,6 +214,39 @@ def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
         batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src, cell_timeout_s=3)
 
 
+def test_a_batch_without_run_runs_the_notebooks_that_apply_to_it():
+    fiq, _ = batch.load_params(paths.REPO_ROOT / "params" / "fashioniq.yaml")
+    del fiq["run"]
+    sources = batch.notebook_paths()
+    # no CIRCO root and no folder to search: 08 and 09 (whose metadata declares what they need) are left out
+    assert [p.stem for p in batch.applicable(fiq, sources)] == [s for s in NOTEBOOKS if s not in ("08_search",
+                                                                                                   "09_circo")]
+    with_circo = {**fiq, "notebooks": {**fiq["notebooks"], "09": {"circo_root": "/data/CIRCO"}}}
+    assert [p.stem for p in batch.applicable(with_circo, sources)][-2:] == ["07_explorer", "09_circo"]
+    assert batch.notebook_needs(paths.NOTEBOOKS / "09_circo.ipynb") == ["circo_root"]
+    assert batch.notebook_needs(paths.NOTEBOOKS / "05_cirr_submission.ipynb") == []  # it skips non-CIRR runs itself
+
+
+def test_a_notebook_needing_what_the_batch_does_not_give_is_left_out(tmp_path, capsys):
+    src = tmp_path / "nbs"
+    for stem in ("01_always", "02_needs_root"):
+        _write_notebook(src, stem, 'root: str = ""  # a folder', "print('ran', root)")
+    book = nbformat.read(src / "02_needs_root.ipynb", as_version=4)
+    book.metadata["cirlib"] = {"needs": ["root"]}
+    nbformat.write(book, str(src / "02_needs_root.ipynb"))
+    (tmp_path / "p.yaml").write_text("batch_name: b\n")
+    executed = batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
+    assert [p.stem for p in executed] == ["01_always"]
+    assert "leaving out 02_needs_root.ipynb: it needs root" in capsys.readouterr().out
+    (tmp_path / "p.yaml").write_text("batch_name: b\nrun: [02]\n")  # named in run: it runs regardless
+    assert [p.stem for p in batch.run_batch(tmp_path / "p.yaml", output_dir=tmp_path / "out", notebook_dir=src)
+            ] == ["02_needs_root"]
+    book.metadata["cirlib"] = {"needs": ["rot"]}
+    nbformat.write(book, str(src / "02_needs_root.ipynb"))
+    with pytest.raises(batch.BatchError, match=r"02_needs_root.ipynb: metadata cirlib.needs names \['rot'\]"):
+        batch.notebook_needs(src / "02_needs_root.ipynb")
+
+
 def test_executed_copies_show_finished_text_progress(tmp_path):
     """A batch run's kernels draw text bars: the executed copy ends at 100%, with no widget left at its first 0%."""
     src = tmp_path / "nbs"

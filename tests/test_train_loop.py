@@ -574,6 +574,17 @@ def test_task_built_loader_mode_resumes_exactly(tmp_path):
     assert _strip_time(read_metrics(run)) == _strip_time(read_metrics(tmp_path / "straight"))
 
 
+def test_a_task_that_batches_itself_must_batch_as_the_config_says(tmp_path):
+    # LoaderTask batches 8 per step, drops the last batch, loads in the main process, as stage I and II tasks batch
+    # with the workbook's batch_size and num_workers: a TrainConfig saying otherwise is refused before any training.
+    with pytest.raises(ValueError, match=r"batch_size=8 in the loader vs 4.*drop_last=True in the loader vs False.*"
+                                         r"num_workers=0 in the loader vs 2"):
+        fit(LoaderTask(), _cfg(epochs=1, batch_size=4, drop_last=False, num_workers=2), tmp_path / "run")
+    assert not checkpoint_dir(tmp_path / "run", "last").exists()
+    recorded = fit(LoaderTask(), _cfg(epochs=1), tmp_path / "ok")
+    assert recorded.status == "finished"
+
+
 def test_task_must_define_one_data_source(tmp_path):
     class Both(LoaderTask):
         def train_dataset(self):

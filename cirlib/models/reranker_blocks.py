@@ -13,9 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from cirlib.models.config import TextConfig
-
-# BLIP's additive mask value for padded keys (med.py / nlvr_encoder.py: (1 - mask) * -10000), not finfo.min.
-MASK_VALUE = -10000.0
+from cirlib.models.text import MASK_VALUE  # BLIP's additive mask value (nlvr_encoder.py too)
 
 
 # ------------------------------------------------------------------------------------------- attention primitives

@@ -776,7 +776,7 @@ def build_shards(plan: BuildPlan, encoder: ImageEncoder, images, *, part: int = 
                 maps[output].flush()
                 del maps[output]
                 final = plan.folder / _shard_file(output, sid)
-                os.replace(_partial(final), final)  # the shard's completion record
+                paths.publish(_partial(final), final)  # the shard's completion record
                 _seal(final)
             built.append(sid)
     finally:

@@ -10,7 +10,12 @@ globals())` line names it); the notebook receives the YAML's top-level keys that
     notebooks:                    # per-notebook overrides, keyed by file stem or its number
       01_stage1_train: {epochs: 3}
     world: {...}                  # synthetic-world settings for `cirlib.demo`; ignored here
-    run: [09_circo]               # the notebooks this file is for (default: all); --only overrides it
+    run: [09_circo]               # the notebooks this file is for; --only overrides it
+
+Without `run:` (or --only) the batch runs every notebook that applies to the file: a notebook whose metadata
+declares parameters it needs (`"cirlib": {"needs": ["circo_root"]}`: 09 needs a CIRCO root, 08 the folder it
+searches) runs only when the file gives each of them (top level or its `notebooks:` section); the others always run
+(05 itself skips a dataset without a test server). A notebook named in `run:` or --only runs regardless.
 
 The two runs have distinct field names, so one top-level `stage1_run: s1` / `stage2_run: s2` names the same run in
 every notebook (the old `run_name`, `run_name_stage1` and `run_name_stage2` keys are refused, naming the new ones).
@@ -97,6 +102,41 @@ def declared_parameters(notebook: Path) -> dict[str, str]:
     if not declared:
         raise BatchError(f"{notebook.name}: no cell tagged 'parameters' (or it assigns nothing)")
     return declared
+
+
+NEEDS_KEY = "cirlib"  # the notebook metadata entry holding {"needs": [parameter, ...]}
+
+
+def notebook_needs(notebook: Path) -> list[str]:
+    """The parameters a batch must give for the notebook to apply to it (its metadata's `cirlib.needs`; none when
+    absent), each checked to be one of its parameters."""
+    import nbformat
+
+    declared = nbformat.read(notebook, as_version=4).metadata.get(NEEDS_KEY, {})
+    needs = declared.get("needs", []) if isinstance(declared, Mapping) else None
+    if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
+        raise BatchError(f"{notebook.name}: metadata {NEEDS_KEY!r} must be {{\"needs\": [parameter names]}}, "
+                         f"got {declared!r}")
+    unknown = sorted(set(needs) - set(declared_parameters(notebook)))
+    if unknown:
+        raise BatchError(f"{notebook.name}: metadata {NEEDS_KEY}.needs names {unknown}, which are not its parameters")
+    return needs
+
+
+def applicable(params: Mapping[str, Any], notebooks: Sequence[Path]) -> list[Path]:
+    """The notebooks whose needs (`notebook_needs`) the parameters give a non-empty value for; says which it leaves
+    out and why."""
+    sections = sections_of(params, [p.stem for p in notebooks])
+    chosen = []
+    for nb in notebooks:
+        given = {**params, **(sections.get(nb.stem.split("_", 1)[0]) or {}), **(sections.get(nb.stem) or {})}
+        missing = [n for n in notebook_needs(nb) if given.get(n) in (None, "")]
+        if missing:
+            print(f"[batch] leaving out {nb.name}: it needs {', '.join(missing)}, which the parameters do not give "
+                  "(name it in run: to run it anyway)", flush=True)
+        else:
+            chosen.append(nb)
+    return chosen
 
 
 # Values a YAML may give for each annotated type; an int is a fine float, a bool is not an int.
@@ -317,7 +357,8 @@ def run_batch(
 
     Args:
         params: a mapping or a YAML file (see the module docstring for its keys).
-        notebooks: numbers or stems to run (e.g. ["01", "02_stage1_topk"]); None = all, in order.
+        notebooks: numbers or stems to run (e.g. ["01", "02_stage1_topk"]); None = the YAML's `run:`, else every
+            notebook that applies to the parameters (`applicable`), in order.
         output_dir: where executed copies go (default: outputs/runs/<batch name>/); never the source folder.
         notebook_dir: the source notebooks (default: <repo>/notebooks); also the kernel's working directory.
         log_output: stream cell output to this process's log (papermill --log-output).
@@ -332,7 +373,8 @@ def run_batch(
 
     data, name = load_params(params)
     sources = notebook_paths(Path(notebook_dir) if notebook_dir is not None else None)
-    selected = _select(sources, notebooks or _listed(data.get("run")))
+    listed = notebooks or _listed(data.get("run"))
+    selected = _select(sources, listed) if listed else applicable(data, sources)
     out = Path(output_dir) if output_dir is not None else paths.OUTPUTS / "runs" / name
     if not out.is_absolute():
         out = paths.REPO_ROOT / out

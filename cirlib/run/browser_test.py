@@ -150,7 +150,7 @@ def prepare_notebooks(out: Path, stems: Sequence[str]) -> dict[str, Path]:
         partial = target.with_name(target.name + ".partial.ipynb")
         papermill.execute_notebook(str(src), str(partial), parameters=nb_params, prepare_only=True,
                                    kernel_name=batch.KERNEL, progress_bar=False)
-        os.replace(partial, target)
+        paths.publish(partial, target)
         written[src.stem] = target
     return written
 
@@ -493,7 +493,7 @@ class Page:
         partial = path.with_name(path.name + ".partial.png")
         if not self.driver.save_screenshot(str(partial)):
             raise BrowserTestError(f"could not save the screenshot {path}")
-        os.replace(partial, path)
+        paths.publish(partial, path)
         self.driver.set_window_size(*WINDOW)
         return path
 

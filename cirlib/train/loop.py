@@ -89,6 +89,8 @@ TRACKER_PROJECT = "cirlib"  # the W&B / Comet project the runs go to (TensorBoar
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10  # epochs to train in total (a resumed run continues up to this many)
+    # How the training data is batched: `fit` batches a task's `train_dataset()` with these; a task that batches
+    # itself (`train_loader`, the stage tasks) must build its loader with the same values, which `fit` checks.
     batch_size: int = 32  # micro-batch size per process (original stage I: 512, stage II: 16)
     lr: float = 2e-5  # peak learning rate lr0 (original: 2e-5 for both stages)
     weight_decay: float = 0.05  # AdamW weight decay on every trainable parameter, one group (original: 0.05)
@@ -266,7 +268,8 @@ class Task:
 
     Required: `model` (the nn.Module whose weights are checkpointed), `trainable_parameters()`, `training_step(batch)`,
     `validate()`, `selection_metric(metrics)`, and training data as EITHER `train_loader(epoch_seed)` (a DataLoader
-    built by the task, shuffled with a generator seeded by `epoch_seed`) OR `train_dataset()` (a map-style dataset
+    built by the task with `cfg`'s batch_size, drop_last and num_workers, shuffled with a generator seeded by
+    `epoch_seed`) OR `train_dataset()` (a map-style dataset
     that `fit` batches with `collate`, `cfg.batch_size` and its own per-epoch seeded shuffle). The other members have
     defaults here, and `fit` applies the same defaults to objects that do not subclass Task.
 
@@ -409,6 +412,22 @@ def _result(run: RunFolder, status: str, info: dict[str, Any], rt: RuntimeInfo |
 def _derive_seed(*parts: int) -> int:
     # Independent, reproducible seeds per (run seed, epoch, purpose) without touching any global generator.
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+LOADER_SETTINGS = ("batch_size", "drop_last", "num_workers")
+
+
+def _check_loader_settings(task_name: str, loader: DataLoader, cfg: TrainConfig) -> None:
+    """A task that batches itself (`train_loader`) must batch as the config it is trained and recorded with says.
+
+    Raises:
+        ValueError: naming each setting where the loader and the TrainConfig differ.
+    """
+    diffs = [f"{k}={getattr(loader, k)!r} in the loader vs {getattr(cfg, k)!r} in the TrainConfig"
+             for k in LOADER_SETTINGS if getattr(loader, k) != getattr(cfg, k)]
+    if diffs:
+        raise ValueError(f"{task_name}.train_loader() does not batch as the TrainConfig says ({'; '.join(diffs)}): "
+                         "build the task and the TrainConfig from the same settings")
 
 
 class _EpochShuffleSampler(Sampler[int]):
@@ -569,6 +588,7 @@ class _EpochData:
             if not isinstance(loader, DataLoader):
                 raise TypeError(f"{type(self.task).__name__}.train_loader() must return a torch DataLoader, "
                                 f"got {type(loader).__name__}")
+            _check_loader_settings(type(self.task).__name__, loader, cfg)
         else:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
@@ -732,7 +752,7 @@ def _where_run_stands(run: RunFolder, cfg: TrainConfig, resume: bool,
     final = run.checkpoint_dir("last")
     found = existing_checkpoint(final)
     if found is not None and found != final:  # a crash inside the folder swap left the previous one aside
-        _on_main(accelerator, lambda: found.replace(final))
+        _on_main(accelerator, lambda: paths.publish(found, final))
     if existing_checkpoint(final) is None:
         return None, None
     info = read_info(final)

@@ -78,7 +78,7 @@ def _train_config(cfg) -> TrainConfig:
     return TrainConfig(
         epochs=cfg.epochs, max_epoch=cfg.max_epoch, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
         lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accumulation_steps=cfg.grad_accumulation_steps,
-        max_grad_norm=cfg.max_grad_norm or None, batch_size=cfg.batch_size,  # recorded; the stage tasks batch with it
+        max_grad_norm=cfg.max_grad_norm or None, batch_size=cfg.batch_size,  # the stage tasks batch with it (fit checks)
         precision=cfg.precision, validate_every=cfg.validate_every or None, seed=cfg.seed,
         max_steps_per_epoch=cfg.max_steps_per_epoch or None,
         time_budget_s=(cfg.time_budget_s or None), num_workers=cfg.num_workers, trackers=cfg.trackers,
