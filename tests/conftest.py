@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from cirlib import paths  # noqa: E402
-from cirlib.verify_original import config_from_fixture  # noqa: E402
+from cirlib.tools.verify_original import config_from_fixture  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cirlib.bench import BenchConfig, analytic_flops, parse_args, peak_memory, run
+from cirlib.tools.bench import BenchConfig, analytic_flops, parse_args, peak_memory, run
 from cirlib.models.config import preset
 from cirlib.paths import REPO_ROOT
 
@@ -83,7 +83,7 @@ def test_parse_args_and_bad_options():
 
 # ------------------------------------------------------------------------------- CIRR-shaped evaluation, memory
 def test_zipf_lists_and_calibration():
-    from cirlib.bench import calibrate_zipf, mean_reuse, zipf_topk_lists
+    from cirlib.tools.bench import calibrate_zipf, mean_reuse, zipf_topk_lists
     lists = zipf_topk_lists(100, 10, 300, 1.0, torch.Generator().manual_seed(0))
     assert lists.shape == (300, 10)
     assert all(len(set(row.tolist())) == 10 for row in lists)  # each query's top-k holds distinct images
@@ -128,7 +128,7 @@ def test_bench_eval_cirr_shaped_sampled_passes_extrapolate():
 
 
 def test_fits_table_solves_the_memory_model():
-    from cirlib.bench import fits_table
+    from cirlib.tools.bench import fits_table
     gib = 2**30
     linear = fits_table(2e9, 0.5e9, budgets_gb=(24,), reserve_bytes=0)
     assert linear == {"24GB": 44}  # (24 - 2) / 0.5

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cirlib import gpu_check
+from cirlib.tools import gpu_check
 from cirlib.paths import REPO_ROOT
 
 
