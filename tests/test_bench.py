@@ -18,6 +18,7 @@ COMMON = {"case", "preset", "reranker", "device", "dtype", "threads", "text_len"
           "shared_peak_mib", "memory_ratio", "memory_method", "max_abs_score_diff", "machine"}
 
 
+@pytest.mark.slow
 def test_bench_tiny_both_rerankers_agree():
     cfg = BenchConfig(preset="tiny", reranker="both", queries=3, gallery=4, train_batch=3, text_len=8)
     lines: list[str] = []
@@ -39,6 +40,7 @@ def test_bench_tiny_both_rerankers_agree():
             assert r["max_abs_grad_diff"] <= 1e-4 and r["max_abs_grad"] > 0
 
 
+@pytest.mark.slow
 def test_bench_cli_prints_json_lines():
     proc = subprocess.run(
         [sys.executable, "-m", "cirlib.bench", "--preset", "tiny", "--reranker", "joint", "--cases", "eval",
@@ -137,6 +139,7 @@ def test_fits_table_solves_the_memory_model():
     assert fits_table(30 * gib, 1e6, budgets_gb=(24,)) == {"24GB": 0}
 
 
+@pytest.mark.slow
 def test_bench_memory_case_tiny():
     (r,) = run(BenchConfig(preset="tiny", cases=("memory-stage2",), memory_batch=4, text_len=8), emit=lambda _: None)
     assert r["case"] == "memory-stage2" and r["batch"] == 4 and r["half_batch"] == 2
@@ -146,6 +149,7 @@ def test_bench_memory_case_tiny():
         assert r[table]["24GB"] <= r[table]["40GB"] <= r[table]["80GB"]
 
 
+@pytest.mark.slow
 def test_bench_store_cases_tiny_print_json_with_equal_losses():
     """store-stage1 / store-stage2 through the CLI: one JSON line each, the step with and without the feature store
     (issue 13), the same loss in fp32 (timings are not asserted: the tiny preset proves nothing about speed)."""

@@ -70,6 +70,7 @@ def test_stage1_round_trip_gives_identical_outputs(tmp_path):
     assert build_tokenizer(out_dir).vocab_size == 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
 def test_stage2_round_trip_gives_identical_scores(tmp_path, reranker):
     cfg = preset("tiny", reranker=reranker)
