@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo gpu-check browser-test clean
+.PHONY: setup test test-fast demo gpu-check browser-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Every module's quick tests (~2 min on two cores): all but the tiers registered in pyproject.toml's pytest markers.
+FAST_TESTS := not slow and not notebooks and not browser and not distributed and not e2e
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "$(FAST_TESTS)"
 
 demo: $(VENV)/.installed
 	$(PY) -m cirlib.demo

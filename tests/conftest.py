@@ -11,9 +11,16 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from cirlib import paths  # noqa: E402
-from cirlib.verify_original import config_from_fixture  # noqa: E402
+from cirlib.tools.verify_original import config_from_fixture  # noqa: E402
+
+
+# The tests' tensors are tiny: a second intra-op thread gains nothing, and on a shared two-core machine two threads
+# spinning against other processes made single tests up to 60x slower (test_stage2's oracle checks: 0.2 s vs 12 s).
+# One thread for the whole session, so that a test's time no longer depends on what ran before it.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cirlib.bench import BenchConfig, analytic_flops, parse_args, peak_memory, run
+from cirlib.tools.bench import BenchConfig, analytic_flops, parse_args, peak_memory, run
 from cirlib.models.config import preset
 from cirlib.paths import REPO_ROOT
 
@@ -18,6 +18,7 @@ COMMON = {"case", "preset", "reranker", "device", "dtype", "threads", "text_len"
           "shared_peak_mib", "memory_ratio", "memory_method", "max_abs_score_diff", "machine"}
 
 
+@pytest.mark.slow
 def test_bench_tiny_both_rerankers_agree():
     cfg = BenchConfig(preset="tiny", reranker="both", queries=3, gallery=4, train_batch=3, text_len=8)
     lines: list[str] = []
@@ -39,6 +40,7 @@ def test_bench_tiny_both_rerankers_agree():
             assert r["max_abs_grad_diff"] <= 1e-4 and r["max_abs_grad"] > 0
 
 
+@pytest.mark.slow
 def test_bench_cli_prints_json_lines():
     proc = subprocess.run(
         [sys.executable, "-m", "cirlib.bench", "--preset", "tiny", "--reranker", "joint", "--cases", "eval",
@@ -83,7 +85,7 @@ def test_parse_args_and_bad_options():
 
 # ------------------------------------------------------------------------------- CIRR-shaped evaluation, memory
 def test_zipf_lists_and_calibration():
-    from cirlib.bench import calibrate_zipf, mean_reuse, zipf_topk_lists
+    from cirlib.tools.bench import calibrate_zipf, mean_reuse, zipf_topk_lists
     lists = zipf_topk_lists(100, 10, 300, 1.0, torch.Generator().manual_seed(0))
     assert lists.shape == (300, 10)
     assert all(len(set(row.tolist())) == 10 for row in lists)  # each query's top-k holds distinct images
@@ -128,7 +130,7 @@ def test_bench_eval_cirr_shaped_sampled_passes_extrapolate():
 
 
 def test_fits_table_solves_the_memory_model():
-    from cirlib.bench import fits_table
+    from cirlib.tools.bench import fits_table
     gib = 2**30
     linear = fits_table(2e9, 0.5e9, budgets_gb=(24,), reserve_bytes=0)
     assert linear == {"24GB": 44}  # (24 - 2) / 0.5
@@ -137,6 +139,7 @@ def test_fits_table_solves_the_memory_model():
     assert fits_table(30 * gib, 1e6, budgets_gb=(24,)) == {"24GB": 0}
 
 
+@pytest.mark.slow
 def test_bench_memory_case_tiny():
     (r,) = run(BenchConfig(preset="tiny", cases=("memory-stage2",), memory_batch=4, text_len=8), emit=lambda _: None)
     assert r["case"] == "memory-stage2" and r["batch"] == 4 and r["half_batch"] == 2
@@ -146,6 +149,7 @@ def test_bench_memory_case_tiny():
         assert r[table]["24GB"] <= r[table]["40GB"] <= r[table]["80GB"]
 
 
+@pytest.mark.slow
 def test_bench_store_cases_tiny_print_json_with_equal_losses():
     """store-stage1 / store-stage2 through the CLI: one JSON line each, the step with and without the feature store
     (issue 13), the same loss in fp32 (timings are not asserted: the tiny preset proves nothing about speed)."""

@@ -188,6 +188,7 @@ def runs(tmp_path_factory):
     return outputs
 
 
+@pytest.mark.slow
 def test_both_stages_on_the_synthetic_circo_world(circo_world, runs, capsys):
     cfg = CircoConfig(circo_root=str(circo_world), stage1_run="s1", stage2_run="s2", k=60, outputs=runs)
     circo_eval.check_inputs(cfg)

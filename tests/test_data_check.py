@@ -55,6 +55,7 @@ def test_every_problem_is_listed_in_one_run(world, tmp_path):
     assert "restore the 4 images" in report.text()
 
 
+@pytest.mark.slow
 def test_the_command_exits_non_zero_on_problems_and_zero_on_a_clean_folder(world, tmp_path):
     root, _ = _damaged_copy(world, tmp_path)
     cmd = [sys.executable, "-m", "cirlib.data", "check", "--dataset", "cirr", "--workers", "2"]
@@ -79,6 +80,7 @@ def _real_roots(real: Path, base: Path) -> tuple[Path, Path]:
     return cirr, fiq
 
 
+@pytest.mark.slow
 def test_real_annotations_counts_and_identical_verdicts(real, tmp_path):
     cirr, fiq = _real_roots(real, tmp_path)
     # stand-in images for a sample of CIRR val; the rest are absent

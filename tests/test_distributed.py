@@ -83,6 +83,7 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in records]
 
 
+@pytest.mark.distributed
 def test_two_processes_of_4_train_as_one_process_of_8(world, tmp_path):
     worker = str(TESTS / "distributed_worker.py")
     _run([sys.executable, worker, str(world), str(tmp_path / "one"), "8"], tmp_path)
@@ -131,6 +132,7 @@ notebooks:
 """
 
 
+@pytest.mark.distributed
 def test_sharded_evaluation_equals_one_process(world, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.format(root=world))

@@ -76,6 +76,7 @@ def direct(model, train, names) -> tuple[torch.Tensor, torch.Tensor]:
     return g.tokens[rows], g.embeds[rows]
 
 
+@pytest.mark.slow
 def test_built_once_then_reused_without_an_encoder_call_and_equal_to_the_encoder(model, train, tmp_path):
     enc, counter = counted(fs.stage1_image_encoder(model))
     store = build(enc, train.gallery, train, tmp_path)
@@ -107,6 +108,7 @@ def test_built_once_then_reused_without_an_encoder_call_and_equal_to_the_encoder
     assert torch.equal(pickle.loads(pickle.dumps(reused)).tokens(names), tokens)  # as DataLoader workers get it
 
 
+@pytest.mark.slow
 def test_half_precision_is_within_halfs_rounding(model, train, tmp_path):
     store = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path, dtype="float16")
     assert store.dtype == "float16" and store.folder.name != build(
@@ -120,6 +122,7 @@ def test_half_precision_is_within_halfs_rounding(model, train, tmp_path):
     assert store.tokens(train.gallery[:2], dtype=torch.float16).dtype == torch.float16
 
 
+@pytest.mark.slow
 def test_a_changed_weight_invalidates_the_store_and_the_reason_names_the_weights_hash(model, train, tmp_path):
     first = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
     with torch.no_grad():
@@ -153,6 +156,7 @@ def test_the_weights_hash_is_the_tensors_not_the_object_or_file(model, tmp_path)
         fs.stage1_image_encoder(model, ("tokens",)), PREP)
 
 
+@pytest.mark.slow
 def test_a_changed_preprocessing_invalidates_the_store(model, train, tmp_path):
     build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
     other = fs.preprocessing(1.5, 48)
@@ -165,6 +169,7 @@ def test_a_changed_preprocessing_invalidates_the_store(model, train, tmp_path):
         fs.preprocessing(1.25, 48, "centercrop")
 
 
+@pytest.mark.slow
 def test_an_interrupted_build_resumes_with_only_the_rest(model, train, tmp_path):
     # 2 batches per shard: failing on the 6th call leaves shards 0-1 whole and shard 2 half-written
     enc, counter = counted(fs.stage1_image_encoder(model), fail_after_calls=5)
@@ -187,6 +192,7 @@ def test_an_interrupted_build_resumes_with_only_the_rest(model, train, tmp_path)
     assert torch.equal(store.tokens(train.gallery), tokens) and torch.equal(store.embeddings(train.gallery), embeds)
 
 
+@pytest.mark.slow
 def test_more_names_embed_only_the_new_ones(model, train, world, tmp_path):
     val = cdata.load_split("cirr", world, "val")
     first = build(fs.stage1_image_encoder(model), train.gallery[:40], train, tmp_path)
@@ -200,6 +206,7 @@ def test_more_names_embed_only_the_new_ones(model, train, world, tmp_path):
     torch.testing.assert_close(store.tokens(train.gallery), tokens, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_process_sharded_build_equals_one_process(model, train, tmp_path):
     one = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path / "one")
     key = fs.store_key(fs.stage1_image_encoder(model), PREP)
@@ -220,6 +227,7 @@ def test_a_process_sharded_build_equals_one_process(model, train, tmp_path):
         fs.finish_build(plan)
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_is_an_error_naming_the_file_and_a_build_repairs_it(model, train, tmp_path):
     store = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
     want = store.tokens(train.gallery)
@@ -301,6 +309,7 @@ def test_a_second_process_waits_for_a_build_then_reuses_it(model, train, tmp_pat
     assert "in use by another process" in capsys.readouterr().out + capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unknown_names_and_missing_images_are_errors_naming_them(model, train, tmp_path):
     store = build(fs.stage1_image_encoder(model), train.gallery[:20], train, tmp_path)
     with pytest.raises(fs.UnknownImageError, match=r"not in feature store .*stage1-.*'no-such-image'"):
@@ -321,6 +330,7 @@ def test_unknown_names_and_missing_images_are_errors_naming_them(model, train, t
         build(fs.stage1_image_encoder(model), ["elsewhere"], paths, tmp_path)
 
 
+@pytest.mark.slow
 def test_store_size_follows_the_layout(model, train, tmp_path):
     for dtype, item in (("float32", 4), ("float16", 2)):
         store = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path, dtype=dtype)

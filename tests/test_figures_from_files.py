@@ -44,6 +44,7 @@ def finished_run(tmp_path_factory):
     return {"cfg": cfg, "explorer": explorer, "s1": s1, "s2": s2}
 
 
+@pytest.mark.slow
 def test_figures_and_rank_shift_table_need_no_model(finished_run):
     cfg, s2 = finished_run["cfg"], finished_run["s2"]
     table = inputs.check_inputs(cfg, "make_figures")
@@ -63,6 +64,7 @@ def test_figures_and_rank_shift_table_need_no_model(finished_run):
     assert row["mean rank, stage I"] == pytest.approx(M.ranks_from_labels(scored.labels.numpy())[hit].mean(), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_the_reranked_file_reproduces_the_evaluation(finished_run):
     s1, s2 = finished_run["s1"], finished_run["s2"]
     scored = TopK.load(s2.reranked_file("val"))
@@ -78,6 +80,7 @@ def test_the_reranked_file_reproduces_the_evaluation(finished_run):
     assert all(metrics["stage2"][key] == pytest.approx(value) for key, value in recall.items())
 
 
+@pytest.mark.slow
 def test_explorer_changes_k_and_fusion_weight_from_the_files(finished_run):
     cfg, s2 = finished_run["explorer"], finished_run["s2"]
     assert inputs.check_inputs(cfg, "explorer")["exists"].all()
@@ -106,6 +109,7 @@ def test_explorer_changes_k_and_fusion_weight_from_the_files(finished_run):
     assert len(ex.figure(1, 3, FUSION).axes) == 1 + 2 * 3  # fewer re-ranked than SHOWN: all of them
 
 
+@pytest.mark.slow
 def test_missing_reranked_file_is_named_with_its_maker(finished_run, tmp_path):
     cfg = AnalysisConfig(stage1_run="s1", stage2_run="absent_run", dataset="cirr",
                          data_root=finished_run["cfg"].data_root, outputs=finished_run["cfg"].outputs)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cirlib import gpu_check
+from cirlib.tools import gpu_check
 from cirlib.paths import REPO_ROOT
 
 
@@ -19,6 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_no_cuda_prints_one_line_and_exits_cleanly():
     proc = _run()
     assert proc.returncode == gpu_check.NO_CUDA_EXIT == 0, proc.stderr
@@ -30,6 +31,7 @@ def test_no_cuda_prints_one_line_and_exits_cleanly():
     assert required.stdout.splitlines() == lines
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-in of the GPU run; on a GPU run make gpu-check")
 def test_every_part_runs_on_cpu_tiny(tmp_path):
     cfg = gpu_check.CheckConfig(device="cpu", preset="tiny", steps=2, stage1_batch=4, stage2_batch=4, store_images=6,

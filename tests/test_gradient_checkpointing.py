@@ -40,6 +40,7 @@ def _assert_same(a, b):
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.slow
 def test_stage1_checkpointing_same_gradients_and_recomputes():
     cfg = preset("tiny")
     torch.manual_seed(0)
@@ -65,6 +66,7 @@ def test_stage1_checkpointing_same_gradients_and_recomputes():
         model(tokens, ids, mask, targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
 @pytest.mark.parametrize("scoring", ["shared", "pairs"])
 def test_stage2_checkpointing_same_gradients_and_recomputes(reranker, scoring):

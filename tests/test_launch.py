@@ -29,6 +29,7 @@ WITHOUT_NOTEBOOKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_launch_all_runs_a_tiny_world_without_the_notebooks(tmp_path):
     world = synth.generate(synth.SynthConfig(layout="cirr", n_train=32, n_val=12, n_test=8, seed=3),
                            root=tmp_path / "cirr")
@@ -78,6 +79,7 @@ def test_evaluation_settings_go_to_evaluation_only():
     assert not hasattr(s2, "fusion_weight") and not hasattr(s1, "topk_k")
 
 
+@pytest.mark.slow
 def test_the_shims_keep_their_command_lines():
     root = Path(paths.REPO_ROOT)
     for module in ("cirlib.launch", "cirlib.batch", "cirlib.demo"):

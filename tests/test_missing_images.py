@@ -221,6 +221,7 @@ def _val_totals(world: World, limit: int = 0) -> tuple[int, int]:
     return total, dropped
 
 
+@pytest.mark.e2e
 def test_drop_runs_end_to_end_with_exact_counts(world, tmp_path, capsys):
     outputs = str(tmp_path / "outputs")
     cirr = world.layout == "cirr"

@@ -172,6 +172,7 @@ def test_stage1_batch_mismatch_is_refused():
         model(tokens, ids, mask, torch.zeros(3, cfg.projection_dim), label_offset=2)
 
 
+@pytest.mark.slow
 def test_stage2_shapes_at_tiny_preset():
     # The re-ranker belongs to the stage-II module; here only the interface the loaders and verify rely on.
     from cirlib.models.stage2 import RerankQuery
@@ -193,6 +194,7 @@ def test_stage2_shapes_at_tiny_preset():
         assert torch.allclose(pairs, scores[torch.arange(2), torch.arange(2, 4)], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_blip_base_parameter_counts_on_meta():
     cfg = preset("blip-base")
     with torch.device("meta"):

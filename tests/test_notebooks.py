@@ -193,6 +193,7 @@ def _write_notebook(src: Path, stem: str, parameters: str, body: str) -> None:
     nbformat.write(book, str(src / f"{stem}.ipynb"))
 
 
+@pytest.mark.notebooks
 def test_a_failing_notebook_stops_the_batch_naming_notebook_and_cell(tmp_path, capsys):
     src = tmp_path / "nbs"
     for stem, body in (("01_fails", 'raise ValueError("boom " + word)'), ("02_never", "print('unreachable')")):
@@ -206,6 +207,7 @@ def test_a_failing_notebook_stops_the_batch_naming_notebook_and_cell(tmp_path, c
     assert not (tmp_path / "out" / "02_never.ipynb").exists()
 
 
+@pytest.mark.notebooks
 def test_a_cell_over_the_timeout_stops_the_batch(tmp_path):
     src = tmp_path / "nbs"
     _write_notebook(src, "01_sleeps", 'word: str = "x"  # a word', "import time\ntime.sleep(60)")
@@ -227,6 +229,7 @@ def test_a_batch_without_run_runs_the_notebooks_that_apply_to_it():
     assert batch.notebook_needs(paths.NOTEBOOKS / "05_cirr_submission.ipynb") == []  # it skips non-CIRR runs itself
 
 
+@pytest.mark.notebooks
 def test_a_notebook_needing_what_the_batch_does_not_give_is_left_out(tmp_path, capsys):
     src = tmp_path / "nbs"
     for stem in ("01_always", "02_needs_root"):
@@ -247,6 +250,7 @@ def test_a_notebook_needing_what_the_batch_does_not_give_is_left_out(tmp_path, c
         batch.notebook_needs(src / "02_needs_root.ipynb")
 
 
+@pytest.mark.notebooks
 def test_executed_copies_show_finished_text_progress(tmp_path):
     """A batch run's kernels draw text bars: the executed copy ends at 100%, with no widget left at its first 0%."""
     src = tmp_path / "nbs"
@@ -284,6 +288,7 @@ def _fake_original_topk(stage2: torch.Tensor, k_gallery: int, seed: int) -> tupl
              "labels": labels, "split": "val"}, np.where(has_hit, rank1, -1))
 
 
+@pytest.mark.slow
 def test_figures_from_the_original_label_files(shared_dir, tmp_path):
     labels2 = torch.load(shared_dir / "data/original-artifacts/analysis_plot/cirr_stageII_labels_val.pt",
                          weights_only=True)
@@ -358,6 +363,7 @@ def smoke_batch(tmp_path_factory):
             shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.notebooks
 def test_every_notebook_runs_and_writes_its_artifacts(smoke_batch):
     tmp, s1, s2 = smoke_batch["tmp"], smoke_batch["s1"], smoke_batch["s2"]
     assert [p.name for p in smoke_batch["executed"]] == [f"{stem}.ipynb" for stem in NOTEBOOKS]
@@ -387,6 +393,7 @@ def test_every_notebook_runs_and_writes_its_artifacts(smoke_batch):
     assert sorted(map(tuple, report["names per list"])) == [(3,), (3,), (50,), (50,)]
 
 
+@pytest.mark.notebooks
 def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
     from cirlib.workbook.explorer import Explorer
 
@@ -409,6 +416,7 @@ def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
 # ------------------------------------------------------------------------------------------------ FashionIQ end to end
 
 
+@pytest.mark.notebooks
 def test_every_notebook_runs_on_a_fashioniq_world_with_hard_negatives(tmp_path):
     """The batch on a FashionIQ-layout world (three categories) as a user runs it with the paper's file, made tiny:
     train top-K for stage-II hard negatives (notebook 02 used to fail ranking train queries), per-category

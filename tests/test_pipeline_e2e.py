@@ -43,6 +43,7 @@ def _topk(outputs, **kw) -> TopKConfig:
                                 outputs=outputs), **kw})
 
 
+@pytest.mark.e2e
 def test_two_stage_pipeline(world, outputs):
     s1 = steps.train_stage1(_stage1(world, outputs))
     assert not s1.reused and (s1.run_dir / "model" / "model.safetensors").exists()
@@ -104,6 +105,7 @@ def test_two_stage_pipeline(world, outputs):
     assert set(recall[some]) == set(stage1_recall[some]) and recall[some][32:] == stage1_recall[some][32:]
 
 
+@pytest.mark.e2e
 def test_interrupted_stage1_resumes_to_the_same_weights(world, outputs):
     straight = steps.train_stage1(_stage1(world, outputs, stage1_run="straight"))
     steps.train_stage1(_stage1(world, outputs, stage1_run="resumed", epochs=1))

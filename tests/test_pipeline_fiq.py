@@ -64,6 +64,7 @@ def _check_fiq_summary(metrics: dict[str, float]) -> None:
     assert metrics["average_recall"] == pytest.approx((metrics["avg_R@10"] + metrics["avg_R@50"]) / 2)
 
 
+@pytest.mark.e2e
 def test_stage1_reports_each_category_and_the_papers_average(pipeline):
     s1 = pipeline["s1"]
     assert not s1.reused and (s1.run_dir / "model" / "model.safetensors").exists()
@@ -71,6 +72,7 @@ def test_stage1_reports_each_category_and_the_papers_average(pipeline):
     assert s1.metrics["selection"] == s1.metrics["average_recall"]
 
 
+@pytest.mark.e2e
 def test_train_and_val_topk_per_category(pipeline, world):
     s1_dir = pipeline["s1"].run_dir
     report = pipeline["report"]
@@ -101,6 +103,7 @@ def test_train_queries_are_ranked_with_the_fixed_join():
     assert query_texts(sd, [q]) == ["Is red and has sleeves"] == [cdata.query_text(q, "fashioniq", "val")]
 
 
+@pytest.mark.e2e
 def test_stage2_trains_on_hard_negatives_from_the_train_topk(pipeline):
     s2 = pipeline["s2"]
     assert (s2.run_dir / "model" / "model.safetensors").exists()
@@ -109,6 +112,7 @@ def test_stage2_trains_on_hard_negatives_from_the_train_topk(pipeline):
     assert record["config"]["hard_negatives"] == 2
 
 
+@pytest.mark.e2e
 def test_evaluation_per_category_and_average(pipeline):
     s1, s2, comparison = pipeline["s1"], pipeline["s2"], pipeline["comparison"]
     metrics = json.loads((s2.run_dir / "metrics.json").read_text())
@@ -130,6 +134,7 @@ def test_evaluation_per_category_and_average(pipeline):
     assert steps.submit_cirr(SubmissionConfig(stage2_run="s2", k=K, outputs=pipeline["out"])) == {}
 
 
+@pytest.mark.e2e
 def test_figure8_and_recall_curves_per_category(pipeline):
     written = {p.name for p in pipeline["figures"]}
     for cat in CATEGORIES:
@@ -159,6 +164,7 @@ def test_options_fashioniq_cannot_honour_are_refused_before_any_work(world, tmp_
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.e2e
 def test_topk_and_evaluation_refusals_on_a_fashioniq_run(pipeline):
     out = pipeline["out"]
     s1_dir = pipeline["s1"].run_dir

@@ -183,6 +183,7 @@ def _check(rec: dict, step: str, weights: dict[str, Path]) -> None:
     assert rec["config_hash"] == run_folder.config_hash(rec["config"])
 
 
+@pytest.mark.slow
 def test_every_result_file_of_a_run_says_what_produced_it(trained):
     s1, s2 = RunFolder.of("stage1", "s1", trained), RunFolder.of("stage2", "s2", trained)
     # config.json stays the bare config; provenance.json beside it says what produced the run
@@ -224,6 +225,7 @@ def test_every_result_file_of_a_run_says_what_produced_it(trained):
                                                                           for f in sub["files"].values())
 
 
+@pytest.mark.slow
 def test_the_full_record_is_never_compared_for_top_k_reuse(trained, tmp_path, capsys):
     out = str(tmp_path / "outputs")
     shutil.copytree(trained, out)
@@ -244,6 +246,7 @@ def test_the_full_record_is_never_compared_for_top_k_reuse(trained, tmp_path, ca
 # ------------------------------------------------------------------------------------------------ reproduce
 
 
+@pytest.mark.slow
 def test_reproduce_prints_a_command_that_makes_the_same_stage1_run(trained, tmp_path, capsys):
     s1 = RunFolder.of("stage1", "s1", trained)
     params = tmp_path / "again.yaml"
@@ -270,6 +273,7 @@ def test_reproduce_prints_a_command_that_makes_the_same_stage1_run(trained, tmp_
     assert "re-extracting" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_a_stage2_run_and_warn_about_a_dirty_tree(trained, tmp_path):
     out = tmp_path / "outputs"
     shutil.copytree(trained, out)

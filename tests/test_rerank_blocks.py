@@ -51,6 +51,7 @@ def world(tmp_path_factory):
     return stage1, stage2, tok, sd, topk_from_ranking(sd, sd.queries, g1, ranking), g2
 
 
+@pytest.mark.slow
 def test_block_grouping_scores_equal_per_batch_and_per_pair(world):
     stage1, stage2, tok, sd, topk, gallery = world
     common = dict(k=12, batch_size=3, max_pairs=16)

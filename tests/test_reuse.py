@@ -83,6 +83,7 @@ def _killed(cfg, call: str) -> None:
     assert proc.returncode == -9, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_an_interrupted_extension_of_a_finished_run_is_not_reported_finished(world, outputs, stage):
     make, call = (_s1, "train_stage1") if stage == "stage1" else (_s2, "train_stage2")
@@ -155,6 +156,7 @@ def _files(folder) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_saved_evaluation_is_reused_only_for_the_same_settings_models_and_file(world, outputs):
     run = RunFolder.of("stage2", "s2", outputs)
     full = _evaluate(outputs)
@@ -174,6 +176,7 @@ def test_a_saved_evaluation_is_reused_only_for_the_same_settings_models_and_file
     assert not _evaluate(outputs).reused
 
 
+@pytest.mark.slow
 def test_changing_only_k_or_fusion_weight_never_retrains(world, outputs):
     s2 = RunFolder.of("stage2", "s2", outputs)
     s1 = RunFolder.of("stage1", "s1", outputs)
@@ -199,6 +202,7 @@ def _shuffled_copy(src, dst) -> None:
     torch.save(raw, dst)
 
 
+@pytest.mark.slow
 def test_a_top_k_file_whose_rows_are_not_the_queries_is_refused(world, outputs, tmp_path):
     src = RunFolder.of("stage1", "s1", outputs).topk_file("val")
     _shuffled_copy(src, tmp_path / "shuffled.pt")
@@ -207,6 +211,7 @@ def test_a_top_k_file_whose_rows_are_not_the_queries_is_refused(world, outputs, 
         _evaluate(outputs, topk_path=str(tmp_path / "shuffled.pt"))
 
 
+@pytest.mark.slow
 def test_a_top_k_file_of_earlier_stage1_weights_is_re_extracted(world, outputs, capsys):
     run = RunFolder.of("stage1", "s1", outputs)
     old = TopK.load(run.topk_file("val"))
@@ -272,6 +277,7 @@ def test_evaluation_and_submission_show_no_training_parameter():
         assert not training_only & {f.name for f in dataclasses.fields(cls)}, cls.__name__
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_is_refused_by_the_steps_that_read_it(world, outputs):
     run = RunFolder.of("stage2", "s2", outputs)
     os.remove(run.completion_file)

@@ -173,6 +173,7 @@ def _tokens(cfg: ModelConfig, n: int, seed: int = 2) -> torch.Tensor:
     return torch.randn(n, cfg.vision.num_tokens, cfg.vision.width, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
 def test_shared_paths_equal_per_pair_in_eval(reranker):
     cfg = _tiny(reranker)
@@ -200,6 +201,7 @@ def test_shared_paths_equal_per_pair_in_eval(reranker):
                                    torch.gather(ref_all, 1, index), atol=ATOL_PATHS, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
 def test_training_step_equal_per_pair(reranker):
     """Train mode (dropout 0 so both paths are deterministic): logits, loss and every gradient agree."""
@@ -227,6 +229,7 @@ def test_training_step_equal_per_pair(reranker):
     assert max(g.abs().max() for g in g_ref.values()) > 1e-3  # gradients are not all zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reranker", ["dual", "joint"])
 def test_mixed_negatives_gradients_equal_per_pair(reranker):
     """Candidate lists with a positive per row (hard + in-batch negatives), train mode, dropout 0."""
@@ -251,6 +254,7 @@ def test_mixed_negatives_gradients_equal_per_pair(reranker):
         torch.testing.assert_close(results[1][1][name], g, atol=ATOL_PATHS, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_dropout_is_active_in_train_mode():
     cfg = _tiny("dual", dropout=0.5)
     model = _randomized(cfg).train()

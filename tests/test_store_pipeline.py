@@ -59,6 +59,7 @@ def _assert_same_metrics(a: dict, b: dict) -> None:
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_stage1_with_the_store_trains_and_validates_as_without_it_and_reuses_it(world, tmp_path, vit_calls):
     plain = steps.train_stage1(_s1(world, tmp_path / "plain"))
     assert vit_calls, "the path without a store encodes images"
@@ -80,6 +81,7 @@ def test_stage1_with_the_store_trains_and_validates_as_without_it_and_reuses_it(
     assert vit_calls == []
 
 
+@pytest.mark.slow
 def test_stage2_with_the_store_trains_and_evaluates_as_without_it(world, tmp_path, vit_calls):
     out = tmp_path / "out"
     steps.train_stage1(_s1(world, out, validate_every=0))

@@ -84,6 +84,7 @@ def test_trackers_none_writes_no_event_file(tmp_path):
     assert not (run / "tensorboard").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", ["crash", "time_budget", "more_epochs", "tensorboard_chosen_later"])
 def test_a_resumed_run_continues_the_same_curves(tmp_path, resume):
     straight = tmp_path / "straight"

@@ -358,6 +358,7 @@ def test_resume_after_simulated_crash_is_bit_identical(tmp_path):
     assert _strip_time(read_metrics(tmp_path / "crash")) == _strip_time(read_metrics(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_time_budget_stops_and_resumes_mid_epoch_exactly(tmp_path):
     straight = ToyTask()
     fit(straight, _cfg(epochs=3, max_epoch=3, grad_accumulation_steps=2), tmp_path / "straight")
@@ -551,6 +552,7 @@ class LoaderTask:
         return metrics["neg_mse"]
 
 
+@pytest.mark.slow
 def test_task_built_loader_mode_resumes_exactly(tmp_path):
     cfg = _cfg(epochs=3, max_epoch=3)
     straight = LoaderTask()

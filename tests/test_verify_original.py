@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cirlib import verify_original as V
+from cirlib.tools import verify_original as V
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ SEP_TOKEN_ID = 102
 # CIRR validation (the released split): queries, gallery images, candidates re-ranked per query (the original's k).
 CIRR_VAL_QUERIES, CIRR_VAL_GALLERY, CIRR_K = 4181, 2297, 50
 CIRR_VAL_REUSE = CIRR_VAL_QUERIES * CIRR_K / CIRR_VAL_GALLERY  # 91.0: lists per image if every image appears
-from cirlib.bench_store import STORE_CASES, bench_store  # noqa: E402  (feature-store cases, issue 13)
+from cirlib.tools.bench_store import STORE_CASES, bench_store  # noqa: E402  (feature-store cases, issue 13)
 CASES = ("eval", "train", "eval-cirr-shaped", "memory-stage2", *STORE_CASES)
 BOTH = ("dual", "joint")  # what --reranker both runs: the two built-in re-rankers
 

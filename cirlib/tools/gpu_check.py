@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cirlib import bench
+from cirlib.tools import bench
 from cirlib.models.config import preset as model_preset
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
