@@ -109,9 +109,6 @@ class SynthConfig:
         for name in ("n_train", "n_val", "n_test", "n_near_duplicates", "jitter"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}, expected an int >= 0")
-        sizes = [getattr(self, n) for n in ("n_train", "n_val", "n_test")]
-        if all(isinstance(n, int) for n in sizes) and sum(sizes) == 0:
-            problems.append("n_train, n_val and n_test are all 0: a world needs at least one query")
         for name in ("n_train", "n_val", "n_test"):
             if isinstance(getattr(self, name), int) and getattr(self, name) >= 1_000_000:
                 problems.append(f"{name}={getattr(self, name)}, expected < 1,000,000 (pair-id ranges)")
@@ -975,6 +972,8 @@ def generate(
             )
     if workers < 1:
         raise ValueError(f"workers={workers}, expected >= 1")
+    if cfg.n_train + cfg.n_val + cfg.n_test == 0:
+        raise ValueError(EMPTY_WORLD)
 
     partial = root.with_name(root.name + ".partial")
     marker = partial / ".cirlib-synth-partial"
@@ -1157,6 +1156,9 @@ def summarize(root: str | os.PathLike | None = None, layout: str = "cirr") -> di
     return summary
 
 
+EMPTY_WORLD = "n_train, n_val and n_test are all 0: a world needs at least one query"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: generate a world and print its summary."""
     parser = argparse.ArgumentParser(prog="cirlib-synth", description="Generate the synthetic CIR world.")
@@ -1184,6 +1186,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected >= 1 (rendering processes)")
+    if cfg.n_train + cfg.n_val + cfg.n_test == 0:
+        parser.error(EMPTY_WORLD)
     # A path typed on the command line means the shell's current directory, unlike library paths.
     out = None if args.out is None else args.out.expanduser().absolute()
     root = generate(cfg, out, overwrite=args.overwrite, workers=args.workers)
