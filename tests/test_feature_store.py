@@ -247,6 +247,7 @@ def test_a_corrupt_shard_is_an_error_naming_the_file_and_a_build_repairs_it(mode
         fs.FeatureStore.open(store.folder)
 
 
+@pytest.mark.slow
 def test_a_shard_changed_in_place_fails_its_checksum_at_open(model, train, tmp_path):
     store = build(fs.stage1_image_encoder(model), train.gallery, train, tmp_path)
     shard = store.folder / "embeds-00001.npy"
@@ -279,6 +280,7 @@ def _unchecked(folder):
     return fs.FeatureStore(folder, json.loads((folder / fs.MANIFEST_FILE).read_text()))
 
 
+@pytest.mark.slow
 def test_a_shard_is_not_written_without_the_disk_space_for_it(model, train, tmp_path, monkeypatch):
     import shutil as sh
     real = sh.disk_usage
@@ -288,6 +290,7 @@ def test_a_shard_is_not_written_without_the_disk_space_for_it(model, train, tmp_
     assert not list((tmp_path / "features").rglob("*.npy*"))  # nothing half-written
 
 
+@pytest.mark.slow
 def test_a_second_process_waits_for_a_build_then_reuses_it(model, train, tmp_path, capsys):
     import threading
     import time

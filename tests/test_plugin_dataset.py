@@ -117,6 +117,7 @@ def toy_pipeline(tmp_path_factory):
             registry._loaded_plugins.discard(str(PLUGIN))
 
 
+@pytest.mark.e2e
 def test_toy_dataset_is_found_through_the_plugin_variable(toy_pipeline):
     from cirlib import data as cdata
 
@@ -129,6 +130,7 @@ def test_toy_dataset_is_found_through_the_plugin_variable(toy_pipeline):
         cdata.load_split(TOY, toy_pipeline["world"], "val", "dress")
 
 
+@pytest.mark.e2e
 def test_toy_dataset_runs_stage1_topk_stage2_and_evaluation(toy_pipeline):
     from cirlib.retrieval.topk import TopK
 

@@ -77,6 +77,7 @@ def test_the_toy_is_built_by_name_and_declares_its_paths(toy):
         Stage2TrainConfig(reranker="nope")
 
 
+@pytest.mark.slow
 def test_the_toy_trains_and_evaluates_through_the_public_steps(toy, stage1_run):
     world, outputs = stage1_run
     cfg = Stage2TrainConfig(stage2_run="toy", stage1_run="s1", data_root=str(world), preset="tiny", reranker="toy",
@@ -96,6 +97,7 @@ def test_the_toy_trains_and_evaluates_through_the_public_steps(toy, stage1_run):
     assert labels.shape == (12, 8)
 
 
+@pytest.mark.e2e
 def test_the_toy_runs_through_launch_with_cirlib_plugins(stage1_run, tmp_path):
     world, outputs = stage1_run
     params = {"data_root": str(world), "dataset": "cirr", "preset": "tiny", "stage1_run": "s1",

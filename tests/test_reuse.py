@@ -104,6 +104,7 @@ def _contents(folder) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("stage, change", [("stage1", {"max_steps_per_epoch": 5}), ("stage2", {"lr": 0.5})])
+@pytest.mark.slow
 def test_a_refused_config_change_leaves_a_finished_run_byte_identical(world, outputs, stage, change):
     make, call = (_s1, "train_stage1") if stage == "stage1" else (_s2, "train_stage2")
     run = RunFolder.of(stage, "s1" if stage == "stage1" else "s2", outputs)
@@ -115,6 +116,7 @@ def test_a_refused_config_change_leaves_a_finished_run_byte_identical(world, out
 
 
 @pytest.mark.parametrize("step", ["extract_topk", "evaluate"])
+@pytest.mark.slow
 def test_an_unwritable_run_folder_is_refused_before_the_work(world, outputs, step, monkeypatch):
     import errno
     from pathlib import Path
@@ -138,6 +140,7 @@ def test_an_unwritable_run_folder_is_refused_before_the_work(world, outputs, ste
         getattr(steps, step)(cfg)
 
 
+@pytest.mark.slow
 def test_two_evaluations_of_one_run_do_not_both_write(world, outputs):
     from cirlib.run_folder import LockedError
 
