@@ -301,7 +301,7 @@ def test_a_second_process_waits_for_a_build_then_reuses_it(model, train, tmp_pat
     folder = fs.store_folder(fs.store_key(encoder, PREP), tmp_path)
     folder.parent.mkdir(parents=True)
     got = {}
-    with folder_lock(folder.with_name(folder.name + ".lock"), "a build"):  # another process is building it
+    with folder_lock(fs.build_lock_file(folder), "a build"):  # another process is building it
         waiter = threading.Thread(target=lambda: got.update(store=build(encoder, train.gallery[:8], train, tmp_path)))
         waiter.start()
         time.sleep(1.0)

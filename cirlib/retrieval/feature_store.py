@@ -43,7 +43,7 @@ process checks every shard and writes the manifest "complete". Completion is rec
 than by rewriting the manifest because several processes finish shards concurrently and one JSON file written by all
 of them would need a lock. The encoder runs in eval mode (restored afterwards), under inference_mode, with autocast
 off: the store always holds the weights' own precision. One build per store at a time: `open_store` holds
-`<store>.lock` while it plans and builds, and another process asking for the same store waits for it.
+`.<store>.lock` while it plans and builds, and another process asking for the same store waits for it.
 
 Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E), torch tensors in the dtype asked
 for (float32 by default), rows in the order of `names`; only the rows read are touched (memory-mapped). A store is
@@ -642,6 +642,11 @@ def plan_build(key: Mapping[str, Any], names: Sequence[str], *, outputs_root: st
     return BuildPlan(folder=folder, key=key, shards=shards, todo=todo, status=status, reason=reason)
 
 
+def build_lock_file(folder: Path) -> Path:
+    """The lock a build of the store `folder` holds: hidden, beside the folder (a rebuild deletes the folder)."""
+    return folder.with_name(f".{folder.name}.lock")
+
+
 def _remove_shard(folder: Path, shard: Mapping[str, Any], outputs: Sequence[str]) -> None:
     for output in outputs:
         path = folder / _shard_file(output, shard["id"])
@@ -837,13 +842,13 @@ def open_store(encoder: ImageEncoder, preprocess: Mapping[str, Any], names: Sequ
     """
     key = store_key(encoder, preprocess, dtype)
     folder = store_folder(key, outputs_root)
-    # One build of a store at a time: the main process holds `<store>.lock` (beside the folder, which a rebuild
+    # One build of a store at a time: the main process holds `.<store>.lock` (beside the folder, which a rebuild
     # deletes) from planning to the finished manifest; another process asking for the store meanwhile waits, then
     # reuses what was built.
     building = contextlib.nullcontext()
     if dist.is_main_process():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        building = folder_lock(folder.with_name(folder.name + ".lock"), f"feature store {folder}", wait=progress_write)
+        building = folder_lock(build_lock_file(folder), f"feature store {folder}", wait=progress_write)
     with building:
         plan = _plan_and_build(key, names, images, outputs_root=outputs_root, mode=mode, shard_size=shard_size,
                                batch_size=batch_size, device=device, num_workers=num_workers, encoder=encoder)
