@@ -155,3 +155,9 @@ def test_verify_handles_other_sizes(fixture_dir, tmp_path, one_thread):
     assert {"stage1.ranking", "stage2.scores", "stage2.scores (per-pair path)",
             "pretrain_loaded.stage2 fresh keys (set)"} <= set(results)
     assert any(name.startswith("pretrain_loaded.stage2 key duplication") for name in results)
+
+
+def test_a_folder_that_is_no_fixture_is_one_line(tmp_path, capsys):
+    assert V.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/config.json not found" in err and "Traceback" not in err

@@ -542,7 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cirlib.verify_original", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="oracle fixture folder (config.json, inputs.pt, expected.pt, ...)")
     args = parser.parse_args(argv)
-    results, skipped = _verify(args.directory)
+    try:
+        results, skipped = _verify(args.directory)
+    except (FileNotFoundError, loading.CheckpointError) as err:  # not a fixture folder, or a damaged file in it: one line
+        print(f"verify_original: {err}", file=sys.stderr)
+        return 2
     for r in results:
         print(r.line())
     if skipped:
