@@ -649,6 +649,7 @@ def test_damaged_checkpoint_file_is_named_with_what_to_do(tmp_path, damaged):
         fit(task, _cfg(epochs=3), run)
     message = str(caught.value)
     assert str(path) in message and "overwrite=True" in message, message
+    assert "delete" not in message, message  # deleting last/ alone leaves best/ and the log of the damaged run behind
     assert task.calls == 0
     from cirlib.train.checkpoints import CheckpointError
 

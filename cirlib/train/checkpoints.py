@@ -17,6 +17,7 @@ leaves a half-written folder under the final name. This module keeps one folder 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -49,8 +50,10 @@ def checkpoint_dir(run_dir: str | os.PathLike, which: str = "best") -> Path:
 
 
 def _restart_hint(folder: Path) -> str:
-    return (f"the checkpoint is damaged (a crash or a full disk while it was written?): restore the file, or train "
-            f"this run from scratch with overwrite=True (or delete {folder})")
+    # Not "delete the folder": the run's other checkpoint (best/) and its training log would stay behind and disagree
+    # with a run trained afresh; overwrite=True clears all of them together.
+    return (f"the checkpoint {folder} is damaged (a crash or a full disk while it was written?): restore the file, or "
+            "train this run from scratch with overwrite=True (which clears its checkpoints and training log)")
 
 
 def write_failed(path: Path, err: BaseException) -> paths.FileWriteError:
@@ -104,9 +107,10 @@ def read_info(folder: Path) -> dict[str, Any]:
     """The checkpoint's record; a missing, broken or foreign info.json raises CheckpointError naming it."""
     path = folder / INFO_FILE
     try:
-        info = paths.read_json(path, "checkpoint record")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint record ({err}); {_restart_hint(folder)}") from err
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # not read_json: its "delete it" does not hold for a checkpoint's record
+        raise CheckpointError(f"{path}: cannot read the checkpoint record ({type(err).__name__}: {err}); "
+                              f"{_restart_hint(folder)}") from err
     if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise CheckpointError(f"{path}: checkpoint format {found!r}, expected one of {READABLE_FORMATS} (written by "
