@@ -362,20 +362,9 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
     epochs_completed = 0
     if cfg.epochs > 0:
         transform = cdata.targetpad_transform(cfg.target_ratio, model.config.vision.image_size)
-        datasets = []
-        for sd in train_sets:
-            names = None
-            if cfg.hard_negatives > 0:
-                p = cfg.stage1_folder.topk_file("train", sd.category)
-                if not p.exists():
-                    raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including "
-                                            "'train'")
-                names = TopK.load(p, dataset=cfg.dataset, split="train", category=sd.category,
-                                  k=cfg.mining_k).sorted_index_names
-                sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
-            datasets.append(MinedTripletDataset(sd, transform, names, cfg.hard_negatives, seed=cfg.seed,
-                                                n_set=cfg.set_negatives, images=store is None))
-        dataset = datasets[0] if len(datasets) == 1 else _ConcatMined(datasets)
+        dataset = _mined_triplets(train_sets, transform, cfg.stage1_folder, dataset=cfg.dataset,
+                                  hard_negatives=cfg.hard_negatives, set_negatives=cfg.set_negatives,
+                                  mining_k=cfg.mining_k, seed=cfg.seed, images=store is None)
         task = Stage2Task(model, stage1, tok, dataset, batch_size=cfg.batch_size,
                           hard_negatives=cfg.hard_negatives + cfg.set_negatives,
                           inbatch_negatives=cfg.inbatch_negatives, stage1_train_mode=cfg.stage1_train_mode,
@@ -390,6 +379,23 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
     book.write(lambda: run.complete(ident, epochs_completed=epochs_completed, metrics=best, weights_sha256=weights,
                                     inputs=inputs, provenance=record(stage2=run.weights_file)))
     return RunSummary(run.path, best, False, time.time() - t0)
+
+
+def _mined_triplets(train_sets: list["cdata.SplitData"], transform, stage1_run: RunFolder, *, dataset: str,
+                    hard_negatives: int, set_negatives: int, mining_k: int, seed: int, images: bool):
+    """Stage II's training triplets of every split, hard negatives mined from stage I's train top-k files."""
+    datasets = []
+    for sd in train_sets:
+        names = None
+        if hard_negatives > 0:
+            p = stage1_run.topk_file("train", sd.category)
+            if not p.exists():
+                raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including 'train'")
+            names = TopK.load(p, dataset=dataset, split="train", category=sd.category, k=mining_k).sorted_index_names
+            sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
+        datasets.append(MinedTripletDataset(sd, transform, names, hard_negatives, seed=seed, n_set=set_negatives,
+                                            images=images))
+    return datasets[0] if len(datasets) == 1 else _ConcatMined(datasets)
 
 
 class _ConcatMined(torch.utils.data.ConcatDataset):
@@ -530,27 +536,14 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     root = data_root(trained)
     sd = step_sets("submit_cirr", trained.dataset, root, trained.categories, {ds.test_split: 0}, trained.missing_images,
                    run)[ds.test_split][0]
-    if sd.dropped is not None:
-        d = sd.dropped
-        raise cdata.DatasetError(
-            f"refusing to write a CIRR test submission: {len(d.missing):,} test1 images are missing, so "
-            f"{len(d.queries):,} of {d.queries_before:,} test1 queries were dropped (missing_images=\"drop\"; listed "
-            f"in {run.dropped_queries_file}). The server scores every pair id, and no honest answer exists for a "
-            "dropped query: without its reference image there is no query to encode, and without one of its img_set "
-            "members the set cannot be ranked. Restore the images (`python -m cirlib.data check --dataset cirr "
-            f"{root}` lists them), extract the test1 top-K again (notebook 02) and submit then.")
+    _refuse_dropped_queries(sd, run, root)
     dev = device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
     p = trained.stage1_folder.topk_file(sd.split)
-    if not p.exists():
-        raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
-    tk = match_rows(TopK.load(p, dataset=trained.dataset, split=sd.split, index_names=sd.gallery), sd, p)
-    if tk.k < SUBMISSION_LENGTH:
-        raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
-                         f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
+    tk = _test_topk(p, trained.dataset, sd)
     transform = cdata.targetpad_transform(trained.target_ratio, stage2.config.vision.image_size)
     # a stage-II run trained with stores re-ranks from them (its saved config), as its evaluation did
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
@@ -582,6 +575,30 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
 
     # The main process writes and checks the files; the others learn where they are.
     return book.write(write, share=True)
+
+
+def _refuse_dropped_queries(sd: "cdata.SplitData", run: RunFolder, root: Path) -> None:
+    """Refuse a test split whose queries were dropped for missing images: the server scores every pair id."""
+    if sd.dropped is not None:
+        d = sd.dropped
+        raise cdata.DatasetError(
+            f"refusing to write a CIRR test submission: {len(d.missing):,} test1 images are missing, so "
+            f"{len(d.queries):,} of {d.queries_before:,} test1 queries were dropped (missing_images=\"drop\"; listed "
+            f"in {run.dropped_queries_file}). The server scores every pair id, and no honest answer exists for a "
+            "dropped query: without its reference image there is no query to encode, and without one of its img_set "
+            "members the set cannot be ranked. Restore the images (`python -m cirlib.data check --dataset cirr "
+            f"{root}` lists them), extract the test1 top-K again (notebook 02) and submit then.")
+
+
+def _test_topk(p: Path, dataset: str, sd: "cdata.SplitData") -> TopK:
+    """The test split's stage-I top-k file at `p`, checked: its rows are `sd`'s queries, with enough candidates."""
+    if not p.exists():
+        raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
+    tk = match_rows(TopK.load(p, dataset=dataset, split=sd.split, index_names=sd.gallery), sd, p)
+    if tk.k < SUBMISSION_LENGTH:
+        raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
+                         f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
+    return tk
 
 
 def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
