@@ -12,6 +12,9 @@ layout and file names). Nothing is reused unless everything that produced it is 
 
 Evaluation and submission take only their own settings; models, data and preprocessing come from the stage-II run's
 saved config, so changing an evaluation setting never retrains.
+
+What is not computing (decisions the main process takes for all, the run folder's lock, reuse, provenance records,
+writes by the main process only) is each step's `cirlib.workbook.bookkeeping.StepBook`.
 """
 from __future__ import annotations
 
@@ -32,10 +35,10 @@ from cirlib.models import loading
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError, config_hash, file_sha256
-from cirlib.workbook.bookkeeping import StepBook
 from cirlib.train.loop import TrainConfig, fit, refuse_other_config, require_trackers
 from cirlib.train.runtime import resolve_precision, seed_everything
 from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
+from cirlib.workbook.bookkeeping import StepBook
 from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig,
                                     identity, split_list)
 from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_stage2, limit_queries, load_val_topks,
