@@ -12,10 +12,12 @@ layout and file names). Nothing is reused unless everything that produced it is 
 
 Evaluation and submission take only their own settings; models, data and preprocessing come from the stage-II run's
 saved config, so changing an evaluation setting never retrains.
+
+What is not computing (decisions the main process takes for all, the run folder's lock, reuse, provenance records,
+writes by the main process only) is each step's `cirlib.workbook.bookkeeping.StepBook`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -27,8 +29,7 @@ import pandas as pd
 import torch
 
 from cirlib import data as cdata
-from cirlib import distributed as dist
-from cirlib import paths, provenance
+from cirlib import paths
 from cirlib.eval import metrics as M
 from cirlib.models import loading
 from cirlib.retrieval.rerank import rerank
@@ -37,6 +38,7 @@ from cirlib.run_folder import RunFolder, RunFolderError, config_hash, file_sha25
 from cirlib.train.loop import TrainConfig, fit, refuse_other_config, require_trackers
 from cirlib.train.runtime import resolve_precision, seed_everything
 from cirlib.train.tasks import MinedTripletDataset, Stage1Task, Stage2Task
+from cirlib.workbook.bookkeeping import StepBook
 from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig,
                                     identity, split_list)
 from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_stage2, limit_queries, load_val_topks,
@@ -64,16 +66,6 @@ def resolve(cfg):
     return dataclasses.replace(cfg, **over)
 
 
-def _on_main(fn):
-    """fn() decided by the main process for all (collective): the others must not see files it writes meanwhile."""
-    return dist.broadcast_object(fn() if dist.is_main_process() else None)
-
-
-def _say(message: str) -> None:
-    if dist.is_main_process():
-        print(message, flush=True)
-
-
 def _train_config(cfg) -> TrainConfig:
     return TrainConfig(
         epochs=cfg.epochs, max_epoch=cfg.max_epoch, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
@@ -83,16 +75,6 @@ def _train_config(cfg) -> TrainConfig:
         max_steps_per_epoch=cfg.max_steps_per_epoch or None,
         time_budget_s=(cfg.time_budget_s or None), num_workers=cfg.num_workers, trackers=cfg.trackers,
     )
-
-
-def _record(step: str, cfg, sets, *, dataset: str, root: Path, preset: str, precision: str, seed: int,
-            weights: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None, **extra: Any
-            ) -> dict[str, Any]:
-    """The provenance record of a result this step writes (`cirlib.provenance.record`): `cfg`'s fields, the files it
-    read (weights, inputs, the splits' annotation files), and where and how it ran."""
-    return provenance.record(step, identity(cfg), weights=weights, inputs=inputs, splits=sets, dataset=dataset,
-                             data_root=root, preset=preset, device=device(), precision=precision, seed=seed,
-                             outputs=cfg.outputs, **extra)
 
 
 def _training_precision(cfg, dev) -> str:
@@ -128,7 +110,8 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     cfg = resolve(cfg)
     t0 = time.time()
     run, ident = cfg.stage1_folder, identity(cfg)
-    record = None if cfg.overwrite else _on_main(lambda: run.finished(ident))
+    book = StepBook("train_stage1", run)
+    record = book.finished(ident, overwrite=cfg.overwrite)
     if record is not None:
         return RunSummary(run.path, record["metrics"], True, 0.0)
     check_feature_store(cfg)
@@ -163,15 +146,12 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     precision = _training_precision(cfg, dev)  # on every process: a bad precision stops them all
 
     def record(**weights: Any) -> dict[str, Any]:
-        return _record("train_stage1", cfg, [*val_sets, *train_sets], dataset=cfg.dataset, root=root,
-                       preset=cfg.preset, precision=precision, seed=cfg.seed,
-                       weights={**read, **weights}, **provenance_of(store))
+        return book.record(cfg, [*val_sets, *train_sets], dataset=cfg.dataset, root=root, preset=cfg.preset,
+                           precision=precision, seed=cfg.seed, weights={**read, **weights}, **provenance_of(store))
 
     if cfg.epochs > 0 and not cfg.overwrite:
         refuse_other_config(run.path, _train_config(cfg))  # before config.json changes: a refusal changes nothing
-    if dist.is_main_process():
-        run.start(ident, record())
-    dist.barrier()
+    book.start(ident, record)
     epochs_completed = 0
     if cfg.epochs > 0:
         task = Stage1Task(model, tok, train_sets, transform,
@@ -181,16 +161,18 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
         result = fit(task, _train_config(cfg), run.path, overwrite=cfg.overwrite)
         result.load_best_into(model)
         epochs_completed = result.epochs_completed
-    weights = _on_main(lambda: _save_model(run, model, tok))
+    weights = book.decide(lambda: _save_model(run, model, tok))
     final = validate()
-    if dist.is_main_process():
+
+    def finish() -> None:
         made_by = record(stage1=run.weights_file)  # the weights evaluated are the ones this run wrote
         paths.write_json(run.evaluation_file, {"final": final, "split": EVAL_SPLIT, "config_hash": config_hash(ident),
                                                "weights_sha256": weights, "provenance": made_by,
                                                "query_counts": query_counts(val_sets, run)})
         run.complete(ident, epochs_completed=epochs_completed, metrics=final, weights_sha256=weights,
                      provenance=made_by)
-    dist.barrier()
+
+    book.write(finish)
     return RunSummary(run.path, final, False, time.time() - t0)
 
 
@@ -220,6 +202,18 @@ def _stale_reason(path: Path, want: dict[str, Any]) -> str | None:
     return f"it was made with other settings ({have.get('config')} != {want['config']})"
 
 
+def _stale_topks(files: list[Path], wanted: list[dict[str, Any]], overwrite: bool) -> list[int]:
+    """The indices of the top-k `files` to (re)make: each is reused only when its provenance is `wanted`'s."""
+    todo = []
+    for i, (path, want) in enumerate(zip(files, wanted)):
+        reason = "overwrite=True" if overwrite else _stale_reason(path, want)
+        if reason is not None:
+            if reason != "missing":
+                print(f"[extract_topk] re-extracting {path}: {reason}", flush=True)
+            todo.append(i)
+    return todo
+
+
 def topk_records(run: RunFolder) -> dict[Path, dict[str, Any] | None]:
     """Each top-k file of a stage-I run and the provenance record it carries (`produced_by`; None: none recorded)."""
     return {path: TopK.load(path).produced_by for path in run.topk_files()}
@@ -236,8 +230,9 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
     model, tok = load_stage1_run(run)
     trained = run.saved_config()
     refuse_unsupported(cfg, trained["dataset"], trained["categories"])
-    weights = _on_main(lambda: file_sha256(run.weights_file))
-    _on_main(lambda: paths.check_writable(run.path, f"stage-I run folder {run.path} (its top-k files)"))
+    book = StepBook("extract_topk", run)
+    weights = book.decide(lambda: file_sha256(run.weights_file))
+    book.check_writable(f"stage-I run folder {run.path} (its top-k files)")
     dev = device()
     model.to(dev).eval()
     root = dataset_root(trained["data_root"])
@@ -252,19 +247,8 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
         if split == "train":
             sets = [mining_subset(s, cfg.mining_queries) for s in sets]
         wanted = [_topk_provenance(cfg, trained, weights, sd) for sd in sets]
-
-        def stale() -> list[int]:
-            todo = []
-            for i, (sd, want) in enumerate(zip(sets, wanted)):
-                path = run.topk_file(split, sd.category)
-                reason = "overwrite=True" if cfg.overwrite else _stale_reason(path, want)
-                if reason is not None:
-                    if reason != "missing":
-                        print(f"[extract_topk] re-extracting {path}: {reason}", flush=True)
-                    todo.append(i)
-            return todo
-
-        todo = _on_main(stale)
+        todo = book.decide(lambda: _stale_topks([run.topk_file(split, sd.category) for sd in sets], wanted,
+                                                cfg.overwrite))
         if todo:
             # a run trained with a store ranks with it too (its saved config; older runs: none)
             store = stage1_store(model, trained.get("feature_store", ""), [sets[i] for i in todo],
@@ -272,14 +256,16 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
             _, topks = evaluate_stage1(model, tok, [sets[i] for i in todo], image_size=model.config.vision.image_size,
                                        target_ratio=trained["target_ratio"], k=cfg.topk_k, stage1_run=cfg.stage1_run,
                                        dev=dev, search=cfg.search, store=store)
-            if dist.is_main_process():
+
+            def save() -> None:
                 for i, tk in zip(todo, topks):
-                    made_by = _record("extract_topk", cfg, [sets[i]], dataset=trained["dataset"], root=root,
-                                      preset=trained["preset"], precision="fp32", seed=None,
-                                      weights={"stage1": run.weights_file}, **provenance_of(store))
+                    made_by = book.record(cfg, [sets[i]], dataset=trained["dataset"], root=root,
+                                          preset=trained["preset"], precision="fp32", seed=None,
+                                          weights={"stage1": run.weights_file}, **provenance_of(store))
                     dataclasses.replace(tk, provenance=wanted[i], produced_by=made_by).save(
                         run.topk_file(split, sets[i].category))
-            dist.barrier()
+
+            book.write(save)
         for sd in sets:
             path = run.topk_file(split, sd.category)
             tk = match_rows(TopK.load(path, dataset=trained["dataset"], split=split, category=sd.category), sd, path)
@@ -289,9 +275,7 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
                 row.update({f"cand@{x}": v for x, v in zip(ks, M.candidate_recall_at_k(tk.labels.numpy(), ks).values())})
             rows.append(row)
     report = pd.DataFrame(rows)
-    if dist.is_main_process():
-        paths.write_json(run.candidate_recall_file, report.to_dict(orient="records"))
-    dist.barrier()
+    book.write_json(run.candidate_recall_file, lambda: report.to_dict(orient="records"))
     return report
 
 
@@ -330,13 +314,14 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
                      run)
     val_sets = data[EVAL_SPLIT]
     val_files = val_topk_paths(cfg.stage1_folder, cfg.topk_path, val_sets)
-    inputs = _on_main(lambda: _stage2_inputs(cfg, val_files))
-    record = None if cfg.overwrite else _on_main(lambda: run.finished(ident))
+    book = StepBook("train_stage2", run)
+    inputs = book.decide(lambda: _stage2_inputs(cfg, val_files))
+    record = book.finished(ident, overwrite=cfg.overwrite)
     fresh = cfg.overwrite
     if record is not None:
-        if record.get("inputs") == inputs:
+        if book.matching(record, "inputs", inputs) is not None:
             return RunSummary(run.path, record["metrics"], True, 0.0)
-        _say(f"[train_stage2] retraining {run.path}: its stage-I weights or top-k files changed since it finished")
+        book.say(f"[train_stage2] retraining {run.path}: its stage-I weights or top-k files changed since it finished")
         fresh = True
     if cfg.epochs > 0:
         require_trackers(cfg.trackers)  # an unknown or uninstalled tracker is refused before any training
@@ -369,33 +354,20 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
     precision = _training_precision(cfg, dev)  # on every process: a bad precision stops them all
 
     def record(**weights: Any) -> dict[str, Any]:
-        return _record("train_stage2", cfg, [*val_sets, *train_sets], dataset=cfg.dataset, root=root,
-                       preset=cfg.preset, precision=precision, seed=cfg.seed,
-                       weights={**read, **weights}, inputs=topk_read, **provenance_of(store, zt_store))
+        return book.record(cfg, [*val_sets, *train_sets], dataset=cfg.dataset, root=root, preset=cfg.preset,
+                           precision=precision, seed=cfg.seed, weights={**read, **weights}, inputs=topk_read,
+                           **provenance_of(store, zt_store))
 
     if cfg.epochs > 0 and not fresh:
         refuse_other_config(run.path, _train_config(cfg))  # before config.json changes: a refusal changes nothing
-    if dist.is_main_process():
-        run.start(ident, record())
-    dist.barrier()
+    book.start(ident, record)
     best: dict[str, float] = {}
     epochs_completed = 0
     if cfg.epochs > 0:
         transform = cdata.targetpad_transform(cfg.target_ratio, model.config.vision.image_size)
-        datasets = []
-        for sd in train_sets:
-            names = None
-            if cfg.hard_negatives > 0:
-                p = cfg.stage1_folder.topk_file("train", sd.category)
-                if not p.exists():
-                    raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including "
-                                            "'train'")
-                names = TopK.load(p, dataset=cfg.dataset, split="train", category=sd.category,
-                                  k=cfg.mining_k).sorted_index_names
-                sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
-            datasets.append(MinedTripletDataset(sd, transform, names, cfg.hard_negatives, seed=cfg.seed,
-                                                n_set=cfg.set_negatives, images=store is None))
-        dataset = datasets[0] if len(datasets) == 1 else _ConcatMined(datasets)
+        dataset = _mined_triplets(train_sets, transform, cfg.stage1_folder, dataset=cfg.dataset,
+                                  hard_negatives=cfg.hard_negatives, set_negatives=cfg.set_negatives,
+                                  mining_k=cfg.mining_k, seed=cfg.seed, images=store is None)
         task = Stage2Task(model, stage1, tok, dataset, batch_size=cfg.batch_size,
                           hard_negatives=cfg.hard_negatives + cfg.set_negatives,
                           inbatch_negatives=cfg.inbatch_negatives, stage1_train_mode=cfg.stage1_train_mode,
@@ -406,12 +378,27 @@ def train_stage2(cfg: Stage2TrainConfig) -> RunSummary:
         result.load_best_into(model)
         best = result.best_metrics or {}
         epochs_completed = result.epochs_completed
-    weights = _on_main(lambda: _save_model(run, model, tok))
-    if dist.is_main_process():
-        run.complete(ident, epochs_completed=epochs_completed, metrics=best, weights_sha256=weights, inputs=inputs,
-                     provenance=record(stage2=run.weights_file))
-    dist.barrier()
+    weights = book.decide(lambda: _save_model(run, model, tok))
+    book.write(lambda: run.complete(ident, epochs_completed=epochs_completed, metrics=best, weights_sha256=weights,
+                                    inputs=inputs, provenance=record(stage2=run.weights_file)))
     return RunSummary(run.path, best, False, time.time() - t0)
+
+
+def _mined_triplets(train_sets: list["cdata.SplitData"], transform, stage1_run: RunFolder, *, dataset: str,
+                    hard_negatives: int, set_negatives: int, mining_k: int, seed: int, images: bool):
+    """Stage II's training triplets of every split, hard negatives mined from stage I's train top-k files."""
+    datasets = []
+    for sd in train_sets:
+        names = None
+        if hard_negatives > 0:
+            p = stage1_run.topk_file("train", sd.category)
+            if not p.exists():
+                raise FileNotFoundError(f"hard negatives need {p}: extract top-K with topk_splits including 'train'")
+            names = TopK.load(p, dataset=dataset, split="train", category=sd.category, k=mining_k).sorted_index_names
+            sd = limit_queries(sd, len(names))  # a top-K mined for the first N queries trains on those
+        datasets.append(MinedTripletDataset(sd, transform, names, hard_negatives, seed=seed, n_set=set_negatives,
+                                            images=images))
+    return datasets[0] if len(datasets) == 1 else _ConcatMined(datasets)
 
 
 class _ConcatMined(torch.utils.data.ConcatDataset):
@@ -486,6 +473,7 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
                      trained.missing_images, run)[EVAL_SPLIT]
     counts = query_counts(sets, run)
     files = val_topk_paths(trained.stage1_folder, cfg.topk_path or trained.topk_path, sets)
+    book = StepBook("evaluate", run)
 
     def produced_by() -> dict[str, Any]:
         return {"settings": identity(cfg), "stage2_config_hash": config_hash(run.saved_config()),
@@ -495,24 +483,25 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
                 # only when images were dropped (records made from complete data stay valid)
                 **({"query_counts": counts} if any(sd.dropped for sd in sets) else {})}
 
-    def saved_record() -> dict[str, Any] | None:
-        if cfg.overwrite or not run.evaluation_file.is_file():
-            return None
-        saved = paths.read_json(run.evaluation_file, "stage-II evaluation record")
-        return saved if saved.get("produced_by") == produced_by() else None
-
-    reused = _on_main(saved_record)
+    reused = book.reuse(lambda: _saved_evaluation(run, "produced_by", produced_by), overwrite=cfg.overwrite)
     if reused is not None:
         return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True,
                           query_counts=reused.get("query_counts"))
-    _on_main(lambda: paths.check_writable(run.path, f"stage-II run folder {run.path} (its evaluation files)"))
-    with run.lock() if dist.is_main_process() else contextlib.nullcontext():  # one writer of the run folder
-        return _evaluate_and_write(cfg, run, trained, root, sets, counts, files, produced_by)
+    book.check_writable(f"stage-II run folder {run.path} (its evaluation files)")
+    with book.locked():  # one writer of the run folder
+        return _evaluate_and_write(cfg, book, trained, root, sets, counts, files, produced_by)
 
 
-def _evaluate_and_write(cfg: EvaluateConfig, run: RunFolder, trained: Stage2TrainConfig, root: Path, sets, counts,
+def _saved_evaluation(run: RunFolder, key: str, wanted) -> dict[str, Any] | None:
+    """The run's saved evaluation record when its `key` entry equals wanted() (None: no record, or another key)."""
+    if not run.evaluation_file.is_file():
+        return None
+    return StepBook.matching(paths.read_json(run.evaluation_file, "stage-II evaluation record"), key, wanted())
+
+
+def _evaluate_and_write(cfg: EvaluateConfig, book: StepBook, trained: Stage2TrainConfig, root: Path, sets, counts,
                         files: list[Path], produced_by) -> Comparison:
-    dev = device()
+    run, dev = book.run, device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
     stage1.to(dev)
@@ -521,19 +510,17 @@ def _evaluate_and_write(cfg: EvaluateConfig, run: RunFolder, trained: Stage2Trai
     # a stage-II run trained with stores re-ranks from them (its saved config): reused, or built for this split
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, sets, target_ratio=trained.target_ratio,
                                     outputs=cfg.outputs, device=dev)
-    made_by = _record("evaluate", cfg, sets, dataset=trained.dataset, root=root, preset=trained.preset,
-                      precision="fp32", seed=None, inputs={p.name: p for p in files},
-                      weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
-                      stage2_config=identity(trained), **provenance_of(store, zt_store)) if dist.is_main_process() else None
+    made_by = book.on_main(lambda: book.record(
+        cfg, sets, dataset=trained.dataset, root=root, preset=trained.preset, precision="fp32", seed=None,
+        inputs={p.name: p for p in files}, weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
+        stage2_config=identity(trained), **provenance_of(store, zt_store)))
     s1, s2, _ = evaluate_stage2(stage1, stage2, tok, sets, topks, k=cfg.k, fusion_weight=cfg.fusion_weight,
                                 max_pairs=cfg.max_pairs, scoring=cfg.scoring, target_ratio=trained.target_ratio,
                                 dev=dev, save_to=run, provenance=made_by, store=store, zt_store=zt_store)
-    if dist.is_main_process():
-        paths.write_json(run.evaluation_file, {
-            "stage1": s1, "stage2": s2, "k": cfg.k, "split": EVAL_SPLIT, "fusion_weight": cfg.fusion_weight,
-            "scoring": cfg.scoring, "queries": sum(len(s.queries) for s in sets), "query_counts": counts, "produced_by": produced_by(),
-            "provenance": made_by})
-    dist.barrier()
+    book.write_json(run.evaluation_file, lambda: {
+        "stage1": s1, "stage2": s2, "k": cfg.k, "split": EVAL_SPLIT, "fusion_weight": cfg.fusion_weight,
+        "scoring": cfg.scoring, "queries": sum(len(s.queries) for s in sets), "query_counts": counts,
+        "produced_by": produced_by(), "provenance": made_by})
     return Comparison(s1, s2, cfg.k, run.path, query_counts=counts)
 
 
@@ -543,35 +530,23 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     Returns {} (and says so) when the stage-II run is not on CIRR: FashionIQ has no test server.
     """
     run = cfg.stage2_folder
+    book = StepBook("submit_cirr", run)
     trained = trained_config(cfg)
     ds = cdata.get_dataset(trained.dataset)
     if not ds.has_test_server:
-        _say(f"stage-II run {cfg.stage2_run!r} is on {trained.dataset!r}: test submissions exist for CIRR only")
+        book.say(f"stage-II run {cfg.stage2_run!r} is on {trained.dataset!r}: test submissions exist for CIRR only")
         return {}
     root = data_root(trained)
     sd = step_sets("submit_cirr", trained.dataset, root, trained.categories, {ds.test_split: 0}, trained.missing_images,
                    run)[ds.test_split][0]
-    if sd.dropped is not None:
-        d = sd.dropped
-        raise cdata.DatasetError(
-            f"refusing to write a CIRR test submission: {len(d.missing):,} test1 images are missing, so "
-            f"{len(d.queries):,} of {d.queries_before:,} test1 queries were dropped (missing_images=\"drop\"; listed "
-            f"in {run.dropped_queries_file}). The server scores every pair id, and no honest answer exists for a "
-            "dropped query: without its reference image there is no query to encode, and without one of its img_set "
-            "members the set cannot be ranked. Restore the images (`python -m cirlib.data check --dataset cirr "
-            f"{root}` lists them), extract the test1 top-K again (notebook 02) and submit then.")
+    _refuse_dropped_queries(sd, run, root)
     dev = device()
     stage1, tok = stage1_for(trained)
     stage2 = load_stage2_run(run)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
     p = trained.stage1_folder.topk_file(sd.split)
-    if not p.exists():
-        raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
-    tk = match_rows(TopK.load(p, dataset=trained.dataset, split=sd.split, index_names=sd.gallery), sd, p)
-    if tk.k < SUBMISSION_LENGTH:
-        raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
-                         f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
+    tk = _test_topk(p, trained.dataset, sd)
     transform = cdata.targetpad_transform(trained.target_ratio, stage2.config.vision.image_size)
     # a stage-II run trained with stores re-ranks from them (its saved config), as its evaluation did
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
@@ -587,21 +562,46 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
         "stage1": (f"{cfg.submission_name}_stage1", tk.sorted_index_names[:, :SUBMISSION_LENGTH], tk.group_names[:, :3]),
         "stage2": (cfg.submission_name, stage2_lists, res.group_names[:, :3]),
     }
-    # The main process writes and checks the files; the others learn where they are.
-    written = None
-    if dist.is_main_process():
+
+    def write() -> dict[str, Path]:
         written = _write_submissions(sd, lists, run.submission_dir)
         # the server's files hold the server's format only: what produced them goes in a sidecar beside the folder
-        made_by = _record("submit_cirr", cfg, [sd], dataset=trained.dataset, root=root, preset=trained.preset,
-                          precision="fp32", seed=None, inputs={p.name: p},
-                          weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
-                          stage2_config=identity(trained), **provenance_of(store))
+        made_by = book.record(cfg, [sd], dataset=trained.dataset, root=root, preset=trained.preset, precision="fp32",
+                              seed=None, inputs={p.name: p},
+                              weights={"stage1": stage1_weights_file(trained), "stage2": run.weights_file},
+                              stage2_config=identity(trained), **provenance_of(store))
         paths.write_json(run.submission_provenance_file(cfg.submission_name), {
             "files": {label: {"file": f"{run.submission_dir.name}/{path.name}", "sha256": file_sha256(path)}
                       for label, path in written.items()},
             "provenance": made_by})
-    dist.barrier()
-    return dist.broadcast_object(written)
+        return written
+
+    # The main process writes and checks the files; the others learn where they are.
+    return book.write(write, share=True)
+
+
+def _refuse_dropped_queries(sd: "cdata.SplitData", run: RunFolder, root: Path) -> None:
+    """Refuse a test split whose queries were dropped for missing images: the server scores every pair id."""
+    if sd.dropped is not None:
+        d = sd.dropped
+        raise cdata.DatasetError(
+            f"refusing to write a CIRR test submission: {len(d.missing):,} test1 images are missing, so "
+            f"{len(d.queries):,} of {d.queries_before:,} test1 queries were dropped (missing_images=\"drop\"; listed "
+            f"in {run.dropped_queries_file}). The server scores every pair id, and no honest answer exists for a "
+            "dropped query: without its reference image there is no query to encode, and without one of its img_set "
+            "members the set cannot be ranked. Restore the images (`python -m cirlib.data check --dataset cirr "
+            f"{root}` lists them), extract the test1 top-K again (notebook 02) and submit then.")
+
+
+def _test_topk(p: Path, dataset: str, sd: "cdata.SplitData") -> TopK:
+    """The test split's stage-I top-k file at `p`, checked: its rows are `sd`'s queries, with enough candidates."""
+    if not p.exists():
+        raise FileNotFoundError(f"no test1 top-k file at {p}: extract it with topk_splits including 'test1'")
+    tk = match_rows(TopK.load(p, dataset=dataset, split=sd.split, index_names=sd.gallery), sd, p)
+    if tk.k < SUBMISSION_LENGTH:
+        raise ValueError(f"the test1 top-k file {p} holds {tk.k} candidates; the server needs "
+                         f"{SUBMISSION_LENGTH} per query: extract it with topk_k >= {SUBMISSION_LENGTH}")
+    return tk
 
 
 def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
