@@ -461,3 +461,11 @@ def test_every_notebook_runs_on_a_fashioniq_world_with_hard_negatives(tmp_path):
     metrics = json.loads((s2 / "metrics.json").read_text())
     assert metrics["k"] == 50 and {"dress_R@10", "avg_R@50", "average_recall"} <= set(metrics["stage2"])
     assert not (s2 / "submission").exists()
+
+
+def test_a_batch_is_checked_before_its_first_notebook_runs(tmp_path):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"dataset": "fashioniq", "k": 16, "stage1_run": "a",
+                                                     "stage2_run": "b", "epochs": 1}))
+    with pytest.raises(batch.BatchError, match=r"refused before any step ran: Stage2TrainConfig: .*k must be >= 50"):
+        batch.run_batch(tmp_path / "p.yaml", ["01", "02", "03"], output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no notebook ran

@@ -381,6 +381,7 @@ def run_batch(
     if out.resolve() == sources[0].parent.resolve():
         raise BatchError(f"output_dir {out} is the notebook folder: executed copies must not overwrite the sources")
     plan = plan_batch(data, selected)
+    _check_before_running(plan)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for nb, nb_params in plan.items():
@@ -398,6 +399,25 @@ def run_batch(
                              f"copy up to that cell: {target}") from e
         written.append(target)
     return written
+
+
+def _check_before_running(plan: Mapping[Path, Mapping[str, Any]]) -> None:
+    """Every notebook's settings checked before the first one runs (`workbook.plan_check`, as `cirlib.launch`)."""
+    from cirlib.workbook.plan_check import PlanError, check_plan
+
+    configs = []
+    for nb, nb_params in plan.items():
+        cls = notebook_config(nb)
+        if cls is None:
+            continue
+        try:
+            configs.append(cls(**nb_params))
+        except (TypeError, ValueError) as err:
+            raise BatchError(f"{nb.name}: {err}") from err
+    try:
+        check_plan(configs)
+    except PlanError as err:
+        raise BatchError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> int:
