@@ -306,3 +306,27 @@ def test_the_command_line_indexes_and_prints_json(world, gallery, tmp_path, caps
     assert "kept in the results" in capsys.readouterr().out
     assert cli.main(["query", str(tmp_path / "nothing"), "--image", name, "--text", "x"]) == 2
     assert "no gallery index" in capsys.readouterr().err
+
+
+def test_the_command_line_refuses_what_it_cannot_do_in_one_line(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["index", str(empty), "--stage1", world["s1"], "--out", str(tmp_path / "ix")]) == 2
+    assert "no images to index under" in capsys.readouterr().err
+    assert not (tmp_path / "ix" / gi.INDEX_FILE).exists()
+    for bad, said in ((["--k", "0"], "--k: 0: expected an integer >= 1"),
+                      (["--top", "-3"], "--top: -3: expected an integer >= 1"),
+                      (["--device", "cuda"] if not torch.cuda.is_available() else ["--k", "-1"],
+                       "no CUDA device" if not torch.cuda.is_available() else "expected an integer")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["query", str(tmp_path / "ix"), "--image", "a.png", "--text", "x", *bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and said in err and "Traceback" not in err, err
+
+
+def test_a_stage1_run_given_as_stage2_is_named_as_such(world, gallery, tmp_path, capsys):
+    _index(world, gallery, tmp_path / "ix")
+    name = sorted(p.name for p in gallery.glob("*.png"))[0]
+    assert cli.main(["query", str(tmp_path / "ix"), "--image", name, "--text", "x", "--stage2", world["s1"]]) == 2
+    err = capsys.readouterr().err
+    assert "is a stage-I run" in err and "older cirlib" not in err, err

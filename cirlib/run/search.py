@@ -30,6 +30,22 @@ def _path_or_name(text: str) -> str:
     return str(p.resolve()) if (p.exists() or "/" in text) else text
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device the machine has: 'cuda...' without CUDA is refused here, not by a torch traceback later."""
+    import torch
+
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine (use cpu, or leave --device out)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cirlib.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ix.add_argument("image_dir", help="folder of images (searched recursively)")
     ix.add_argument("--stage1", required=True, help="stage-I run name, run folder, or original checkpoint file")
     ix.add_argument("--out", required=True, help="index folder")
-    ix.add_argument("--batch-size", type=int, default=32)
-    ix.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: CUDA when available)")
+    ix.add_argument("--batch-size", type=_positive, default=32)
+    ix.add_argument("--device", type=_device, default=None, help="e.g. cpu, cuda, cuda:1 (default: CUDA when available)")
     ix.add_argument("--tokenizer", default="", help="for a checkpoint file: vocab.txt or bert-base-uncased folder")
     ix.add_argument("--preset", default="blip-base", help="for a checkpoint file: the model preset")
     ix.add_argument("--refuse-other-stage1", action="store_true",
@@ -51,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--text", required=True, help="modification text")
     q.add_argument("--stage1", default=None, help="stage I (default: the one the index was built with)")
     q.add_argument("--stage2", default=None, help="stage-II run name or folder (default: stage I only)")
-    q.add_argument("--k", type=int, default=50, help="stage-I candidates re-ranked by stage II")
-    q.add_argument("--top", type=int, default=10, help="results printed per stage")
+    q.add_argument("--k", type=_positive, default=50, help="stage-I candidates re-ranked by stage II")
+    q.add_argument("--top", type=_positive, default=10, help="results printed per stage")
     q.add_argument("--keep-reference", action="store_true", help="keep an indexed reference in its own results")
     q.add_argument("--search", choices=("exact", "faiss"), default="exact")
     q.add_argument("--stage2-tokens", choices=S.STAGE2_TOKENS, default="ondemand",
                    help="candidates' stage-II tokens: encoded per query, or kept in a store in the index folder")
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", type=_device, default=None)
     q.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:

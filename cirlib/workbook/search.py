@@ -35,8 +35,8 @@ from cirlib.models.stage1 import Stage1Model
 from cirlib.progress import progress_bar
 from cirlib.retrieval import feature_store as fs
 from cirlib.retrieval.rerank import build_rerank_query
-from cirlib.retrieval.gallery_index import (GalleryIndex, GalleryIndexError, IndexMismatchError, IndexReport,
-                                            build_index, list_images)
+from cirlib.retrieval.gallery_index import (IMAGE_SUFFIXES, GalleryIndex, GalleryIndexError, IndexMismatchError,
+                                            IndexReport, build_index, list_images)
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.workbook.config import SearchConfig
@@ -175,6 +175,9 @@ def index_folder(image_dir: str, stage1: str, out: str, *, files: Mapping[str, P
     """
     folder = abs_path(image_dir)
     files = list_images(folder) if files is None else dict(files)
+    if not files:
+        raise GalleryIndexError(f"no images to index under {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files, "
+                                "recursively): check the folder")
     s1 = load_stage1(stage1, outputs=outputs, preset=preset, tokenizer=tokenizer, target_ratio=target_ratio)
     dev = torch.device(device) if device is not None else default_device()
     s1.model.to(dev)

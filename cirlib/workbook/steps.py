@@ -417,6 +417,9 @@ def stage2_run_config(run: RunFolder, outputs: str) -> Stage2TrainConfig:
     saved = run.saved_config()
     known = {f.name for f in dataclasses.fields(Stage2TrainConfig)}
     unknown = sorted(set(saved) - known)
+    if "stage2_run" not in saved and set(saved) <= {f.name for f in dataclasses.fields(Stage1Config)}:
+        raise RunFolderError(f"{run.path} is a stage-I run (its {run.config_file.name} is a Stage1Config): give a "
+                             "stage-II run (notebook 03's stage2_run) where a re-ranker is asked for")
     if unknown:
         raise RunFolderError(f"{run.config_file}: fields {unknown} are not Stage2TrainConfig fields (a run of an older "
                              "cirlib): retrain it with notebook 03")
