@@ -66,7 +66,8 @@ _KINDS = {  # what each kind of problem means, for the message
     "query": "lines without a query id", "candidates": "malformed candidate lists",
     "query-twice": "queries listed twice", "mixed-scores": "lines mix scored and bare candidates",
     "queries-twice": "queries listed twice", "unknown-queries": "query ids the split does not have",
-    "missing-queries": "queries of the split missing from the file", "other-split": "top-K file of another split",
+    "missing-queries": "queries of the split missing from the file (missing_queries='drop' leaves them out)",
+    "other-split": "top-K file of another split",
     "row-count": "row count differs", "row-targets": "rows whose target differs from the split's",
     "unknown-names": "names outside the gallery", "duplicates": "names listed twice in one list",
     "short-lists": "lists shorter than K", "subset-missing": "queries without a recall_subset list",
@@ -92,7 +93,7 @@ class _Problems:
         raise RankedListError(f"{source}: {count} problem(s) {what}:\n  " + "\n  ".join(lines))
 
 
-# ------------------------------------------------------------------------------------------------------ what a file says
+# ------------------------------------------------------------------------------------------------- what a file says
 @dataclass(frozen=True)
 class RankedLists:
     """What a ranked-list file says, before it is matched to a split."""
@@ -381,8 +382,10 @@ def _with_subset(lists: RankedLists, subset_file: Path | None) -> RankedLists:
     path = subset_file if subset_file is not None else subset_path(lists.source)
     if subset_file is None and not path.is_file():
         return lists
-    sub = _read_cirr(path) if path.is_file() else None
-    if sub is None or sub.meta.get("metric", submission.METRIC_SUBSET) != submission.METRIC_SUBSET:
+    if not path.is_file():
+        raise RankedListError(f"{path}: CIRR recall_subset file not found")
+    sub = _read_cirr(path)
+    if sub.meta.get("metric", submission.METRIC_SUBSET) != submission.METRIC_SUBSET:
         raise RankedListError(f"{path}: not a CIRR recall_subset file (expected 'metric': 'recall_subset')")
     meta = {**lists.meta, "subset_source": str(path), "subset_sha256": _sha256(path)}
     return dataclasses.replace(lists, subset=dict(zip(sub.queries, sub.names)), meta=meta)
@@ -532,8 +535,7 @@ def _match_rows(lists: RankedLists, queries: SplitQueries, missing_queries: str,
     missing = [q for q in queries.query_ids if q not in file_row]
     if missing and missing_queries == "error":
         for q in missing:
-            problems.add("missing-queries", f"query {q} (of {len(queries.query_ids)}; missing_queries='drop' "
-                                            "leaves them out)")
+            problems.add("missing-queries", f"query {q}")
     kept = [i for i, q in enumerate(queries.query_ids) if q in file_row]
     return kept, [file_row[queries.query_ids[i]] for i in kept], missing
 
