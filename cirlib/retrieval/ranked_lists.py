@@ -28,7 +28,6 @@ with `repr`, which reads back exactly).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from cirlib.data.readers import SplitData
 from cirlib.eval import submission
 from cirlib.paths import atomic_write_text
 from cirlib.retrieval.topk import TopK, TopKError
+from cirlib.run_folder import file_sha256
 
 FORMATS = ("cirr", "circo", "trec", "topk", "jsonl")
 MISSING_QUERY_POLICIES = ("error", "drop")
@@ -387,16 +387,8 @@ def _with_subset(lists: RankedLists, subset_file: Path | None) -> RankedLists:
     sub = _read_cirr(path)
     if sub.meta.get("metric", submission.METRIC_SUBSET) != submission.METRIC_SUBSET:
         raise RankedListError(f"{path}: not a CIRR recall_subset file (expected 'metric': 'recall_subset')")
-    meta = {**lists.meta, "subset_source": str(path), "subset_sha256": _sha256(path)}
+    meta = {**lists.meta, "subset_source": str(path), "subset_sha256": file_sha256(path)}
     return dataclasses.replace(lists, subset=dict(zip(sub.queries, sub.names)), meta=meta)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_ranked_lists(path: str | os.PathLike, format: str = "auto", *,
@@ -419,7 +411,7 @@ def read_ranked_lists(path: str | os.PathLike, format: str = "auto", *,
         lists = _with_subset(lists, None if subset_file is None else Path(subset_file))
     elif subset_file is not None:
         raise RankedListError(f"subset_file is the CIRR recall_subset file; {path} is read as {fmt}")
-    return dataclasses.replace(lists, meta={**lists.meta, "sha256": _sha256(path)})
+    return dataclasses.replace(lists, meta={**lists.meta, "sha256": file_sha256(path)})
 
 
 # ------------------------------------------------------------------------------------------------- what a split says
