@@ -82,6 +82,7 @@ def test_export_then_import_is_lossless(worlds, tmp_path, world, fmt):
     if fmt == "cirr":  # the recall_subset file beside it: the first 3 img_set members in the exported order
         assert subset_path(path).is_file()
         np.testing.assert_array_equal(back.group_names[:, :3], topk.group_names[:, :3])
+        assert back.provenance["imported"]["subset_source"] == str(subset_path(path))
     assert back.provenance["imported"]["format"] == fmt and len(back.provenance["imported"]["sha256"]) == 64
 
 
@@ -309,3 +310,19 @@ def test_in_memory_lists_and_the_formats_constant(worlds):
     twice = r"(?s)<ranked lists>: .*\[queries-twice\] 1 .*query dress:0 \(lists 0 and 1\)"
     with pytest.raises(RankedListError, match=twice):
         import_candidates(lists, q, k=1)
+
+
+def test_exports_refuse_what_the_format_cannot_hold(worlds, tmp_path):
+    q = worlds["fiq"]
+    topk = ranking(q, k=3)
+    with pytest.raises(RankedListError, match=r"CIRR lists are keyed by integer query ids; got \['dress:0'"):
+        write_ranked_lists(topk, tmp_path / "c.json", "cirr", query_ids=q.query_ids)
+    with pytest.raises(RankedListError, match="not a CIRCO gallery name"):
+        write_ranked_lists(topk, tmp_path / "o.json", "circo", query_ids=["0", "1", "2"])
+    with pytest.raises(RankedListError, match=r"tag \['my run'\]"):
+        write_ranked_lists(topk, tmp_path / "r.trec", "trec", query_ids=q.query_ids, tag="my run")
+    with pytest.raises(RankedListError, match="2 query ids for a top-K of 3 rows"):
+        write_ranked_lists(topk, tmp_path / "r.trec", "trec", query_ids=q.query_ids[:2])
+    with pytest.raises(RankedListError, match="length=4"):
+        write_ranked_lists(topk, tmp_path / "r.trec", "trec", query_ids=q.query_ids, length=4)
+    assert not any(tmp_path.iterdir())  # nothing half-written

@@ -551,6 +551,11 @@ def _check_topk_file(lists: RankedLists, queries: SplitQueries, problems: _Probl
 def _check_list(qid: str, names: Sequence[str], reference: str, gallery: set[str], k: int,
                 problems: _Problems) -> None:
     """Record what is wrong with one query's list: names outside the gallery, a name twice, fewer than k names."""
+    if len(names) < k:
+        problems.add("short-lists", f"query {qid}: {len(names)} names, K = {k}")
+    distinct = set(names)
+    if len(distinct) == len(names) and distinct - gallery <= {reference}:
+        return  # the common case, without a loop over the names
     seen: dict[str, int] = {}
     for j, name in enumerate(names):
         if name not in gallery and name != reference:
@@ -558,8 +563,6 @@ def _check_list(qid: str, names: Sequence[str], reference: str, gallery: set[str
         if name in seen:
             problems.add("duplicates", f"query {qid}: {name!r} at positions {seen[name]} and {j}")
         seen.setdefault(name, j)
-    if len(names) < k:
-        problems.add("short-lists", f"query {qid}: {len(names)} names, K = {k}")
 
 
 def _subset_groups(lists: RankedLists, queries: SplitQueries, kept: list[int],
@@ -624,11 +627,20 @@ def import_candidates(lists: RankedLists, queries: SplitQueries, *, k: int,
         problems.add("no-queries", f"none of the {len(queries.query_ids)} queries of the split has a list")
     problems.raise_if_any(lists.source or "<ranked lists>", f"importing {lists.format} lists into {queries.title} "
                                                             f"at K = {k}")
+    topk, warnings = _imported_topk(lists, queries, kept, file_rows, groups, k, len(missing))
+    return ImportedCandidates(topk, tuple(kept), tuple(missing) if missing_queries == "drop" else (), warnings)
+
+
+def _imported_topk(lists: RankedLists, queries: SplitQueries, kept: list[int], file_rows: list[int],
+                   groups: list[tuple[str, ...]] | None, k: int, dropped: int) -> tuple[TopK, tuple[str, ...]]:
+    """The top-K of the checked lists' first k names (split rows `kept`, file rows `file_rows`), and the warnings."""
     names = np.asarray([lists.names[r][:k] for r in file_rows], dtype=str)
     holding = _rows_holding_reference(names, [queries.references[i] for i in kept])
     warnings = list(lists.warnings)
     if holding.any() and get_dataset(queries.dataset).excludes_reference:
         warnings.append(_reference_warning(queries, kept, holding, names))
+    record = {"format": lists.format, "source": str(lists.source), "k": k, "dropped_queries": dropped,
+              **{key: lists.meta[key] for key in ("sha256", "subset_source", "subset_sha256") if key in lists.meta}}
     topk = TopK(
         dataset=queries.dataset, split=queries.split, category=queries.category, sorted_index_names=names,
         index_names=queries.gallery,
@@ -636,11 +648,9 @@ def import_candidates(lists: RankedLists, queries: SplitQueries, *, k: int,
         scores=None if lists.scores is None else np.asarray([lists.scores[r][:k] for r in file_rows]),
         group_names=None if groups is None else np.asarray(groups, dtype=str),
         reference_removed=not bool(holding.any()),
-        provenance={"imported": {"format": lists.format, "source": str(lists.source), "k": k,
-                                 "sha256": lists.meta.get("sha256"), "dropped_queries": len(missing)}},
+        provenance={"imported": record},
     )
-    return ImportedCandidates(topk, tuple(kept), tuple(missing) if missing_queries == "drop" else (),
-                              tuple(warnings))
+    return topk, tuple(warnings)
 
 
 # ------------------------------------------------------------------------------------------------------------ export
