@@ -4,6 +4,7 @@ file's rows are the caption file's queries."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ from cirlib import data as cdata
 from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.eval import metrics as M
+from cirlib.eval.protocol import rows_holding_reference
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.search import (GalleryFeatures, Ranking, encode_gallery, encode_queries, rank_gallery,
                                      stage1_encoder, stage2_encoder, topk_from_ranking)
@@ -239,7 +241,24 @@ def match_rows(tk: TopK, sd: "cdata.SplitData", path: Path) -> TopK:
                 raise TopKError(f"{path}: row {i} is for target {have!r}, but query {i} of the {sd.split} caption "
                                 f"file (pair id {q.pair_id}) has target {q.target!r}: the file's rows are not the "
                                 "caption file's queries in order; re-extract it (notebook 02)")
+    warn_rows_holding_reference(tk, sd, path)
     return tk
+
+
+def warn_rows_holding_reference(tk: TopK, sd: "cdata.SplitData", path: Path) -> None:
+    """Warn when the dataset removes each query's reference from its own ranking and rows of `tk` still hold it."""
+    ds = cdata.get_dataset(sd)
+    if not ds.excludes_reference:
+        return
+    rows = rows_holding_reference(tk.sorted_index_names, [q.reference for q in sd.queries[:tk.num_queries]])
+    if len(rows):
+        first = sd.queries[int(rows[0])]
+        warnings.warn(
+            f"{path}: {len(rows):,} of {tk.num_queries:,} rows hold their own query's reference image (first: row "
+            f"{int(rows[0])}, pair id {first.pair_id}, reference {first.reference!r}). {ds.title} removes the "
+            "reference from its own ranking; a list that keeps it scores R@1 near 0 and R@5 high, and its numbers are "
+            "not comparable with published ones. Re-extract the file (notebook 02), or remove each row's reference "
+            "from a file made elsewhere", UserWarning, stacklevel=2)
 
 
 def val_topk_paths(stage1: RunFolder, topk_path: str, sets: Sequence["cdata.SplitData"]) -> list[Path]:
