@@ -261,6 +261,29 @@ def warn_rows_holding_reference(tk: TopK, sd: "cdata.SplitData", path: Path) -> 
             "from a file made elsewhere", UserWarning, stacklevel=2)
 
 
+def stage1_change_notes(completion: dict[str, Any], completion_file: Path, files: Sequence[Path],
+                        topks: Sequence[TopK]) -> list[str]:
+    """One line per top-k file whose candidates come from other stage-I weights than the ones a stage-II run was
+    trained and validated with (its completion record's `inputs`, written by `train_stage2`): stage I was retrained
+    since. Files recording no weights (the original's) and runs recording none say nothing.
+
+    Args:
+        completion: the stage-II run's completion record; completion_file: where it is (for the message).
+        files, topks: the validation top-k files and what they hold (`TopK.provenance`).
+    """
+    trained_with = (completion.get("inputs") or {}).get("stage1_weights_sha256")
+    notes = []
+    for path, tk in zip(files, topks):
+        made_by = (tk.provenance or {}).get("stage1_weights_sha256")
+        if trained_with and made_by and made_by != trained_with:
+            notes.append(f"{path}: its candidates come from stage-I weights {made_by[:12]}, but the stage-II run was "
+                         f"trained and validated with stage-I weights {trained_with[:12]} ({completion_file}): "
+                         "stage I was retrained since (or the file was made by other weights), so these numbers are "
+                         "of stage II re-ranking candidates it did not learn on; retrain stage II (notebook 03) to "
+                         "evaluate the two stages as trained together")
+    return notes
+
+
 def val_topk_paths(stage1: RunFolder, topk_path: str, sets: Sequence["cdata.SplitData"]) -> list[Path]:
     """The validation top-k file of each split: `topk_path` (with {category}) when given, else the stage-I run's."""
     if topk_path:
