@@ -132,7 +132,7 @@ def test_a_target_outside_the_top_k_shows_the_same_mark_in_the_table_and_the_wid
     tk = TopK(dataset="cirr", split="val", category=None, sorted_index_names=np.array(names),
               index_names=tuple(sd.gallery), target_names=tuple(q.target for q in sd.queries),
               scores=torch.tensor([[3.0, 2.0, 1.0]] * n), stage2_scores=torch.tensor([[0.0, 1.0, 0.5]] * n))
-    table = explorer.query_table(tk, sd, 0.0)
+    table = explorer.query_ranks(tk, sd, 0.0)
     # query 0: target 2nd in stage I, 1st after re-ranking; the others: not among the 3 candidates
     assert str(table["stage-I rank"].dtype) == "Int64"
     assert table["stage-I rank"].tolist()[0] == 2 and table["stage-II rank"].tolist()[0] == 1

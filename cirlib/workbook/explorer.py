@@ -44,7 +44,7 @@ def show_ranks(table: pd.DataFrame) -> Any:
             .set_caption(f"rank of the target, 1 = first; {NOT_IN_TOPK} = not in the top-K"))
 
 
-def query_table(tk: TopK, sd: cdata.SplitData, fusion_weight: float) -> pd.DataFrame:
+def query_ranks(tk: TopK, sd: cdata.SplitData, fusion_weight: float) -> pd.DataFrame:
     """Each query of a re-ranked file: text, reference, target, the target's 1-based rank in stage I and after
     re-ranking with `fusion_weight` (RANK_COLUMNS, Int64; <NA>: not in the top-K)."""
     before, after = target_ranks(tk.labels), target_ranks(tk.reranked(fusion_weight).labels)
@@ -167,7 +167,7 @@ class Explorer:
         """The browsable queries: text, reference, target, and the target's 1-based rank in stage I and after the
         evaluation's re-ranking (Int64; <NA> = not in the top-K, shown as NOT_IN_TOPK by `show_ranks`)."""
         _, weight = self.default_settings(category)
-        return query_table(self.topk(category), self.split(category), weight)
+        return query_ranks(self.topk(category), self.split(category), weight)
 
     def query_table(self, rows: int = 10, category: str | None = None) -> Any:
         """The first `rows` queries as shown (`show_ranks`: a target not in the top-K as NOT_IN_TOPK)."""
