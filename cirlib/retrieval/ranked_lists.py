@@ -43,6 +43,7 @@ from cirlib.data import get_dataset
 from cirlib.data.circo import image_name
 from cirlib.data.readers import SplitData
 from cirlib.eval import submission
+from cirlib.eval.protocol import rows_holding_reference
 from cirlib.paths import atomic_write_text
 from cirlib.retrieval.topk import TopK, TopKError
 from cirlib.run_folder import file_sha256
@@ -501,13 +502,6 @@ class ImportedCandidates:
     warnings: tuple[str, ...]  # e.g. references left in the lists (with the count)
 
 
-# TODO(merge): use cirlib.eval.protocol.rows_holding_reference
-def _rows_holding_reference(sorted_index_names: np.ndarray, references: Sequence[str]) -> np.ndarray:
-    """(N,) bool: whether row i of the (N, K) names holds query i's own reference image."""
-    names = np.asarray(sorted_index_names, dtype=str)
-    return (names == np.asarray(references, dtype=str)[:, None]).any(axis=1)
-
-
 def _match_rows(lists: RankedLists, queries: SplitQueries, missing_queries: str,
                 problems: _Problems) -> tuple[list[int], list[int], list[str]]:
     """(split rows kept, their rows in the file, query ids dropped), recording id mismatches in `problems`."""
@@ -590,10 +584,10 @@ def _subset_groups(lists: RankedLists, queries: SplitQueries, kept: list[int],
 
 
 def _reference_warning(queries: SplitQueries, kept: list[int], holding: np.ndarray, names: np.ndarray) -> str:
-    first = int(np.flatnonzero(holding)[0])
+    first = int(holding[0])
     qid, ref = queries.query_ids[kept[first]], queries.references[kept[first]]
     position = names[first].tolist().index(ref)
-    return (f"{int(holding.sum())} of {len(holding)} lists hold the query's own reference image (e.g. query {qid}: "
+    return (f"{len(holding)} of {len(kept)} lists hold the query's own reference image (e.g. query {qid}: "
             f"{ref!r} at position {position}); {get_dataset(queries.dataset).title} excludes the reference from the "
             "ranking, so these lists were made without that step (the 'R@1 near 0, R@5 high' signature)")
 
@@ -635,9 +629,9 @@ def _imported_topk(lists: RankedLists, queries: SplitQueries, kept: list[int], f
                    groups: list[tuple[str, ...]] | None, k: int, dropped: int) -> tuple[TopK, tuple[str, ...]]:
     """The top-K of the checked lists' first k names (split rows `kept`, file rows `file_rows`), and the warnings."""
     names = np.asarray([lists.names[r][:k] for r in file_rows], dtype=str)
-    holding = _rows_holding_reference(names, [queries.references[i] for i in kept])
+    holding = rows_holding_reference(names, [queries.references[i] for i in kept])
     warnings = list(lists.warnings)
-    if holding.any() and get_dataset(queries.dataset).excludes_reference:
+    if holding.size and get_dataset(queries.dataset).excludes_reference:
         warnings.append(_reference_warning(queries, kept, holding, names))
     record = {"format": lists.format, "source": str(lists.source), "k": k, "dropped_queries": dropped,
               **{key: lists.meta[key] for key in ("sha256", "subset_source", "subset_sha256") if key in lists.meta}}
@@ -647,7 +641,7 @@ def _imported_topk(lists: RankedLists, queries: SplitQueries, kept: list[int], f
         target_names=None if queries.targets is None else [queries.targets[i] for i in kept],
         scores=None if lists.scores is None else np.asarray([lists.scores[r][:k] for r in file_rows]),
         group_names=None if groups is None else np.asarray(groups, dtype=str),
-        reference_removed=not bool(holding.any()),
+        reference_removed=not holding.size,
         provenance={"imported": record},
     )
     return topk, tuple(warnings)
