@@ -246,6 +246,11 @@ def test_candidates_of_other_stage1_weights_are_said_naming_both_hashes_and_file
     assert len(notes) == 1 and notes[0].startswith(f"{files[1]}: its candidates come from stage-I weights bbbbbbbbbbbb,")
     assert f"trained and validated with stage-I weights aaaaaaaaaaaa ({done})" in notes[0] and "b" * 13 not in notes[0]
     assert stage1_change_notes({}, done, files[1:2], [topk("b" * 64)]) == []  # a run recording no inputs: no claim
+    # stage I retrained but its top-k file not re-extracted: the weights loaded now (stage II's z_t) are said
+    loaded = stage1_change_notes(record, done, files[:1], [topk("a" * 64)], stage1_now="c" * 64)
+    assert len(loaded) == 1 and loaded[0].startswith("the stage-I weights loaded now (cccccccccccc)")
+    assert f"(aaaaaaaaaaaa, {done})" in loaded[0]
+    assert stage1_change_notes(record, done, files[:1], [topk("a" * 64)], stage1_now="a" * 64) == []
 
 
 @pytest.mark.slow
@@ -262,7 +267,7 @@ def test_evaluating_after_stage1_was_retrained_says_so(world, outputs):
                                          rf"{now[:12]}, .* stage-I weights {trained_with[:12]} "
                                          rf"\({s2.completion_file}\)"):
         result = _evaluate(outputs)
-    assert not result.reused and len(result.notes) == 1
+    assert not result.reused and len(result.notes) == 2  # the weights loaded now, and the file's candidates
     assert json.loads(s2.evaluation_file.read_text())["notes"] == result.notes  # recorded beside the numbers
     with pytest.warns(UserWarning, match="its candidates come from stage-I weights"):
         assert _evaluate(outputs).reused  # said again when the saved record is returned

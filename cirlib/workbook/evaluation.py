@@ -262,7 +262,7 @@ def warn_rows_holding_reference(tk: TopK, sd: "cdata.SplitData", path: Path) -> 
 
 
 def stage1_change_notes(completion: dict[str, Any], completion_file: Path, files: Sequence[Path],
-                        topks: Sequence[TopK]) -> list[str]:
+                        topks: Sequence[TopK], stage1_now: str | None = None) -> list[str]:
     """One line per top-k file whose candidates come from other stage-I weights than the ones a stage-II run was
     trained and validated with (its completion record's `inputs`, written by `train_stage2`): stage I was retrained
     since. Files recording no weights (the original's) and runs recording none say nothing.
@@ -270,9 +270,15 @@ def stage1_change_notes(completion: dict[str, Any], completion_file: Path, files
     Args:
         completion: the stage-II run's completion record; completion_file: where it is (for the message).
         files, topks: the validation top-k files and what they hold (`TopK.provenance`).
+        stage1_now: the sha256 of the stage-I weights this evaluation loads (they compute stage II's z_t), or None.
     """
     trained_with = (completion.get("inputs") or {}).get("stage1_weights_sha256")
     notes = []
+    if trained_with and stage1_now and stage1_now != trained_with:
+        notes.append(f"the stage-I weights loaded now ({stage1_now[:12]}) are not the ones the stage-II run was "
+                     f"trained with ({trained_with[:12]}, {completion_file}): stage I was retrained since, so stage "
+                     "II's inputs from stage I differ from what it learned on; retrain stage II (notebook 03) to "
+                     "evaluate the two stages as trained together")
     for path, tk in zip(files, topks):
         made_by = (tk.provenance or {}).get("stage1_weights_sha256")
         if trained_with and made_by and made_by != trained_with:

@@ -514,7 +514,7 @@ def _evaluate_and_write(cfg: EvaluateConfig, book: StepBook, trained: Stage2Trai
     stage2.to(dev)
     topks = load_val_topks(files, sets, cfg.k)
     notes = stage1_change_notes(paths.read_json(run.completion_file, "completion record"), run.completion_file,
-                                files, topks)
+                                files, topks, stage1_now=file_sha256(stage1_weights_file(trained)))
     book.on_main(lambda: _warn(notes))
     # a stage-II run trained with stores re-ranks from them (its saved config): reused, or built for this split
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, sets, target_ratio=trained.target_ratio,
