@@ -214,6 +214,24 @@ def test_a_published_file_that_cites_nothing_is_refused(tmp_path):
         tables.load_published(path)
 
 
+def test_a_plugin_dataset_brings_its_own_table_columns(tmp_path, monkeypatch):
+    from cirlib import data as cdata
+    from cirlib import registry
+
+    plugin = Path(__file__).parent / "plugins" / "toy_dataset.py"  # FashionIQ's rules, its own category "skirt"
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(plugin))
+    try:
+        run = _finished(tmp_path, "stage2", "toy_s2", {"dataset": "toyfashion", "stage1_run": "toy_s1"}, "t" * 64)
+        skirt = {"skirt_R@10": 10.0, "skirt_R@50": 30.0, "avg_R@10": 10.0, "avg_R@50": 30.0}
+        _json(run / "metrics.json", _evaluation(skirt, skirt, 50, "t" * 64))
+        (table,) = tables.paper_tables(tables.collect(tmp_path), tables.load_published())
+        assert [h for _, h in table.metrics] == ["Skirt R@10", "Skirt R@50", "Avg R@10", "Avg R@50", "Avg"]
+        assert table.published_count == 0 and [r["Avg"] for r in table.rows] == [20.0, 20.0]
+    finally:
+        cdata.DATASETS.unregister("toyfashion")
+        registry._loaded_plugins.discard(str(plugin))
+
+
 def test_the_formats_setting_is_checked_when_the_config_is_built():
     with pytest.raises(ValueError, match=r"formats='md,pdf'"):
         TablesConfig(formats="md,pdf")
