@@ -302,17 +302,18 @@ def published_of(cfg: TablesConfig) -> pd.DataFrame:
 
 @dataclass
 class PaperTable:
-    """One dataset's table: leading columns, metric columns, then one row per result (published ones first)."""
+    """One dataset's table: leading columns, metric columns, then one row per result (published ones first).
+
+    Each row holds the LEADING keys, the metric keys and `ref`, where it came from: {"kind": "published", "source",
+    "checked"} or {"kind": "run", "path", "commit", "dirty", "data_root", "weights_sha256", "metrics_file"}.
+    """
 
     dataset: str
     title: str
-    note: str
+    note: str  # the dataset's `table_note` (how Avg is computed)
     metrics: list[tuple[str, str]]  # (metric key, header)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # LEADING keys, metric keys, and `ref` (see below)
+    rows: list[dict[str, Any]] = field(default_factory=list)
     published_count: int = 0  # the first rows are published ones
-
-    # each row's `ref`: {"kind": "published", "source", "checked"} or {"kind": "run", "path", "commit", "dirty",
-    # "data_root", "weights_sha256", "metrics_file"}
 
 
 LEADING = (("method", "Method"), ("stage", "Stage"), ("split", "Split"), ("k", "K"), ("queries", "N"))
