@@ -13,6 +13,7 @@ from typing import Any, Mapping, TypeVar
 
 from cirlib.models.rerankers import RERANKERS
 from cirlib.run_folder import RunFolder
+from cirlib.workbook.published import resolve_run
 
 
 
@@ -92,7 +93,7 @@ class Stage1Config:
 
     @property
     def stage1_folder(self) -> RunFolder:
-        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+        return resolve_run("stage1", self.stage1_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class TopKConfig:
 
     @property
     def stage1_folder(self) -> RunFolder:
-        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+        return resolve_run("stage1", self.stage1_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -173,11 +174,11 @@ class Stage2TrainConfig:
 
     @property
     def stage1_folder(self) -> RunFolder:
-        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+        return resolve_run("stage1", self.stage1_run, self.outputs)
 
     @property
     def stage2_folder(self) -> RunFolder:
-        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+        return resolve_run("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class EvaluateConfig:
 
     @property
     def stage2_folder(self) -> RunFolder:
-        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+        return resolve_run("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ class SubmissionConfig:
 
     @property
     def stage2_folder(self) -> RunFolder:
-        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+        return resolve_run("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)
