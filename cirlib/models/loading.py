@@ -240,19 +240,20 @@ def _fresh_keys_of(model: nn.Module) -> Callable[[str], bool]:
 # ------------------------------------------------------------------------------------ the original code's checkpoints
 
 
-def load_original_checkpoint(model: nn.Module, path: str | os.PathLike) -> int:
+def load_original_checkpoint(model: nn.Module, path: str | os.PathLike, contents: Any = None) -> int:
     """Load the original code's `{'epoch', 'BLIP_Retrieval' | 'BLIP_NLVR', 'optimizer_state_dict'}` strictly.
 
     Args:
         model: Stage1Model (expects BLIP_Retrieval) or Stage2Model (expects BLIP_NLVR).
         path: the checkpoint file (e.g. saved_models/blip_mean.pt).
+        contents: the file as `read_checkpoint(path)` returned it, when the caller has read it already.
     Returns:
         The checkpoint's epoch.
     Raises:
         CheckpointError: wrong stage, wrong size, missing or unexpected keys.
     """
     path = Path(path)
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if contents is None else contents
     stage = _stage_of(model)
     want = STAGE_KEYS[stage]
     what = describe_checkpoint(obj)

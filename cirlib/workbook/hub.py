@@ -145,7 +145,7 @@ def export_original(checkpoint: str | os.PathLike, out: str | os.PathLike, *, co
     obj = loading.read_checkpoint(checkpoint)
     stage = 2 if isinstance(obj, dict) and loading.STAGE_KEYS[2] in obj else 1
     model = Stage1Model(config) if stage == 1 else Stage2Model(config)
-    epoch = loading.load_original_checkpoint(model, checkpoint)
+    epoch = loading.load_original_checkpoint(model, checkpoint, obj)
     with paths.atomic_dir(out) as tmp:
         loading.save_pretrained(model, tmp, tokenizer=build_tokenizer(Path(tokenizer)) if tokenizer else None)
         info = {"format": published.FORMAT, "stage": stage, "run": None, "run_config": None, "metrics": {},
