@@ -20,6 +20,7 @@ from cirlib.models.first_stage import FirstStage
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
 from cirlib.run import hub as cli
+from cirlib.run import launch
 from cirlib.run import search as search_cli
 from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.tools.verify_original import config_from_fixture
@@ -126,6 +127,19 @@ def test_the_export_holds_the_hub_files_and_a_card_equal_to_metrics_json(world):
     assert info["run_config"]["data_root"] == "" and info["topk_files"] == ["topk_val.pt"]
 
 
+def test_a_stage1_export_carries_its_validation_and_is_used_as_a_run(world, tmp_path):
+    own = RunFolder.of("stage1", "s1", world["out"])
+    export = hub.export_run(own, tmp_path / "export-s1")
+    card = ModelCard.load(export / "README.md")
+    assert hub.card_results(card) == json.loads(own.evaluation_file.read_text())["final"]
+    assert card.data.to_dict()["cirlib"]["protocol"]["stage"] == 1 and "stage1" in card.data.to_dict()["tags"]
+    run = published.resolve_run("stage1", str(export), tmp_path / "outputs", data_root=str(world["root"]))
+    assert run.saved_config()["data_root"] == str(world["root"]) and run.completion_file.is_file()
+    assert run.weights_file.read_bytes() == own.weights_file.read_bytes()
+    with pytest.raises(RunFolderError, match="stage-I model, but a stage2 run"):
+        published.resolve_run("stage2", str(export), tmp_path / "outputs")
+
+
 def test_load_back_by_folder_and_through_the_hub_cache(world, offline_hub):
     run_model = loading.from_pretrained(RunFolder.of("stage2", "a", world["out"]).model_dir)
     for source in (world["export"], f"hf:{REPO}", f"hf:{REPO}@{COMMIT}"):
@@ -140,10 +154,13 @@ def test_load_back_by_folder_and_through_the_hub_cache(world, offline_hub):
 def test_a_pipeline_step_and_search_run_from_the_hub_cache(world, offline_hub, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CIR_DATA", str(world["root"]))
     out = tmp_path / "outputs"
-    got = steps.evaluate(EvaluateConfig(stage2_run=f"hf:{REPO}", k=K, outputs=str(out)))
+    (tmp_path / "params.yaml").write_text(f"stage2_run: hf:{REPO}\nk: {K}\n")  # a YAML naming the Hub model
+    assert launch.main(["evaluate", str(tmp_path / "params.yaml"), "--outputs", str(out)]) == 0
     own = RunFolder.of("stage2", "a", world["out"])
-    assert got.stage2 == pytest.approx(_metrics(world, "a")["stage2"], abs=1e-6)
     run = EvaluateConfig(stage2_run=f"hf:{REPO}", outputs=str(out)).stage2_folder
+    assert run.path.parent == out / "stage2" and run.name.startswith("hf--me--cir-a--")
+    got = json.loads(run.evaluation_file.read_text())["stage2"]
+    assert got == pytest.approx(_metrics(world, "a")["stage2"], abs=1e-6)
     labels, own_labels = (torch.load(r.labels_file("val"), weights_only=True) for r in (run, own))
     assert torch.allclose(labels.float(), own_labels.float(), atol=1e-6)
     record = json.loads(run.evaluation_file.read_text())["provenance"]["weights"]["stage2"]["source"]

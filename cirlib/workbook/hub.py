@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def _export_model_files(run: RunFolder, tmp: Path, evaluation: dict[str, Any]) -
     """Copy model/ into `tmp`; the export record of the run (cirlib.json) without stage-II inputs."""
     for name in published.MODEL_FILES:
         if (run.model_dir / name).is_file():
-            published.link_or_copy(run.model_dir / name, tmp / name)
+            shutil.copyfile(run.model_dir / name, tmp / name)  # copies: an export shares no file with its run
     stage = 1 if run.stage == "stage1" else 2
     metrics = evaluation["final"] if stage == 1 else evaluation["stage2"]
     settings = evaluation.get("produced_by", {}).get("settings", {})
@@ -112,7 +113,7 @@ def _export_stage2_inputs(run: RunFolder, tmp: Path, evaluation: dict[str, Any])
             raise HubError(f"{path} changed since {run.evaluation_file} was written: evaluate the run again")
         tk = TopK.load(path)
         name = RunFolder.at(tmp).topk_file(tk.split, tk.category).name
-        published.link_or_copy(Path(path), tmp / name)
+        shutil.copyfile(Path(path), tmp / name)
         topks.append(name)
     stage1, tok = stage1_for(trained)
     s1_dir = tmp / published.STAGE1_DIR
