@@ -14,6 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 
+from cirlib import paths
 from cirlib.data import synth
 from cirlib.models import loading
 from cirlib.models.first_stage import FirstStage
@@ -101,6 +102,18 @@ def test_an_uncached_hub_model_offline_is_refused_in_one_line(tmp_path, monkeypa
     with pytest.raises(RunFolderError, match="not in the Hub cache") as err:
         published.resolve_run("stage2", "hf:me/never-downloaded", tmp_path / "outputs")
     assert "\n" not in str(err.value)
+
+
+def test_a_run_another_process_materialized_meanwhile_is_kept_and_ours_dropped(tmp_path):
+    run = RunFolder.of("stage2", "x", tmp_path)
+
+    def fill(tmp: RunFolder) -> None:  # another rank of the launch publishes the same run while this one writes
+        paths.write_json(tmp.completion_file, {"by": "us"})
+        paths.write_json(run.completion_file, {"by": "them"})
+
+    published._publish_once(run, fill)
+    assert json.loads(run.completion_file.read_text()) == {"by": "them"}
+    assert [p.name for p in run.path.parent.iterdir()] == ["x"], "no temporary folder is left behind"
 
 
 # ---------------------------------------------------------------------------------------------------------- export

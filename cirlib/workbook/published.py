@@ -22,8 +22,9 @@ import hashlib
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cirlib import paths
 from cirlib.data import tokenizer
@@ -117,9 +118,25 @@ def materialize(stage: str, folder: Path, source: dict[str, Any], outputs: str |
         topks = {n: folder / n for n in info.get("topk_files", [])}
         config["stage1_run"] = materialize("stage1", folder / STAGE1_DIR, source, outputs, f"{name}--stage1",
                                            data_root, topks).name
-    with paths.atomic_dir(run.path) as tmp:
-        _write_run(RunFolder.at(tmp), folder, info, config, source, extra_files or {})
+    _publish_once(run, lambda tmp: _write_run(tmp, folder, info, config, source, extra_files or {}))
     return run
+
+
+def _publish_once(run: RunFolder, fill: Callable[[RunFolder], None]) -> None:
+    """Fill a private temporary folder and rename it onto `run` unless another process (a rank of the same launch)
+    did first: then its folder, the same files, is kept and ours dropped. No process ever sees a partial run."""
+    tmp = run.path.with_name(f".{run.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True)
+    try:
+        fill(RunFolder.at(tmp))
+        if not run.path.exists():
+            try:
+                paths.publish(tmp, run.path)
+            except paths.FileWriteError:
+                if not run.completion_file.is_file():  # not a faster process's finished copy
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_run(tmp: RunFolder, folder: Path, info: dict[str, Any], config: dict[str, Any], source: dict[str, Any],
