@@ -195,15 +195,19 @@ def weights_file(path: str | Path) -> Path:
 
 
 def file_entry(path: str | Path, outputs: str | Path | None = None) -> dict[str, Any]:
-    """{"path", "sha256", "bytes"} of a file that was read (a weights folder: its weights file).
+    """{"path", "sha256", "bytes"} of a file that was read (a weights folder: its weights file), and "source" (Hub
+    repo id and revision, or exported folder) for the weights of a published model (`workbook.published`).
 
     Raises:
         FileNotFoundError: naming the file (a file that was read exists; one that does not was not read).
     """
-    file = weights_file(path).resolve()
+    given = weights_file(path)
+    file = given.resolve()
     if not file.is_file():
         raise FileNotFoundError(f"cannot record what produced a result: {file} (from {path}) does not exist")
-    return {"path": str(file), "sha256": file_sha256(file, outputs), "bytes": file.stat().st_size}
+    source = given.parent / run_folder.SOURCE_FILE  # weights of a published model: its repo id and revision
+    return {"path": str(file), "sha256": file_sha256(file, outputs), "bytes": file.stat().st_size,
+            **({"source": paths.read_json(source, "published model source")} if source.is_file() else {})}
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -6,7 +6,7 @@
       done.json            completion record    done.json              completion record
       metrics.jsonl, metrics.csv  training log  metrics.jsonl, metrics.csv
       checkpoints/{last,best}/  resumable state checkpoints/{last,best}/
-      model/               final weights        model/
+      model/               final weights        model/   (+ source.json when made from a published model)
       metrics.json         final evaluation     metrics.json           stage I vs stage II (evaluation record)
       topk_<split>[_<category>].pt  top-k files stage2_labels_<split>[_<category>].pt   label tensors
       candidate_recall.json                     reranked_<split>[_<category>].pt        re-ranked top-K (top-k format)
@@ -47,6 +47,7 @@ LOG_CSV_FILE = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 WEIGHTS_FILE = "model.safetensors"  # inside model/ and each checkpoint folder
+SOURCE_FILE = "source.json"  # inside model/ of a run made from a published model: its Hub repo id and revision
 EVALUATION_FILE = "metrics.json"
 CANDIDATE_RECALL_FILE = "candidate_recall.json"
 SUBMISSION_DIR = "submission"

@@ -71,6 +71,14 @@ class FirstStage(ABC):
 
     name: str  # the registry name (`ModelConfig.first_stage`)
 
+    @classmethod
+    def from_pretrained(cls, source: str) -> "FirstStage":
+        """A saved first stage: a folder written by `loading.save_pretrained` (a run's model/, an exported folder) or
+        a Hub reference `hf:<repo id>[@revision]` (see `loading.from_pretrained`)."""
+        from cirlib.models.loading import load_as
+
+        return load_as(cls, source)
+
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
         """Gallery encoder. images: (B, 3, S, S) normalised pixels -> tokens (B, T, Dv), embeds (B, D) | (B, V, D)."""

@@ -3,7 +3,8 @@
 - `load_blip_pretrained`: BLIP `{'model': state_dict}` (e.g. `model_base.pth`) into stage I or stage II, with the
   original's position-embedding interpolation and the re-ranker's own key names (the dual stream's key duplication).
 - `load_original_checkpoint`: the original's `{'epoch', 'BLIP_Retrieval' | 'BLIP_NLVR', 'optimizer_state_dict'}`.
-- `save_pretrained` / `from_pretrained`: `model.safetensors` + `config.json` (+ tokenizer files).
+- `save_pretrained` / `from_pretrained`: `model.safetensors` + `config.json` (+ tokenizer files); `from_pretrained`
+  also takes a Hub reference `hf:<repo id>[@revision]`, fetched through the standard Hub cache (`hub_snapshot`).
 
 Pickles are only ever opened with `torch.load(..., weights_only=True)`. Every refusal raises `CheckpointError`
 naming the file, what it holds, the offending keys with their shapes, and what to do; a file that cannot be read at
@@ -36,6 +37,7 @@ from cirlib.models.vit import interpolate_pos_embed
 if TYPE_CHECKING:
     from cirlib.models.stage2 import Stage2Model
 
+HUB_PREFIX = "hf:"  # a model on the Hugging Face Hub: hf:<org>/<name>[@revision]
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STAGE_KEYS = {1: "BLIP_Retrieval", 2: "BLIP_NLVR"}  # the original's state-dict key per stage (class names)
@@ -238,19 +240,20 @@ def _fresh_keys_of(model: nn.Module) -> Callable[[str], bool]:
 # ------------------------------------------------------------------------------------ the original code's checkpoints
 
 
-def load_original_checkpoint(model: nn.Module, path: str | os.PathLike) -> int:
+def load_original_checkpoint(model: nn.Module, path: str | os.PathLike, contents: Any = None) -> int:
     """Load the original code's `{'epoch', 'BLIP_Retrieval' | 'BLIP_NLVR', 'optimizer_state_dict'}` strictly.
 
     Args:
         model: Stage1Model (expects BLIP_Retrieval) or Stage2Model (expects BLIP_NLVR).
         path: the checkpoint file (e.g. saved_models/blip_mean.pt).
+        contents: the file as `read_checkpoint(path)` returned it, when the caller has read it already.
     Returns:
         The checkpoint's epoch.
     Raises:
         CheckpointError: wrong stage, wrong size, missing or unexpected keys.
     """
     path = Path(path)
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if contents is None else contents
     stage = _stage_of(model)
     want = STAGE_KEYS[stage]
     what = describe_checkpoint(obj)
@@ -312,14 +315,62 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
     return directory
 
 
-def from_pretrained(directory: str | os.PathLike) -> "Stage1Model | Stage2Model":
-    """Rebuild a model written by `save_pretrained` (in eval mode, on the CPU).
+def parse_hub_reference(text: str) -> tuple[str, str | None] | None:
+    """("org/name", revision or None) of `hf:org/name[@revision]`; None for anything else (a folder, a run name).
+
+    Raises:
+        CheckpointError: an `hf:` reference whose repo id is not `<org>/<name>`.
+    """
+    if not str(text).startswith(HUB_PREFIX):
+        return None
+    repo_id, _, revision = str(text)[len(HUB_PREFIX):].partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise CheckpointError(f"{text!r}: a Hub reference is hf:<org>/<name>[@revision], e.g. hf:me/cirr-stage2")
+    return repo_id, revision or None
+
+
+def hub_snapshot(reference: str) -> tuple[Path, dict[str, Any]]:
+    """The local folder of a Hub model `hf:<repo id>[@revision]` and where it came from.
+
+    Files come through `huggingface_hub.snapshot_download` and its cache ($HF_HOME/hub): with HF_HUB_OFFLINE=1 only
+    from that cache. Returns (snapshot folder, {"repo_id", "revision", "commit"}).
+
+    Raises:
+        CheckpointError: not a Hub reference, or the repo cannot be fetched (offline and not cached, unknown repo or
+            revision, no network); the message says which and what to do.
+    """
+    parsed = parse_hub_reference(reference)
+    if parsed is None:
+        raise CheckpointError(f"{reference!r} is not a Hub reference (hf:<org>/<name>[@revision])")
+    repo_id, revision = parsed
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(
+            f"cannot fetch {reference}: it is not in the Hub cache and the Hub cannot be reached (offline: "
+            "HF_HUB_OFFLINE=1, or no network); download it once online, or give an exported folder") from err
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot fetch {reference} from the Hub ({_first_line(err)})") from err
+    return folder, {"repo_id": repo_id, "revision": revision or "main", "commit": folder.name}
+
+
+def model_folder(source: str | os.PathLike) -> Path:
+    """The local folder of a model source: a folder as given, or the Hub cache's snapshot of `hf:<repo id>`."""
+    return hub_snapshot(str(source))[0] if parse_hub_reference(str(source)) else Path(source)
+
+
+def from_pretrained(source: str | os.PathLike) -> "Stage1Model | Stage2Model":
+    """Rebuild a model written by `save_pretrained` (in eval mode, on the CPU): a folder (a run's model/, an exported
+    folder) or a Hub reference `hf:<repo id>[@revision]` (through the Hub cache).
 
     Raises:
         CheckpointError: missing, unreadable or malformed files, weights that do not fit the stored config, or
             weights that hold NaN/Inf; the message names the file and says what to do.
     """
-    directory = Path(directory)
+    directory = model_folder(source)
     cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for f in (cfg_path, weights):
         if not f.is_file():
@@ -345,6 +396,14 @@ def from_pretrained(directory: str | os.PathLike) -> "Stage1Model | Stage2Model"
     sd = read_safetensors(weights, remedy=RERUN_STEP)
     _load_checked(model, sd, source=str(weights), may_be_fresh=lambda k: False)
     return model.eval()
+
+
+def load_as(cls: type, source: str | os.PathLike) -> Any:
+    """`from_pretrained(source)`, refused (CheckpointError naming the source) unless the model is a `cls`."""
+    model = from_pretrained(source)
+    if not isinstance(model, cls):
+        raise CheckpointError(f"{source} holds a {describe_model(model)}, not a {cls.__name__}")
+    return model
 
 
 def read_safetensors(path: str | os.PathLike, remedy: str = RERUN_STEP) -> dict[str, torch.Tensor]:

@@ -188,6 +188,14 @@ class Stage2Model(nn.Module):
                 raise TypeError(f"re-ranker {config.reranker!r} is registered as {cls!r}, not a Stage2Model subclass")
         return super().__new__(cls)
 
+    @classmethod
+    def from_pretrained(cls, source: str) -> "Stage2Model":
+        """A saved re-ranker: a folder written by `loading.save_pretrained` (a run's model/, an exported folder) or a
+        Hub reference `hf:<repo id>[@revision]` (see `loading.from_pretrained`)."""
+        from cirlib.models.loading import load_as
+
+        return load_as(cls, source)
+
     def __init__(self, config: ModelConfig, gradient_checkpointing: bool = False):
         """Args: gradient_checkpointing: see `set_gradient_checkpointing` (not part of the config: it changes memory
         and speed, not the function)."""

@@ -25,7 +25,9 @@ from cirlib.workbook import search as S
 
 
 def _path_or_name(text: str) -> str:
-    """A command-line path made absolute (from the current directory); a bare run name stays a name."""
+    """A command-line path made absolute (from the current directory); a bare run name or `hf:<repo id>` stays."""
+    if text.startswith("hf:"):
+        return text
     p = Path(text).expanduser()
     return str(p.resolve()) if (p.exists() or "/" in text) else text
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ix = sub.add_parser("index", help="build or update the gallery index of a folder")
     ix.add_argument("image_dir", help="folder of images (searched recursively)")
-    ix.add_argument("--stage1", required=True, help="stage-I run name, run folder, or original checkpoint file")
+    ix.add_argument("--stage1", required=True, help="stage-I run name, run folder, exported folder, hf:<repo id>, or original checkpoint file")
     ix.add_argument("--out", required=True, help="index folder")
     ix.add_argument("--batch-size", type=_positive, default=32)
     ix.add_argument("--device", type=_device, default=None, help="e.g. cpu, cuda, cuda:1 (default: CUDA when available)")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--image", required=True, help="reference: an image file or a name in the index")
     q.add_argument("--text", required=True, help="modification text")
     q.add_argument("--stage1", default=None, help="stage I (default: the one the index was built with)")
-    q.add_argument("--stage2", default=None, help="stage-II run name or folder (default: stage I only)")
+    q.add_argument("--stage2", default=None, help="stage-II run name or folder, an exported folder, or hf:<repo id> (default: stage I only)")
     q.add_argument("--k", type=_positive, default=50, help="stage-I candidates re-ranked by stage II")
     q.add_argument("--top", type=_positive, default=10, help="results printed per stage")
     q.add_argument("--keep-reference", action="store_true", help="keep an indexed reference in its own results")

@@ -13,6 +13,7 @@ from typing import Any, Mapping, TypeVar
 
 from cirlib.models.rerankers import RERANKERS
 from cirlib.run_folder import RunFolder
+from cirlib.workbook.published import resolve_run
 
 
 
@@ -92,7 +93,7 @@ class Stage1Config:
 
     @property
     def stage1_folder(self) -> RunFolder:
-        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+        return resolve_run("stage1", self.stage1_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class TopKConfig:
     """Stage-I top-K extraction (notebook 02). Dataset, data root, categories and preprocessing are the stage-I run's
     (its config.json): the files rank the gallery the run was trained and validated on."""
 
-    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model; the top-k files are written there)
+    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model; the top-k files are written there), or hf:<repo id> / an exported folder
     topk_k: int = 200  # candidates per query written to the top-k file
     topk_splits: str = "val"  # splits to extract top-K for, comma-separated (add "train" to mine stage-II negatives, "test1" for CIRR submissions)
     search: str = "exact"  # gallery search: "exact" (one query x gallery product) | "faiss" (a FAISS index, for galleries too big for that product)
@@ -112,7 +113,7 @@ class TopKConfig:
 
     @property
     def stage1_folder(self) -> RunFolder:
-        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+        return resolve_run("stage1", self.stage1_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Stage2TrainConfig:
     """Stage II training (notebook 03), with the validation (re-ranking the top k) that selects its best epoch."""
 
     stage2_run: str = "stage2"  # run folder: <outputs>/stage2/<stage2_run>/
-    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model and top-k files)
+    stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model and top-k files), or hf:<repo id> / an exported folder
     stage1_checkpoint: str = ""  # or an original stage-I checkpoint file (BLIP_Retrieval); overrides stage1_run's model
     topk_path: str = ""  # validation top-k file to re-rank ("" = the stage-I run's); original files accepted
     dataset: str = "cirr"  # "cirr" | "fashioniq"
@@ -173,11 +174,11 @@ class Stage2TrainConfig:
 
     @property
     def stage1_folder(self) -> RunFolder:
-        return RunFolder.of("stage1", self.stage1_run, self.outputs)
+        return resolve_run("stage1", self.stage1_run, self.outputs)
 
     @property
     def stage2_folder(self) -> RunFolder:
-        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+        return resolve_run("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class EvaluateConfig:
     """Stage I vs stage II on the validation split (notebook 04). The models, data and preprocessing are the stage-II
     run's (its config.json); only what evaluation itself decides is here, so changing it never retrains."""
 
-    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (it names its stage-I run and data)
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (it names its stage-I run and data), or hf:<repo id> / an exported folder (python -m cirlib.hub export; data from $CIR_DATA)
     topk_path: str = ""  # validation top-k file to re-rank ("" = the one the stage-II run validated on); original files accepted
     k: int = 50  # candidates re-ranked per query (original: 100 FashionIQ, 50 CIRR)
     fusion_weight: float = 0.0  # final score = w * z(stage-I score) + (1 - w) * z(stage-II score), rows z-scored (0 = stage II alone, the original)
@@ -198,14 +199,14 @@ class EvaluateConfig:
 
     @property
     def stage2_folder(self) -> RunFolder:
-        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+        return resolve_run("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)
 class SubmissionConfig:
     """CIRR test-server files (notebook 05); the models and data are the stage-II run's (its config.json)."""
 
-    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (the files go to its submission/ folder)
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/ (the files go to its submission/ folder), or hf:<repo id> / an exported folder
     k: int = 50  # candidates re-ranked per query; the rest of the 50 names keep their stage-I order
     fusion_weight: float = 0.0  # see EvaluateConfig.fusion_weight
     scoring: str = "shared"  # "shared" | "pairs" (see EvaluateConfig.scoring)
@@ -215,7 +216,7 @@ class SubmissionConfig:
 
     @property
     def stage2_folder(self) -> RunFolder:
-        return RunFolder.of("stage2", self.stage2_run, self.outputs)
+        return resolve_run("stage2", self.stage2_run, self.outputs)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from cirlib.retrieval.topk import TopK, read_topk_dict
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import steps
 from cirlib.workbook.config import AnalysisConfig, ExplorerConfig
+from cirlib.workbook.published import resolve_run
 
 QUALITATIVE_TOP = 5  # candidates per stage in a qualitative row
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100, 200)  # recall-curve points (those <= K are drawn)
@@ -151,7 +152,7 @@ class LabelSource:
 
 
 def _stage2_folder(cfg: AnalysisConfig | ExplorerConfig) -> RunFolder:
-    return RunFolder.of("stage2", cfg.stage2_run, cfg.outputs)
+    return resolve_run("stage2", cfg.stage2_run, cfg.outputs)
 
 
 def label_sources(cfg: AnalysisConfig | ExplorerConfig) -> list[LabelSource]:

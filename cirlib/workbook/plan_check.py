@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import steps
+from cirlib.workbook.published import resolve_run
 from cirlib.workbook.config import EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig
 from cirlib.workbook.evaluation import refuse_unsupported
 
@@ -31,7 +32,7 @@ def _dataset_of(cfg: Any, planned: dict[tuple[str, str], Any]) -> tuple[str, str
     key = ("stage1", cfg.stage1_run) if isinstance(cfg, TopKConfig) else ("stage2", cfg.stage2_run)
     source = planned.get(key)
     if source is None:
-        source = _saved(RunFolder.of(key[0], key[1], cfg.outputs))
+        source = _saved(resolve_run(key[0], key[1], cfg.outputs))
         return None if source is None else (source["dataset"], source.get("categories", ""))
     return source.dataset, source.categories
 

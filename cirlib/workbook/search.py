@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,6 +39,7 @@ from cirlib.retrieval.gallery_index import (IMAGE_SUFFIXES, GalleryIndex, Galler
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.workbook.config import SearchConfig
+from cirlib.workbook.published import resolve_run
 from cirlib.workbook.steps import stage2_run_config
 from cirlib.workbook.factories import abs_path, device as default_device, load_stage1_run, load_stage2_run, stage1_for
 
@@ -89,10 +89,9 @@ def _cached(key: tuple, weights: Path, load):
 
 
 def run_folder(stage: str, run: str, outputs: str) -> RunFolder:
-    """A run given by name (under <outputs>/<stage>/) or by its folder's path (relative = from the repository)."""
-    if "/" in run or os.sep in run:
-        return RunFolder.at(abs_path(run))
-    return RunFolder.of(stage, run, outputs or None)
+    """A run given by name (under <outputs>/<stage>/), by its folder's path (relative = from the repository), as an
+    exported folder or as `hf:<repo id>` (`published.resolve_run`)."""
+    return resolve_run(stage, run, outputs or None)
 
 
 def load_stage1(stage1: str | Mapping[str, Any], *, outputs: str = "", preset: str = "blip-base",
