@@ -1,6 +1,7 @@
 """The stage-II benchmark at the tiny preset: fields, path equality, FLOP model and memory probe (no timing claims)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -127,6 +128,18 @@ def test_bench_eval_cirr_shaped_sampled_passes_extrapolate():
     assert r["shared_extrapolated"] and r["shared_passes_timed"] == 3 < r["shared_passes"]
     assert r["shared_s"] > r["shared_timed_s"] > 0 and r["shared_s_per_tflop_cv"] >= 0
     assert "per_batch_shared_s" not in r and r["max_abs_score_diff"] <= 1e-4
+
+
+def test_bench_eval_cirr_shaped_times_untiled_rounds_side_by_side():
+    cfg = BenchConfig(preset="tiny", reranker="dual", cases=("eval-cirr-shaped",), cirr_gallery=60, cirr_queries=12,
+                      cirr_k=5, cirr_batch=4, cirr_sample=2, cirr_max_pairs=8, cirr_token_pool=7, cirr_pass_sample=2,
+                      cirr_per_batch=False, cirr_untiled=True, cirr_repeats=2, shared_tile_rows=26)
+    (r,) = run(cfg, emit=lambda _: None)
+    assert r["shared_tile_rows"] == 26 and len(r["shared_rounds_s"]) == len(r["untiled_rounds_s"]) == 2
+    assert len(r["tiled_over_untiled_rounds"]) == 2 and r["untiled_shared_s"] > 0 and r["untiled_speedup"] > 0
+    assert r["max_abs_score_diff_untiled"] <= 1e-5 and r["max_abs_score_diff"] <= 1e-4
+    with pytest.raises(ValueError, match="no tiled shared path"):
+        run(dataclasses.replace(cfg, reranker="joint", cirr_query_block_mib=0.0), emit=lambda _: None)
 
 
 def test_fits_table_solves_the_memory_model():

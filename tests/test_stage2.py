@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cirlib.models.config import ModelConfig, TextConfig, VisionConfig, preset
-from cirlib.models.shared_attention import group_pairs, order_by_count
+from cirlib.models.shared_attention import group_pairs, order_by_count, tile_pairs
 from cirlib.models.stage2 import RerankOutput, RerankQuery, Stage2Model
 from cirlib.registry import RegistryError
 
@@ -300,6 +300,43 @@ def test_grouping_covers_every_pair_once_with_bounded_padding():
         slots = grouping.slot_pair[b.offset: b.offset + n * b.slots].view(n, b.slots)
         assert (new_keys[slots] == torch.arange(b.start, b.end)[:, None]).all()
     assert grouping.slot_pair.numel() <= keys.numel() / 0.75
+
+
+def test_pair_tiles_cover_every_pair_once_with_calls_on_their_keys():
+    keys = torch.tensor([4, 1, 1, 0, 4, 4, 2, 4, 1, 3, 4, 0, 4, 4, 5, 5])
+    _, new_keys = order_by_count(keys, 6)  # counts 7, 3, 2, 2, 1, 1: runs of equal counts
+    for size in (1, 3, 5, 16, 100):
+        tiles = tile_pairs(new_keys, 6, size)
+        assert sorted(tiles.order.tolist()) == list(range(keys.numel()))
+        sorted_keys = new_keys[tiles.order]
+        assert (sorted_keys[1:] >= sorted_keys[:-1]).all()
+        assert [(s, e) for s, e, _ in tiles.tiles] == [(s, min(s + size, 16)) for s in range(0, 16, size)]
+        for s, e, calls in tiles.tiles:
+            rows = 0
+            for c in calls:  # calls tile the tile's rows in order, each on keys [key, key + keys)
+                assert c.row == rows
+                block = sorted_keys[s + c.row: s + c.row + c.keys * c.per_key].view(c.keys, c.per_key)
+                assert (block == torch.arange(c.key, c.key + c.keys)[:, None]).all()
+                rows += c.keys * c.per_key
+            assert rows == e - s
+
+
+@pytest.mark.parametrize("tile_rows", [1, 20, 1024])
+def test_tiled_shared_path_equals_untiled_and_per_pair(tile_rows):
+    """Inference: tiles of 1 pair (every key cut), of a few pairs, and one tile for all give the untiled scores."""
+    cfg = _tiny("dual")
+    model = _randomized(cfg).eval()
+    query, cands = _query(cfg, 4, [7, 3, 9, 5]), _tokens(cfg, 5)
+    index = torch.tensor([[0, 1, 2, 0], [0, 3, 3, 1], [0, 4, 1, 2], [0, 1, 3, 4]])
+    with torch.inference_mode():
+        ref = _per_query(model, query, cands, index)
+        model.shared_tile_rows = 0
+        untiled = model.score(query, cands, index, max_pairs=7)
+        model.shared_tile_rows = tile_rows
+        tiled = model.score(query, cands, index, max_pairs=7)
+    assert ref.std() > 0.05
+    torch.testing.assert_close(tiled, untiled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiled, ref, atol=ATOL_PATHS, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

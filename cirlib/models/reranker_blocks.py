@@ -74,9 +74,17 @@ class QKV(nn.Module):
         self.key = nn.Linear(kv_width, hidden)
         self.value = nn.Linear(kv_width, hidden)
 
-    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T, kv_width) -> keys, values (N, heads, T, d)."""
-        return heads(self.key(tokens), self.num_heads), heads(self.value(tokens), self.num_heads)
+    def keys_values(self, tokens: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T, kv_width) -> keys, values (N, heads, T, d); `out`: two (N * T, H) buffers to write them into (reused
+        across layers, large projections then touch no fresh memory; no autograd)."""
+        if out is None:
+            return heads(self.key(tokens), self.num_heads), heads(self.value(tokens), self.num_heads)
+        n, t, _ = tokens.shape
+        flat = tokens.reshape(n * t, -1)
+        k = torch.addmm(self.key.bias, flat, self.key.weight.t(), out=out[0])
+        v = torch.addmm(self.value.bias, flat, self.value.weight.t(), out=out[1])
+        return heads(k.view(n, t, -1), self.num_heads), heads(v.view(n, t, -1), self.num_heads)
 
     def self_attention(self, x: torch.Tensor, mask_add: torch.Tensor, p: float, training: bool, eager: bool):
         """Self-attention over x (N, L, H) with additive key mask (N, L); returns (N, L, H)."""

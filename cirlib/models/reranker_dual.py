@@ -17,7 +17,9 @@ from cirlib.models.config import ModelConfig, TextConfig
 from cirlib.models.reranker_blocks import (
     QKV, Dense, DenseNorm, LayerList, TextEmbeddings, additive_mask, ffn, maybe_dropout,
 )
-from cirlib.models.shared_attention import group_pairs, grouped_attention
+from cirlib.models.shared_attention import (
+    PairTiles, group_pairs, grouped_attention, tile_pairs, tiled_attention,
+)
 from cirlib.models.stage2 import RERANKERS, RerankQuery, Stage2Model, init_bert_
 
 
@@ -103,6 +105,19 @@ class DualLayer(nn.Module):
             h0, h1 = h0[rows], h1[rows]
         return self._merge_block(h0, h1, ctx[0], ctx[1])
 
+    def forward_tile(self, h0, h1, mask_add, kv, calls, self_block: bool):
+        """One tile of pairs sorted by key (inference): h0, h1 (n, L, H), mask_add (n, L), kv the layer's keys/values
+        of every key ((k0, v0), (k1, v1)), each (U, heads, T, d) -> h0, h1 (n, L, H); `self_block=False` when the
+        self-attention already ran (layer 0, once per query)."""
+        if self_block:
+            h0, h1 = self._self_block(h0, h1, mask_add, eager=False)
+        c, p, tr = self.crossattention, self.attention_dropout, self.training
+        ctx = []
+        for proj, h, (k, v) in ((c.self0, h0, kv[0]), (c.self1, h1, kv[1])):
+            q = proj.query(h)
+            ctx.append(tiled_attention(q.view(*q.shape[:2], proj.num_heads, -1), k, v, calls, p, tr))
+        return self._merge_block(h0, h1, ctx[0], ctx[1])
+
 
 class DualStreamEncoder(nn.Module):
     """The original's `BLIP_NLVR.text_encoder`: embeddings for stream 1 and the dual-stream layers."""
@@ -132,6 +147,37 @@ class DualStreamEncoder(nn.Module):
                 mask_add, rows = mask_add[rows], None
         return torch.cat([h0[:, 0], h1[:, 0]], dim=-1)
 
+    def forward_tiled(self, z_t, input_ids, attention_mask, cand_tokens, pair_query, tiles: PairTiles) -> torch.Tensor:
+        """The shared path layer by layer in tiles of pairs (inference): the same function as `forward_shared`, with
+        each layer's text-side work done tile by tile into preallocated buffers, so its intermediates stay small and
+        cache-resident and no gathers or padding are needed. Shapes as `forward_shared`; -> (P, 2H) in pair order."""
+        layers = self.encoder.layer
+        h0q, h1q = self._query_self_block(layers[0], z_t, self.embeddings(input_ids), attention_mask, tiles)
+        rows = pair_query[tiles.order]
+        mask = additive_mask(attention_mask, h1q.dtype)[rows]  # (P, L)
+        bufs = [h1q.new_empty(2, rows.numel(), *h1q.shape[1:]) for _ in range(2)]  # [stream] x (P, L, H), ping-pong
+        kv_bufs = (None, None) if torch.is_autocast_enabled(h1q.device.type) else cand_tokens.new_empty(
+            2, 2, cand_tokens.shape[0] * cand_tokens.shape[1], h1q.shape[2])  # [stream][k, v], reused by every layer
+        for i, layer in enumerate(layers):
+            c = layer.crossattention
+            kv = (c.self0.keys_values(cand_tokens, kv_bufs[0]), c.self1.keys_values(cand_tokens, kv_bufs[1]))
+            src, dst = bufs[i % 2], bufs[(i + 1) % 2]
+            for s, e, calls in tiles.tiles:
+                t0, t1 = (h0q[rows[s:e]], h1q[rows[s:e]]) if i == 0 else (src[0, s:e], src[1, s:e])
+                dst[0, s:e], dst[1, s:e] = layer.forward_tile(t0, t1, mask[s:e], kv, calls, self_block=i > 0)
+        feats = torch.cat([dst[0, :, 0], dst[1, :, 0]], dim=-1)
+        return torch.empty_like(feats).index_copy_(0, tiles.order, feats)
+
+    @staticmethod
+    def _query_self_block(layer, h0, h1, attention_mask, tiles: PairTiles):
+        """Layer 0's self-attention block once per query (B rows), in tiles of the same size as the pairs'."""
+        mask = additive_mask(attention_mask, h1.dtype)
+        step = max(1, tiles.tiles[0][1] - tiles.tiles[0][0]) if tiles.tiles else 1
+        out0, out1 = torch.empty_like(h1), torch.empty_like(h1)
+        for s in range(0, h1.shape[0], step):
+            out0[s:s + step], out1[s:s + step] = layer._self_block(
+                h0[s:s + step], h1[s:s + step], mask[s:s + step], eager=False)
+        return out0, out1
 
 
 # ------------------------------------------------------------------------------------------- the re-ranker
@@ -145,6 +191,9 @@ class DualReranker(Stage2Model):
     multi_batch_query_blocks = True  # a query's side is its text and z_t (L x H floats): many fit in a block
     text_streams = 2
     blip_fresh_keys = r"\.merge_layer\.|^cls_head\."
+    # Without gradients the shared path runs each layer's text side in tiles of about this many text rows (pairs x L):
+    # equal scores, intermediates that stay in cache; 0 = all pairs of a pass at once (the path training uses).
+    shared_tile_rows = 1024
 
     def build_scorer(self, config: ModelConfig) -> None:
         hidden = config.text.hidden_size
@@ -161,6 +210,11 @@ class DualReranker(Stage2Model):
 
     def scores_shared(self, query: RerankQuery, cand: torch.Tensor, pair_query: torch.Tensor,
                       pair_cand: torch.Tensor) -> torch.Tensor:
+        if self.shared_tile_rows > 0 and not torch.is_grad_enabled():
+            tiles = tile_pairs(pair_cand, cand.shape[0], max(1, self.shared_tile_rows // query.input_ids.shape[1]))
+            feats = self.text_encoder.forward_tiled(query.z_t, query.input_ids, query.attention_mask, cand,
+                                                    pair_query, tiles)
+            return self.cls_head(feats)[:, 0]
         feats = self.text_encoder.forward_shared(query.z_t, query.input_ids, query.attention_mask, cand, pair_query,
                                                  group_pairs(pair_cand, cand.shape[0]))
         return self.cls_head(feats)[:, 0]

@@ -163,3 +163,75 @@ def grouped_partial_attention(
     lse = lses[0] if len(lses) == 1 else torch.cat(lses)
     return out[grouping.pair_slot], lse[grouping.pair_slot]
 
+
+
+# ------------------------------------------------------------------------------------------ tiled (inference)
+@dataclass(frozen=True)
+class Call:
+    """One attention call of a tile: `keys` consecutive keys from `key`, `per_key` pairs each, at tile row `row`."""
+
+    row: int
+    key: int
+    keys: int
+    per_key: int
+
+
+@dataclass(frozen=True)
+class PairTiles:
+    """Pairs sorted by key (stable), cut into tiles of at most `tile_pairs` pairs, each with its attention calls.
+
+    A tile's pairs are a contiguous range of the sorted order; within it every key's pairs are contiguous, so a run of
+    keys with equal pair counts is one attention call on a plain view of the tile's queries (no padding, no gather).
+    """
+
+    order: torch.Tensor  # (P,) original pair at each sorted position
+    tiles: tuple[tuple[int, int, tuple[Call, ...]], ...]  # (start, end, calls) in sorted positions
+
+
+def tile_pairs(keys: torch.Tensor, n_keys: int, tile_pairs: int) -> PairTiles:
+    """Sort pairs by key and cut them into tiles; `keys` (P,) in [0, n_keys), every key used."""
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=n_keys).tolist()
+    runs, pos, key = [], 0, 0  # (first key, keys, pairs per key, first sorted position) of equal-count key runs
+    for value, length in zip(*(t.tolist() for t in torch.unique_consecutive(torch.tensor(counts),
+                                                                            return_counts=True))):
+        runs.append((key, length, value, pos))
+        key, pos = key + length, pos + length * value
+    tiles = tuple((s, min(s + tile_pairs, pos), tuple(_calls(runs, s, min(s + tile_pairs, pos))))
+                  for s in range(0, pos, tile_pairs))
+    return PairTiles(order, tiles)
+
+
+def _calls(runs: list[tuple[int, int, int, int]], start: int, end: int):
+    """The attention calls covering sorted pairs [start, end): whole keys of a run together, cut keys alone."""
+    for first, n, count, pos in runs:
+        a, b = max(start, pos), min(end, pos + n * count)
+        while a < b:
+            j, off = divmod(a - pos, count)
+            if off or b - a < count:  # part of one key (the tile cuts it)
+                m = min(count - off, b - a)
+                yield Call(a - start, first + j, 1, m)
+                a += m
+            else:
+                full = (b - a) // count
+                yield Call(a - start, first + j, full, count)
+                a += full * count
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: tuple[Call, ...], p: float,
+                    training: bool) -> torch.Tensor:
+    """Cross-attention of a tile's pairs to their keys' image tokens.
+
+    Args:
+        q: (n, L, heads, d) text queries of the tile's pairs, sorted by key.
+        k, v: (U, heads, T, d) keys/values of every key.
+    Returns:
+        (n, L, heads * d).
+    """
+    _, length, h, d = q.shape
+    outs = []
+    for c in calls:
+        qg = q[c.row: c.row + c.keys * c.per_key].view(c.keys, c.per_key * length, h, d).transpose(1, 2)
+        o = sdpa(qg, k[c.key: c.key + c.keys], v[c.key: c.key + c.keys], None, p, training)  # (keys, h, S*L, d)
+        outs.append(o.transpose(1, 2).reshape(c.keys * c.per_key, length, h * d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -93,6 +93,9 @@ class BenchConfig:
     cirr_query_block_mib: float = 256.0  # the pipeline's query blocks (`rerank`'s query_block_mib default)
     cirr_pass_sample: int = 0  # shared path: time this many random passes of its plan, extrapolate by FLOPs; 0 = all
     cirr_per_batch: bool = True  # also the grouping before blocks: pairs grouped by candidate within each batch only
+    cirr_repeats: int = 1  # rounds of the shared path's timing (each figure is the median round)
+    cirr_untiled: bool = False  # also time the untiled shared path (shared_tile_rows = 0), interleaved round by round
+    shared_tile_rows: int = -1  # the dual re-ranker's tile rows for the shared path; -1 = its default
     memory_batch: int = 16  # memory-stage2: training batch B (also measured at B/2 to fit the memory model)
 
 
@@ -281,6 +284,8 @@ def _build(cfg: BenchConfig, reranker: str, device: torch.device) -> Stage2Model
     torch.manual_seed(cfg.seed)
     model = Stage2Model(model_cfg).to(device)
     model.visual_encoder.requires_grad_(False)
+    if cfg.shared_tile_rows >= 0 and hasattr(type(model), "shared_tile_rows"):  # re-rankers without it: ignored
+        model.shared_tile_rows = cfg.shared_tile_rows
     return model
 
 
@@ -475,9 +480,11 @@ def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) 
         return analytic_flops(model.config, queries=p.queries.numel(), pairs=p.end - p.start,
                               candidates=p.candidates.numel(), text_len=length)["shared"]
 
-    def shared(block_mib: float) -> dict:
+    def shared(block_mib: float, variants: tuple[int | None, ...] = (None,)) -> dict:
         """Seconds of the shared path over all N queries (measured, or extrapolated from sampled passes), FLOPs,
-        pairs per candidate projection, and the scores when every pass ran."""
+        pairs per candidate projection, and the scores (of every pass, or of the sampled ones). `variants`: the
+        shared path's tile rows to time (None = the model's own), `cirr_repeats` rounds of each, interleaved; the
+        figures are each variant's median round, "rounds_s" every round's."""
         blocks = list(query_blocks(model, range(n), batch, query, block_mib))
         plans = [(q, shared_passes(lists[s:e].to(device), cfg.cirr_max_pairs), s, e) for s, e, q in blocks]
         passes = [(q, p) for q, plan, _, _ in plans for p in plan.passes]
@@ -488,25 +495,39 @@ def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) 
         if cfg.cirr_pass_sample and cfg.cirr_pass_sample < len(passes):
             chosen = torch.randperm(len(passes), generator=torch.Generator().manual_seed(cfg.seed + 5))
             chosen = chosen[:cfg.cirr_pass_sample].tolist()
-            seconds = [_timed(lambda i=i: model.score_pass(passes[i][0], gallery, passes[i][1]), device)[1]
-                       for i in chosen]
-            rate = torch.tensor(seconds) / torch.tensor([flops[i] for i in chosen])  # s per FLOP of each pass
-            out.update(seconds=sum(flops) * float(sum(seconds) / sum(flops[i] for i in chosen)), sampled=len(chosen),
-                       sampled_seconds=sum(seconds), s_per_tflop_cv=float(rate.std() / rate.mean()), scores=None)
+
+            def measure() -> dict:
+                timed = [_timed(lambda i=i: model.score_pass(passes[i][0], gallery, passes[i][1]), device)
+                         for i in chosen]
+                seconds = [t for _, t in timed]
+                rate = torch.tensor(seconds) / torch.tensor([flops[i] for i in chosen])  # s per FLOP of each pass
+                return dict(seconds=sum(flops) * float(sum(seconds) / sum(flops[i] for i in chosen)),
+                            sampled=len(chosen), sampled_seconds=sum(seconds),
+                            s_per_tflop_cv=float(rate.std() / rate.mean()) if len(chosen) > 1 else 0.0,
+                            scores=None, pass_scores=torch.cat([s.float() for s, _ in timed]))
         else:
-            def run_all() -> torch.Tensor:
-                return torch.cat([score_indexed(model, q, gallery, lists[s:e], cfg.cirr_max_pairs, "shared", device)
-                                  for q, _, s, e in plans])
-            scores, seconds = _timed(run_all, device)
-            out.update(seconds=seconds, sampled=len(passes), sampled_seconds=seconds, s_per_tflop_cv=0.0,
-                       scores=scores)
+            def measure() -> dict:
+                scores, seconds = _timed(lambda: torch.cat([
+                    score_indexed(model, q, gallery, lists[s:e], cfg.cirr_max_pairs, "shared", device)
+                    for q, _, s, e in plans]), device)
+                return dict(seconds=seconds, sampled=len(passes), sampled_seconds=seconds, s_per_tflop_cv=0.0,
+                            scores=scores, pass_scores=scores)
+        rounds: dict[int | None, list[dict]] = {v: [] for v in variants}
+        for _ in range(max(1, cfg.cirr_repeats)):
+            for v in variants:
+                with _tile_rows(model, v):
+                    rounds[v].append(measure())
+        for v, runs in rounds.items():
+            median = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+            target = out if v is None else out.setdefault(f"tile_rows_{v}", {})
+            target.update(median, rounds_s=[r["seconds"] for r in runs])
         return out
 
     sample = min(n, max(1, cfg.cirr_sample))
     with torch.inference_mode(), _autocast(cfg, device):
         score_indexed(model, query(0, 2), gallery, lists[:2, :2], cfg.cirr_max_pairs, "pairs", device)  # warm-up
         score_indexed(model, query(0, 2), gallery, lists[:2, :2], cfg.cirr_max_pairs, "shared", device)
-        main = shared(cfg.cirr_query_block_mib)
+        main = shared(cfg.cirr_query_block_mib, (None, 0) if cfg.cirr_untiled else (None,))
         per_batch = shared(0.0) if cfg.cirr_per_batch else None
         pp_scores, pp_s = _timed(lambda: score_indexed(model, query(0, sample), gallery, lists[:sample],
                                                        cfg.cirr_max_pairs, "pairs", device), device)
@@ -534,6 +555,9 @@ def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) 
     }
     if main["scores"] is not None:
         result["max_abs_score_diff_all_passes"] = float((main["scores"][:sample] - pp_scores).abs().max())
+    result["shared_tile_rows"] = getattr(model, "shared_tile_rows", None)
+    if cfg.cirr_untiled:
+        result.update(_untiled_fields(main, pp_extrapolated))
     if per_batch is not None:
         result.update({
             "per_batch_shared_s": round(per_batch["seconds"], 4),
@@ -543,6 +567,36 @@ def bench_eval_cirr(cfg: BenchConfig, model: Stage2Model, device: torch.device) 
             "per_batch_extrapolated": per_batch["sampled"] < per_batch["passes"],
         })
     return result
+
+
+def _untiled_fields(main: dict, pp_extrapolated: float) -> dict:
+    """The untiled shared path (`shared_tile_rows = 0`, timed round by round with the tiled one) against it."""
+    untiled = main["tile_rows_0"]
+    return {
+        "shared_rounds_s": [round(x, 4) for x in main["rounds_s"]],
+        "untiled_shared_s": round(untiled["seconds"], 4),
+        "untiled_rounds_s": [round(x, 4) for x in untiled["rounds_s"]],
+        "untiled_speedup": round(pp_extrapolated / untiled["seconds"], 3),
+        "tiled_over_untiled_rounds": [round(u / t, 3) for u, t in zip(untiled["rounds_s"], main["rounds_s"])],
+        "tiled_over_untiled": round(untiled["seconds"] / main["seconds"], 3),
+        "max_abs_score_diff_untiled": float((main["pass_scores"] - untiled["pass_scores"]).abs().max()),
+    }
+
+
+@contextlib.contextmanager
+def _tile_rows(model: Stage2Model, rows: int | None) -> Iterator[None]:
+    """The model's `shared_tile_rows` set to `rows` for the block (None: left as it is)."""
+    if rows is None:
+        yield
+        return
+    if not hasattr(type(model), "shared_tile_rows"):
+        raise ValueError(f"the {model.name} re-ranker has no tiled shared path (shared_tile_rows) to compare with")
+    before = model.shared_tile_rows
+    model.shared_tile_rows = rows
+    try:
+        yield
+    finally:
+        model.shared_tile_rows = before
 
 
 # ------------------------------------------------------------------------------------------ training memory
@@ -750,6 +804,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--memory-batch", type=int, default=d.memory_batch)
+    p.add_argument("--shared-tile-rows", type=int, default=d.shared_tile_rows,
+                   help="shared-path tile rows at inference of re-rankers that tile (dual): 0 = untiled, -1 = the default")
     for f in dataclasses.fields(BenchConfig):  # the eval-cirr-shaped options: --cirr-queries, ...
         if f.name.startswith("cirr_"):
             kind = (lambda v: v.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
@@ -760,7 +816,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return BenchConfig(preset=a.preset, reranker=a.reranker, cases=tuple(c for c in a.cases.split(",") if c),
                        queries=a.queries, gallery=a.gallery, text_len=a.text_len, train_batch=a.train_batch,
                        device=a.device, dtype=a.dtype, max_pairs=a.max_pairs, seed=a.seed, threads=a.threads,
-                       memory_batch=a.memory_batch,
+                       memory_batch=a.memory_batch, shared_tile_rows=a.shared_tile_rows,
                        **{f.name: getattr(a, f.name) for f in dataclasses.fields(BenchConfig)
                           if f.name.startswith("cirr_")})
 
