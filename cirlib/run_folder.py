@@ -15,6 +15,9 @@
                                                 submission_<name>.provenance.json      each submission's sidecar
                                                 circo/                                 CIRCO metrics and server files
 
+outputs/rerank/<name>/ (a re-ranking of imported candidates by a stage-II run): provenance.json, metrics.json
+(imported vs re-ranked, the gain analysis), reranked_<split>[_<category>].pt, dropped_queries.json, submission/, .lock
+
 A result's provenance record (`cirlib.provenance`) also sits in done.json and metrics.json ("provenance") and in each
 top-k file's metadata; sha256 results of large files are cached under `<outputs>/.cache/` (`hash_cache_file`).
 
@@ -36,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from cirlib import paths
 
-STAGES = ("stage1", "stage2")
+STAGES = ("stage1", "stage2", "rerank")  # rerank: re-rankings of imported candidates (`workbook.rerank_any`)
 CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "provenance.json"  # beside config.json: what produced the run (config.json stays the bare config)
 SIDECAR_SUFFIX = ".provenance.json"  # <file stem> + this: the provenance sidecar of a result file without metadata
