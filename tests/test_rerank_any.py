@@ -22,6 +22,7 @@ from cirlib.run import rerank as cli
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import steps
 from cirlib.workbook.config import EvaluateConfig, RerankConfig, Stage1Config, Stage2TrainConfig, TopKConfig
+from cirlib.workbook import rerank_any as rerank_any_module
 from cirlib.workbook.rerank_any import rerank_any, result_folder
 
 K = 16
@@ -111,6 +112,25 @@ def test_a_saved_re_ranking_is_reused_only_for_the_same_inputs(outputs, tmp_path
     again = _rerank(outputs, candidates=str(copy), out=str(first.out_dir))
     assert not again.reused and again.imported == first.imported  # scores moved, not the order
     assert not _rerank(outputs, fusion_weight=0.3).reused  # another setting
+
+
+def test_queries_the_file_lacks_are_dropped_and_recorded(outputs, monkeypatch):
+    """Whatever reads the file (the seam `load_candidates`) hands over kept rows and dropped ids; the rest follows."""
+    real = rerank_any_module.load_candidates
+
+    def lacking_odd_rows(path, fmt, sd, k, missing_queries):
+        tk, rows, _, _ = real(path, fmt, sd, k, missing_queries)
+        kept = [r for r in rows if r % 2 == 0]
+        return tk.rows(kept), kept, [str(sd.queries[r].pair_id) for r in rows if r % 2], ["a warning"]
+
+    monkeypatch.setattr(rerank_any_module, "load_candidates", lacking_odd_rows)
+    result = _rerank(outputs, missing_queries="drop")
+    counts = result.record["query_counts"]["val"]
+    assert (counts["evaluated"], counts["in_split"], counts["missing_from_candidates"]) == (8, 16, 8)
+    assert len(counts["dropped_from_candidates"]) == 8 and result.record["warnings"] == ["a warning"]
+    labels = TopK.load(_topk_file(outputs)).sliced(K).labels[::2]
+    assert result.imported["R@5"] == pytest.approx(100 * labels[:, :5].any(dim=1).float().mean().item())
+    assert sum(result.record["analysis"]["outcomes"]["val"].values()) == 8
 
 
 def test_a_cirr_test_split_import_yields_checked_server_files(outputs):

@@ -383,3 +383,26 @@ def plot_fusion_sweep(result: RerankResult):
         print("no fusion sweep: the candidate file holds no scores")
         return None
     return plots.plot_fusion_sweep(sweep["weights"], sweep["metrics"], best=sweep["best_weight"])
+
+
+def check_inputs(cfg: RerankConfig) -> pd.DataFrame:
+    """What the step reads and whether it exists (stops early, naming what is missing and what makes it)."""
+    s2 = stage2_folder(cfg)
+    if not s2.completion_file.is_file():
+        raise FileNotFoundError(f"stage-II run: {s2.completion_file} missing (made by 03_stage2_train)")
+    trained = trained_config(cfg)
+    categories = cdata.get_dataset(trained.dataset).split_categories(trained.categories)
+    rows = [("stage-II run", s2.completion_file)]
+    for category in categories:
+        if cfg.candidates:
+            path = abs_path(cfg.candidates.replace("{category}", category or ""))
+        else:
+            path = trained.stage1_folder.topk_file(cfg.split, category)
+        rows.append((f"candidates{' ' + category if category else ''}", path))
+    table = pd.DataFrame(rows, columns=["input", "path"])
+    table["exists"] = [Path(p).is_file() for p in table["path"]]
+    missing = table[~table["exists"]]
+    if len(missing):
+        raise FileNotFoundError(f"{len(missing)} input(s) missing (a stage-I top-k file is made by 02_stage1_topk):\n"
+                                + "\n".join(f"  {r.input}: {r.path}" for r in missing.itertuples()))
+    return table
