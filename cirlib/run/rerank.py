@@ -19,23 +19,11 @@ import sys
 from pathlib import Path
 
 from cirlib import data as cdata
+from cirlib.run.search import _path_or_name, _positive  # the command lines' argument types
 from cirlib.run_folder import RunFolderError
 from cirlib.workbook.config import RerankConfig
 
 FORMATS = ("auto", "cirr", "circo", "trec", "topk", "jsonl")
-
-
-def _path_or_name(text: str) -> str:
-    """A command-line path made absolute (from the current directory); a bare run name stays a name."""
-    p = Path(text).expanduser()
-    return str(p.resolve()) if (p.exists() or "/" in text) else text
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
-    return value
 
 
 def _weight(text: str) -> float:
