@@ -128,6 +128,8 @@ def test_queries_the_file_lacks_are_dropped_and_recorded(outputs, monkeypatch):
     counts = result.record["query_counts"]["val"]
     assert (counts["evaluated"], counts["in_split"], counts["missing_from_candidates"]) == (8, 16, 8)
     assert len(counts["dropped_from_candidates"]) == 8 and result.record["warnings"] == ["a warning"]
+    listed = json.loads((result.out_dir / "dropped_queries.json").read_text())["rerank_candidates"]["splits"][0]
+    assert listed["query_ids"] == counts["dropped_from_candidates"] and listed["queries_dropped"] == 8
     labels = TopK.load(_topk_file(outputs)).sliced(K).labels[::2]
     assert result.imported["R@5"] == pytest.approx(100 * labels[:, :5].any(dim=1).float().mean().item())
     assert sum(result.record["analysis"]["outcomes"]["val"].values()) == 8

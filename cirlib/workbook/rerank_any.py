@@ -328,12 +328,25 @@ def _rerank_and_write(cfg: RerankConfig, book: StepBook, ds, trained: Stage2Trai
             run.reranked_file(s.sd.split, s.sd.category))) for s in splits}
         if cfg.split == ds.test_split and ds.has_test_server:
             written.update({k: str(p) for k, p in _server_files(cfg, splits, run).items()})
+        if any(s.dropped for s in splits):
+            written["dropped_queries"] = str(_record_lacking(run, splits))
         paths.write_json(run.provenance_file, made_by)
         paths.write_json(run.evaluation_file, {**record, "files": written})
         return {**record, "files": written}
 
     saved = book.write(write, share=True)
     return RerankResult(imported, reranked, cfg.k, run.path, saved, files=saved["files"])
+
+
+def _record_lacking(run: RunFolder, splits: list[_Split]) -> Path:
+    """Add the queries the candidate file lacked (missing_queries="drop") to the folder's dropped-queries record,
+    beside any images dropped (`record_dropped`), under "rerank_candidates"."""
+    path = run.dropped_queries_file
+    record = paths.read_json(path, "dropped-queries record") if path.exists() else {}
+    record[f"{STEP}_candidates"] = {"missing_queries": "drop", "splits": [
+        {"split": s.sd.split, "category": s.sd.category, "queries_dropped": len(s.dropped), "query_ids": s.dropped}
+        for s in splits]}
+    return paths.write_json(path, record)
 
 
 def _server_files(cfg: RerankConfig, splits: list[_Split], run: RunFolder) -> dict[str, Path]:
