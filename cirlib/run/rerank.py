@@ -23,9 +23,6 @@ from cirlib.run.search import _path_or_name, _positive  # the command lines' arg
 from cirlib.run_folder import RunFolderError
 from cirlib.workbook.config import RerankConfig
 
-FORMATS = ("auto", "cirr", "circo", "trec", "topk", "jsonl")
-
-
 def _weight(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -38,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidates", required=True, help="the ranked-list file ({category} for per-category files)")
     p.add_argument("--stage2", required=True, help="stage-II run name under <outputs>/stage2/, or a run folder")
-    p.add_argument("--format", choices=FORMATS, default="auto")
+    p.add_argument("--format", default="auto", help="auto | cirr | circo | trec | topk | jsonl (the file's format; "
+                   "checked by the reader)")
     p.add_argument("--split", default="val")
     p.add_argument("--k", type=_positive, default=50, help="candidates re-ranked per query")
     p.add_argument("--fusion-weight", type=_weight, default=0.0, help="weight of the imported score (needs scores)")

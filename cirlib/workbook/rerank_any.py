@@ -38,7 +38,8 @@ from cirlib.workbook.config import RerankConfig, Stage2TrainConfig, identity, sp
 from cirlib.workbook.evaluation import (EVAL_SPLIT, match_rows, query_counts, refuse_unsupported, rerank_galleries,
                                         step_sets)
 from cirlib.workbook.factories import abs_path, data_root, device, load_stage2_run, stage1_for, stage1_weights_file
-from cirlib.workbook.steps import SUBMISSION_LENGTH, _write_submissions, resolve, stage2_run_config
+from cirlib.workbook.steps import (SUBMISSION_LENGTH, _saved_evaluation, _write_submissions, resolve,
+                                   stage2_run_config)
 from cirlib.workbook.stores import provenance_of, stage2_stores
 
 STEP = "rerank"
@@ -192,20 +193,16 @@ def rerank_any(cfg: RerankConfig) -> RerankResult:
                 "stage2_config_hash": config_hash(s2.saved_config()),
                 "stage1_weights_sha256": file_sha256(stage1_weights_file(trained)),
                 "stage2_weights_sha256": file_sha256(s2.weights_file),
-                "candidates_sha256": [file_sha256(p) for p in files]}
+                "candidates_sha256": [file_sha256(p) for p in files],
+                # only when images were dropped (records made from complete data stay valid)
+                **({"query_counts": query_counts(sets, run)} if any(sd.dropped for sd in sets) else {})}
 
-    saved = book.reuse(lambda: _saved(run, produced_by), overwrite=cfg.overwrite)
+    saved = book.reuse(lambda: _saved_evaluation(run, "produced_by", produced_by), overwrite=cfg.overwrite)
     if saved is not None:
         return RerankResult(saved["imported"], saved["reranked"], saved["k"], run.path, saved, reused=True)
     book.check_writable(f"re-ranking folder {run.path}")
     with book.locked():
         return _rerank_and_write(cfg, book, ds, trained, s2, root, sets, files, produced_by)
-
-
-def _saved(run: RunFolder, wanted) -> dict[str, Any] | None:
-    if not run.evaluation_file.is_file():
-        return None
-    return StepBook.matching(paths.read_json(run.evaluation_file, "re-ranking record"), "produced_by", wanted())
 
 
 @dataclass
