@@ -153,6 +153,9 @@ def test_refusals_name_what_is_wrong(outputs, tmp_path, capsys):
         _rerank(outputs, split="dev")
     with pytest.raises(TopKError, match="holds 60 candidates per query, but k = 61"):
         _rerank(outputs, k=61)
+    with pytest.raises(FileNotFoundError, match=r"1 input\(s\) missing.*\n  candidates: \S*absent.pt"):
+        rerank_any_module.check_inputs(RerankConfig(candidates=str(tmp_path / "absent.pt"), stage2_run="s2",
+                                                    outputs=outputs))
     # the command line: one line on stderr, exit status 2
     assert cli.main(["--candidates", str(tmp_path / "absent.pt"), "--stage2", "s2", "--outputs", outputs]) == 2
     err = capsys.readouterr().err

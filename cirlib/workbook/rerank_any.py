@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 
 from cirlib import data as cdata
-from cirlib import paths
+from cirlib import paths, plots
 from cirlib.eval import gain
 from cirlib.eval import metrics as M
+from cirlib.eval.rank_shift import rank_shift
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK, TopKError
 from cirlib.run_folder import RunFolder, config_hash, file_sha256
@@ -72,12 +73,12 @@ def result_folder(cfg: RerankConfig) -> RunFolder:
     return RunFolder.of("rerank", cfg.name or f"{stage2_folder(cfg).name}_{cfg.split}_{stem}", cfg.outputs)
 
 
-def candidate_files(cfg: RerankConfig, trained: Stage2TrainConfig, sets: Sequence["cdata.SplitData"]) -> list[Path]:
-    """The candidate file of each split (category): `candidates` ({category} replaced), else the stage-II run's
-    stage-I top-k file of the split."""
+def candidate_files(cfg: RerankConfig, trained: Stage2TrainConfig, categories: Sequence[str | None]) -> list[Path]:
+    """The candidate file of each category (None: a dataset without categories): `candidates` ({category}
+    replaced), else the stage-II run's stage-I top-k file of `cfg.split`."""
     if cfg.candidates:
-        return [abs_path(cfg.candidates.replace("{category}", sd.category or "")) for sd in sets]
-    return [trained.stage1_folder.topk_file(sd.split, sd.category) for sd in sets]
+        return [abs_path(cfg.candidates.replace("{category}", c or "")) for c in categories]
+    return [trained.stage1_folder.topk_file(cfg.split, c) for c in categories]
 
 
 def load_candidates(path: Path, fmt: str, queries: "cdata.SplitData", k: int, missing_queries: str
@@ -181,7 +182,7 @@ def rerank_any(cfg: RerankConfig) -> RerankResult:
     limit = cfg.max_val_queries if cfg.split == EVAL_SPLIT else 0
     sets = step_sets(STEP, trained.dataset, root, trained.categories, {cfg.split: limit}, trained.missing_images,
                      run)[cfg.split]
-    files = candidate_files(cfg, trained, sets)
+    files = candidate_files(cfg, trained, [sd.category for sd in sets])
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"candidate file(s) not found: {', '.join(missing)}")
@@ -368,9 +369,6 @@ def _server_files(cfg: RerankConfig, splits: list[_Split], run: RunFolder) -> di
 
 def rank_shift_panels(result: RerankResult) -> list[Any]:
     """Figure 8's panel of each split: how the re-ranking moved the imported lists' targets (from the saved files)."""
-    from cirlib import plots
-    from cirlib.eval.rank_shift import rank_shift
-
     figs = []
     fusion_weight = result.record["fusion_weight"]
     for name, path in result.record.get("files", {}).items():
@@ -384,10 +382,8 @@ def rank_shift_panels(result: RerankResult) -> list[Any]:
     return figs
 
 
-def plot_fusion_sweep(result: RerankResult):
+def plot_fusion_sweep(result: RerankResult) -> Any:
     """Metrics against the fusion weight (None without a sweep: the imported file had no scores)."""
-    from cirlib import plots
-
     sweep = result.record["analysis"].get("fusion_sweep")
     if not sweep:
         print("no fusion sweep: the candidate file holds no scores")
@@ -403,11 +399,7 @@ def check_inputs(cfg: RerankConfig) -> pd.DataFrame:
     trained = trained_config(cfg)
     categories = cdata.get_dataset(trained.dataset).split_categories(trained.categories)
     rows = [("stage-II run", s2.completion_file)]
-    for category in categories:
-        if cfg.candidates:
-            path = abs_path(cfg.candidates.replace("{category}", category or ""))
-        else:
-            path = trained.stage1_folder.topk_file(cfg.split, category)
+    for category, path in zip(categories, candidate_files(cfg, trained, categories)):
         rows.append((f"candidates{' ' + category if category else ''}", path))
     table = pd.DataFrame(rows, columns=["input", "path"])
     table["exists"] = [Path(p).is_file() for p in table["path"]]
