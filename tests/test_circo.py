@@ -34,9 +34,14 @@ def test_duplicates_are_refused_not_deduplicated():
         circo.average_precision_at_k([1, 2, 1], [1], 5)
 
 
+def _fifty(head):
+    """`head` followed by ids no query of these tests has as ground truth, 50 ids in all (the server's length)."""
+    return list(head) + [x for x in range(1000, 1100) if x not in head][:circo.SUBMISSION_LENGTH - len(head)]
+
+
 def test_metrics_recall_counts_only_the_target_and_semantic_map_groups_by_aspect():
     queries = [_q(0, [5, 6], ("addition",)), _q(1, [7, 8], ("negation", "addition"))]
-    preds = {0: [6, 5, 1], 1: [1, 2, 3, 4, 5, 6, 7]}
+    preds = {0: _fifty([6, 5, 1]), 1: _fifty([1, 2, 3, 4, 5, 6, 7])}
     m = circo.circo_metrics(preds, queries)
     # query 0: target 5 at rank 2; AP@5 = (1/1 + 2/2) / 2 = 1; query 1: target 7 at rank 7, AP@5 = 0
     assert m["mAP@5"] == pytest.approx(50.0)
@@ -45,6 +50,41 @@ def test_metrics_recall_counts_only_the_target_and_semantic_map_groups_by_aspect
     assert m["mAP@10"] == pytest.approx(100 * (1 + ap10_q1) / 2)
     assert m["semantic_mAP@10"] == {"addition": pytest.approx(100 * (1 + ap10_q1) / 2),
                                     "negation": pytest.approx(100 * ap10_q1)}
+
+
+def test_scoring_and_validation_apply_one_rule():
+    queries = [_q(0, [5, 6]), _q(1, [7, 8])]
+    good = {0: _fifty([5, 6]), 1: _fifty([7])}
+    assert circo.validate_submission(good, queries) == [] and circo.circo_metrics(good, queries)["Recall@5"] == 100.0
+    broken = {"49 ids": {**good, 0: good[0][:49]}, "51 ids": {**good, 1: good[1] + [2000]},
+              "unknown query": {**good, 7: good[0]}, "missing query": {0: good[0]},
+              "repeated": {**good, 1: [7] + good[1][:49]}, "not integers": {**good, 0: [str(x) for x in good[0]]}}
+    for what, doc in broken.items():
+        problems = circo.validate_submission(doc, queries)
+        assert problems, what
+        with pytest.raises(circo.CircoError, match="predictions refused") as caught:
+            circo.circo_metrics(doc, queries)
+        assert problems[0] in str(caught.value), what
+    with pytest.raises(circo.CircoError, match="not in the gallery"):
+        circo.circo_metrics(good, queries, gallery=set(good[0]))
+
+
+def test_the_command_line_names_a_file_that_breaks_the_rule(tmp_path, capsys):
+    (tmp_path / "val.json").write_text(json.dumps([
+        {"id": 0, "reference_img_id": 1, "relative_caption": "t", "shared_concept": "c", "target_img_id": 5,
+         "gt_img_ids": [5], "semantic_aspects": []}]))
+    annotations = ["--annotations", str(tmp_path / "val.json")]
+    (tmp_path / "a_list.json").write_text(json.dumps([[5, 6]]))
+    assert circo.main(["validate", *annotations, str(tmp_path / "a_list.json")]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'a_list.json'}: 1 problem(s)" in out and "expected a JSON object" in out and "got a list" in out
+    (tmp_path / "short.json").write_text(json.dumps({"0": _fifty([5])[:49]}))
+    assert circo.main(["evaluate", *annotations, "--predictions", str(tmp_path / "short.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'short.json'}: predictions refused" in err and "49 ids, expected exactly 50" in err
+    (tmp_path / "good.json").write_text(json.dumps({"0": _fifty([5])}))
+    assert circo.main(["evaluate", *annotations, "--predictions", str(tmp_path / "good.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["Recall@5"] == 100.0
 
 
 def test_the_official_val_example_scores_as_published(real):

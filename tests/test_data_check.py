@@ -1,6 +1,7 @@
 """`python -m cirlib.data check`: every problem of a dataset folder in one run, against the public release."""
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -45,14 +46,49 @@ def test_every_problem_is_listed_in_one_run(world, tmp_path):
         assert found[name].startswith(kind), (name, found[name])
     assert report.blocking
     val = load_split("cirr", world, "val")
-    uses = lambda n: sum(n in (q.reference, q.target) for q in val.queries)  # noqa: E731
+    broken = set(list(damage)[:3])
     by_split = {s.split: s for s in report.splits}
     assert by_split["val"].missing == 1 and by_split["val"].unreadable == 2
-    assert by_split["val"].queries_affected == sum(uses(n) for n in list(damage)[:3])
+    assert by_split["val"].queries_affected == sum(bool({q.reference, q.target} & broken) for q in val.queries)
     assert by_split["val"].queries == len(val.queries) and by_split["val"].images == len(val.gallery)
     listed = (tmp_path / "problems.tsv").read_text().splitlines()
     assert len(listed) == 1 + len(damage)  # header + every problem, not a sample
     assert "restore the 4 images" in report.text()
+
+
+def test_queries_affected_counts_queries_not_images(world, tmp_path):
+    root = tmp_path / "cirr"
+    shutil.copytree(world, root)
+    val = load_split("cirr", root, "val")
+    for name in val.gallery:  # every reference and every target of val missing: each query once, not twice
+        val.image_path(name).unlink()
+    report = check_dataset("cirr", root, workers=0, progress=False, problems_file=tmp_path / "p.tsv")
+    s = {x.split: x for x in report.splits}["val"]
+    assert s.missing == len(val.gallery) and s.queries_affected == len(val.queries)
+    assert f"queries affected {len(val.queries):,}" in report.text()
+
+
+def test_an_unwritable_problems_file_is_refused_before_the_check(world, tmp_path, monkeypatch, capsys):
+    from cirlib.data import check
+
+    monkeypatch.setattr(check, "_inspect_chunk", lambda chunk: pytest.fail("images were read before the refusal"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for target in (blocker / "p.tsv", tmp_path):  # a folder that cannot be made; a folder given as the file
+        rc = check.main(["--dataset", "cirr", "--workers", "0", str(world), "--problems-file", str(target)])
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and len(err.splitlines()) == 1, err
+        assert f"cannot write the problems file {target}" in err and "Traceback" not in err
+    real_write_bytes = Path.write_bytes
+
+    def read_only(self, data):  # tests run as root, where permissions do not stop writes
+        if self.parent == tmp_path / "ro":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(paths.FileWriteError, match=rf"problems file {tmp_path / 'ro' / 'p.tsv'}: .*read-only"):
+        check_dataset("cirr", world, workers=0, progress=False, problems_file=tmp_path / "ro" / "p.tsv")
 
 
 @pytest.mark.slow

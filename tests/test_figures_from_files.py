@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from cirlib import paths
-from cirlib.data import synth
+from cirlib.data import load_split, synth
 from cirlib.eval import metrics as M
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder
 from cirlib.workbook import figures, inputs, steps
 from cirlib.workbook.config import (AnalysisConfig, EvaluateConfig, ExplorerConfig, Stage1Config,
                                     Stage2TrainConfig, TopKConfig)
+from cirlib.workbook import explorer
 from cirlib.workbook.explorer import SHOWN, Explorer
 
 K, FUSION = 12, 0.25  # the evaluation's settings (fusion above 0, so the fused path is what gets checked)
@@ -88,7 +89,8 @@ def test_explorer_changes_k_and_fusion_weight_from_the_files(finished_run):
     scored = TopK.load(s2.reranked_file("val"))
     ex = Explorer(cfg)
     assert ex.default_settings() == (K, FUSION)
-    assert (ex.queries()["stage-II rank"].to_numpy() == M.ranks_from_labels(labels2.numpy()) + 1).all()
+    shown = ex.queries()["stage-II rank"].fillna(0).to_numpy()  # <NA>: not in the top-K
+    assert (shown == M.ranks_from_labels(labels2.numpy()) + 1).all()
     for row in range(labels2.shape[0]):  # at the evaluated settings: the saved stage-II ranking
         view = ex.ranking(row, K, FUSION)
         saved = int(labels2[row].int().argmax()) + 1 if labels2[row].any() else None
@@ -118,3 +120,30 @@ def test_missing_reranked_file_is_named_with_its_maker(finished_run, tmp_path):
         inputs.check_inputs(cfg, "make_figures")
     with pytest.raises(FileNotFoundError, match="run notebook 04"):
         Explorer(ExplorerConfig(stage2_run="absent_run", data_root=cfg.data_root, outputs=cfg.outputs))
+
+
+def test_a_target_outside_the_top_k_shows_the_same_mark_in_the_table_and_the_widget(tmp_path):
+    world = synth.generate(synth.SynthConfig(layout="cirr", n_train=4, n_val=3, n_test=0, seed=3), root=tmp_path / "w")
+    sd = load_split("cirr", world, "val")
+    others = lambda q: [n for n in sd.gallery if n not in (q.target, q.reference)][:3]  # noqa: E731
+    q0 = sd.queries[0]
+    names = [[others(q0)[0], q0.target, others(q0)[1]]] + [others(q) for q in sd.queries[1:]]
+    n = len(names)
+    tk = TopK(dataset="cirr", split="val", category=None, sorted_index_names=np.array(names),
+              index_names=tuple(sd.gallery), target_names=tuple(q.target for q in sd.queries),
+              scores=torch.tensor([[3.0, 2.0, 1.0]] * n), stage2_scores=torch.tensor([[0.0, 1.0, 0.5]] * n))
+    table = explorer.query_ranks(tk, sd, 0.0)
+    # query 0: target 2nd in stage I, 1st after re-ranking; the others: not among the 3 candidates
+    assert str(table["stage-I rank"].dtype) == "Int64"
+    assert table["stage-I rank"].tolist()[0] == 2 and table["stage-II rank"].tolist()[0] == 1
+    assert table[["stage-I rank", "stage-II rank"]].iloc[1:].isna().all().all()
+    assert table.sort_values("stage-II rank").index[0] == 0  # sorts as numbers; a missing rank is never the top
+    seen = explorer.show_ranks(table).to_string().splitlines()
+    assert seen[1].split()[-2:] == ["2", "1"] and all(line.split()[-2:] == ["-", "-"] for line in seen[2:])
+    view = lambda row: explorer.QueryView(row=row, text="t", reference=sd.queries[row].reference,  # noqa: E731
+                                          target=sd.queries[row].target, stage1=tk.rows([row]),
+                                          reranked=tk.rows([row]).reranked(0.0), fusion_weight=0.0)
+    assert "stage-I rank 2, re-ranked 1 (of 3" in explorer.status_line(view(0), 3)
+    assert f"stage-I rank {explorer.NOT_IN_TOPK}, re-ranked {explorer.NOT_IN_TOPK} (of 3" in \
+        explorer.status_line(view(1), 3)
+    assert explorer.NOT_IN_TOPK == "-" and "- = not in the top-K" in explorer.show_ranks(table).to_html()

@@ -12,7 +12,7 @@ from cirlib.paths import REPO_ROOT
 TESTS = REPO_ROOT / "tests"
 PYTEST_OWN_MARKERS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
 # Modules all of whose tests are inherently slow (each runs a pipeline, a kernel, a browser or several processes).
-WHOLLY_SLOW = {"test_figures_from_files", "test_gpu_check", "test_pipeline_e2e"}
+WHOLLY_SLOW = {"test_gpu_check", "test_pipeline_e2e"}
 
 
 def registered_markers() -> set[str]:

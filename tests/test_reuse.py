@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -229,6 +230,47 @@ def test_a_top_k_file_of_earlier_stage1_weights_is_re_extracted(world, outputs, 
     assert new.provenance["stage1_weights_sha256"] != old.provenance["stage1_weights_sha256"]
     steps.extract_topk(_topk(outputs, topk_k=10))  # other settings: re-extracted too
     assert "other settings" in capsys.readouterr().out and TopK.load(run.topk_file("val")).k == 10
+
+
+def test_candidates_of_other_stage1_weights_are_said_naming_both_hashes_and_files(tmp_path):
+    from cirlib.workbook.evaluation import stage1_change_notes
+
+    def topk(weights):
+        return TopK(dataset=None, split="val", category=None, sorted_index_names=np.array([["a"]]),
+                    index_names=("a",), provenance=None if weights is None else {"stage1_weights_sha256": weights})
+
+    done = tmp_path / "done.json"
+    record = {"inputs": {"stage1_weights_sha256": "a" * 64}}
+    files = [tmp_path / "same.pt", tmp_path / "other.pt", tmp_path / "original.pt"]
+    notes = stage1_change_notes(record, done, files, [topk("a" * 64), topk("b" * 64), topk(None)])
+    assert len(notes) == 1 and notes[0].startswith(f"{files[1]}: its candidates come from stage-I weights bbbbbbbbbbbb,")
+    assert f"trained and validated with stage-I weights aaaaaaaaaaaa ({done})" in notes[0] and "b" * 13 not in notes[0]
+    assert stage1_change_notes({}, done, files[1:2], [topk("b" * 64)]) == []  # a run recording no inputs: no claim
+    # stage I retrained but its top-k file not re-extracted: the weights loaded now (stage II's z_t) are said
+    loaded = stage1_change_notes(record, done, files[:1], [topk("a" * 64)], stage1_now="c" * 64)
+    assert len(loaded) == 1 and loaded[0].startswith("the stage-I weights loaded now (cccccccccccc)")
+    assert f"(aaaaaaaaaaaa, {done})" in loaded[0]
+    assert stage1_change_notes(record, done, files[:1], [topk("a" * 64)], stage1_now="a" * 64) == []
+
+
+@pytest.mark.slow
+def test_evaluating_after_stage1_was_retrained_says_so(world, outputs):
+    s1, s2 = RunFolder.of("stage1", "s1", outputs), RunFolder.of("stage2", "s2", outputs)
+    trained_with = json.loads(s2.completion_file.read_text())["inputs"]["stage1_weights_sha256"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*candidates come from")  # those it was trained with: not a word
+        assert _evaluate(outputs).notes == []
+    steps.train_stage1(_s1(world, outputs, epochs=2))  # stage I trains further; its top-k file is re-extracted
+    steps.extract_topk(_topk(outputs))
+    now = file_sha256(s1.weights_file)
+    with pytest.warns(UserWarning, match=rf"{s1.topk_file('val')}: its candidates come from stage-I weights "
+                                         rf"{now[:12]}, .* stage-I weights {trained_with[:12]} "
+                                         rf"\({s2.completion_file}\)"):
+        result = _evaluate(outputs)
+    assert not result.reused and len(result.notes) == 2  # the weights loaded now, and the file's candidates
+    assert json.loads(s2.evaluation_file.read_text())["notes"] == result.notes  # recorded beside the numbers
+    with pytest.warns(UserWarning, match="its candidates come from stage-I weights"):
+        assert _evaluate(outputs).reused  # said again when the saved record is returned
 
 
 # ------------------------------------------------------------------------------------------------ configs

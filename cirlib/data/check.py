@@ -14,6 +14,7 @@ parsed by the same readers the pipeline uses, so a file the check accepts is a f
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import sys
@@ -44,7 +45,7 @@ class ImageProblem:
     name: str
     path: Path
     problem: str  # "missing" | "empty file" | "unreadable: <error>"
-    queries_affected: int  # queries of this split whose reference or target it is
+    queries_affected: int  # distinct queries of this split whose reference or target it is
 
 
 @dataclass
@@ -57,7 +58,7 @@ class SplitCheck:
     expected_images: int | None
     missing: int = 0
     unreadable: int = 0
-    queries_affected: int = 0  # queries with a missing/unreadable reference or target
+    queries_affected: int = 0  # distinct queries with a missing/unreadable reference or target
     error: str | None = None  # an annotation problem that stops a run
 
 
@@ -170,6 +171,30 @@ def _read_split(dataset: str, root: Path, split: str, category: str | None) -> t
             return None, str(err2)
 
 
+def _refuse_unwritable(problems_file: Path) -> None:
+    """Raise FileWriteError naming `problems_file` and why when it could not be written."""
+    why = None
+    if problems_file.is_dir():
+        why = "it is a folder; give a file name"
+    else:
+        try:
+            paths.check_writable(problems_file.parent, "folder of the problems file")
+        except paths.FileWriteError as err:
+            why = str(err)
+    if why is not None:
+        raise paths.FileWriteError(errno.EACCES, f"cannot write the problems file {problems_file}: {why}")
+
+
+def _query_rows_of(data: SplitData) -> dict[str, set[int]]:
+    """Image name -> the rows of the queries whose reference or target it is."""
+    rows: dict[str, set[int]] = {}
+    for i, q in enumerate(data.queries):
+        for name in (q.reference, q.target):
+            if name is not None:
+                rows.setdefault(name, set()).add(i)
+    return rows
+
+
 def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None = None, progress: bool = True,
                   problems_file: str | os.PathLike | None = None) -> CheckReport:
     """Check a dataset folder; see the module docstring. Never raises for what it finds: it reports it.
@@ -181,12 +206,18 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
         progress: show a progress bar over the images.
         problems_file: where the full list of image problems goes (default
             `outputs/data_check/<dataset>_image_problems.tsv`).
+    Raises:
+        FileNotFoundError: no folder at `root`.
+        FileWriteError: `problems_file` could not be written (checked first, before any image is read).
     """
     ds = get_dataset(dataset)
     dataset = ds.name
     root = paths.data_root(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
+    default = paths.OUTPUTS / "data_check" / f"{dataset}_image_problems.tsv"
+    problems_out = Path(problems_file) if problems_file else default
+    _refuse_unwritable(problems_out)  # before the long part, not after it
     notes = []
     if (root / "world.json").is_file():
         notes.append("a synthetic world written by cirlib.synth: its annotation files are its own, not the public ones")
@@ -207,7 +238,7 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
     # or target (FashionIQ shirt and toptee share some names, so one file may serve several galleries)
     checks: list[SplitCheck] = []
     path_of: dict[tuple[str, str | None, str], str] = {}
-    uses: dict[tuple[str, str | None, str], int] = {}
+    users: dict[tuple[str, str | None, str], set[int]] = {}  # the query rows whose reference or target it is
     for split, category in ds.all_splits():
         data, error = _read_split(dataset, root, split, category)
         expected = ds.public_counts.get((split, category), (None, None))
@@ -216,10 +247,10 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
             continue
         queries = None if error else len(data.queries)
         checks.append(SplitCheck(split, category, queries, expected[0], len(data.gallery), expected[1], error=error))
-        counts = Counter(n for q in data.queries for n in (q.reference, q.target) if n is not None)
+        query_rows = _query_rows_of(data)
         for name in data.gallery:
             path_of[(split, category, name)] = str(data.image_path(name))
-            uses[(split, category, name)] = counts.get(name, 0)
+            users[(split, category, name)] = query_rows.get(name, set())
 
     all_paths = list(dict.fromkeys(path_of.values()))
     chunks = [all_paths[i:i + _CHUNK] for i in range(0, len(all_paths), _CHUNK)]
@@ -239,6 +270,7 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
 
     problems: list[ImageProblem] = []
     by_split = {(s.split, s.category): s for s in checks}
+    affected: dict[tuple[str, str | None], set[int]] = {key: set() for key in by_split}
     for key, path in path_of.items():
         problem = problem_of.get(path)
         if problem is None:
@@ -249,16 +281,17 @@ def check_dataset(dataset: str, root: str | os.PathLike, *, workers: int | None 
             s.missing += 1
         else:
             s.unreadable += 1
-        s.queries_affected += uses[key]
-        problems.append(ImageProblem(split, category, name, Path(path), problem, uses[key]))
+        affected[(split, category)] |= users[key]
+        problems.append(ImageProblem(split, category, name, Path(path), problem, len(users[key])))
+    for key, hit in affected.items():
+        by_split[key].queries_affected = len(hit)  # a query whose reference and target both fail counts once
 
     report = CheckReport(dataset, root, annotation_files, checks, problems, notes)
     if problems:
-        out = Path(problems_file) if problems_file else paths.OUTPUTS / "data_check" / f"{dataset}_image_problems.tsv"
         rows = ["split\tcategory\tname\tpath\tproblem\tqueries_affected"]
         rows += [f"{p.split}\t{p.category or '-'}\t{p.name}\t{p.path}\t{p.problem}\t{p.queries_affected}"
                  for p in problems]
-        report.problems_file = paths.atomic_write_text(out, "\n".join(rows) + "\n")
+        report.problems_file = paths.atomic_write_text(problems_out, "\n".join(rows) + "\n")
     return report
 
 
@@ -274,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = check_dataset(args.dataset, args.root, workers=args.workers, problems_file=args.problems_file)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, paths.FileWriteError) as err:
         print(f"check failed: {err}", file=sys.stderr)
         return 2
     print(report.text())

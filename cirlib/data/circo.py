@@ -280,6 +280,12 @@ class CIRCO(Dataset):
         return (f"{query.shared_concept}, {query.relative_caption}" if use_shared_concept
                 else query.relative_caption)
 
+    table_note = "mAP@K over every ground truth of a query"
+
+    def table_columns(self) -> tuple[tuple[str, str], ...]:
+        """mAP@5/10/25/50, as CIRCO papers print them."""
+        return tuple((f"mAP@{k}", f"mAP@{k}") for k in self.reported_ks)
+
     def metrics(self, predictions: dict[int, Sequence[int]], queries: Sequence[Any]) -> dict[str, Any]:
         """mAP@K and Recall@K over `reported_ks`, semantic mAP@10 (`cirlib.eval.circo.circo_metrics`)."""
         return eval_circo.circo_metrics(predictions, queries, self.reported_ks)

@@ -3,7 +3,7 @@ official download's img_raw/) is read by `cirlib.data.readers.load_cirr_layout`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from cirlib.data import readers
 from cirlib.data.dataset import DATASETS, Dataset
@@ -55,6 +55,17 @@ class CIRR(Dataset):
         if out:
             out["selection"] = M.cirr_selection_score(out)
         return out
+
+    # ------------------------------------------------------------------------------------------------ paper tables
+    table_note = "Avg = (R@5 + Rs@1) / 2; Rs@K: Recall_subset@K"
+
+    def table_columns(self) -> tuple[tuple[str, str], ...]:
+        """R@1/5/10/50, Rsubset@1/2/3 and Avg, as CIRR papers print them."""
+        return (*super().table_columns(), *((f"Rsubset@{k}", f"Rs@{k}") for k in self.subset_ks), ("Avg", "Avg"))
+
+    def table_average(self, metrics: Mapping[str, float]) -> float | None:
+        """(R@5 + Rsubset@1) / 2 (`cirr_selection_score`), or None without either."""
+        return M.cirr_selection_score(metrics) if {"R@5", "Rsubset@1"} <= set(metrics) else None
 
     # ------------------------------------------------------------------------------------------------- submission
     def submission_files(self, split_data: readers.SplitData, recall_lists: Sequence[Sequence[str]],

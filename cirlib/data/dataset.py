@@ -111,6 +111,19 @@ class Dataset:
             out["selection"] = sum(out[f"R@{k}"] for k in self.reported_ks) / len(self.reported_ks)
         return out
 
+    # ------------------------------------------------------------------------------------------------ paper tables
+    table_note: ClassVar[str] = ""  # what the tables' caption says about the columns (e.g. how "Avg" is computed)
+
+    def table_columns(self) -> tuple[tuple[str, str], ...]:
+        """The metric columns of this dataset's results table in papers (`cirlib.workbook.tables`), in the papers'
+        order: (metric key as metrics.json names it, or "Avg" for `table_average`; column header)."""
+        return tuple((f"R@{k}", f"R@{k}") for k in self.reported_ks)
+
+    def table_average(self, metrics: Mapping[str, float]) -> float | None:
+        """The papers' headline average ("Avg") of one result's metrics; None when the dataset has none or a part
+        of it is missing (e.g. R@50 of a list re-ranked to depth 32)."""
+        return None
+
     def original_files(self, folder: Path, category: str | None) -> tuple[Path, Path]:
         """The original's validation (stage-I top-K file, stage-II label tensor) in `folder`."""
         tail = "" if category is None else f"_{category}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from cirlib.data import readers
 from cirlib.data.dataset import DATASETS, Dataset
@@ -73,6 +73,18 @@ class FashionIQ(Dataset):
     def ranking_text(self, query: readers.Query) -> str:
         """The fixed "C1 and c2" join, on every split (also train, when mining negatives from its top-K)."""
         return readers.fiq_caption_join(query.captions)
+
+    table_note = "Avg = (Avg R@10 + Avg R@50) / 2, the means over the categories"
+
+    def table_columns(self) -> tuple[tuple[str, str], ...]:
+        """R@10 and R@50 per category, their means over the categories and Avg, as FashionIQ papers print them."""
+        per_category = [(f"{c}_R@{k}", f"{c.capitalize()} R@{k}") for c in self.categories for k in self.headline_ks]
+        return (*per_category, *((f"avg_R@{k}", f"Avg R@{k}") for k in self.headline_ks), ("Avg", "Avg"))
+
+    def table_average(self, metrics: Mapping[str, float]) -> float | None:
+        """(avg R@10 + avg R@50) / 2 (the original's `average_recall`), or None without either mean."""
+        means = [f"avg_R@{k}" for k in self.headline_ks]
+        return sum(float(metrics[m]) for m in means) / len(means) if set(means) <= set(metrics) else None
 
     def summary_metrics(self, per_split: Sequence[tuple[str | None, dict[str, float]]]) -> dict[str, float]:
         """Per-category R@K as "<category>_R@K", their means "avg_R@K", and average_recall = selection."""

@@ -7,8 +7,10 @@ For a query with ground-truth set G and a ranked list of unique predictions p_1.
 - Recall@k counts only `target_img_id` (the image the caption was written for): 1 if it is among p_1..p_k.
 - Semantic mAP@10: mAP@10 over the queries that carry each semantic aspect (a query counts in every aspect it lists).
 - Duplicate ids in one prediction list are an error, not deduplicated.
+- Scored lists follow the test server's rule (`validate_submission`, also applied by `circo_metrics`): every query
+  and no other, exactly 50 unique integer ids each (and in the gallery, when one is given).
 
-    python -m cirlib.circo evaluate --annotations PATH/val.json --predictions FILE.json
+    python -m cirlib.circo evaluate --annotations PATH/val.json --predictions FILE.json [--gallery ...]
     python -m cirlib.circo validate --annotations PATH/test.json FILE.json [--gallery image_info_unlabeled2017.json]
 
 Imports nothing from cirlib (the eval room's rule).
@@ -85,20 +87,26 @@ def average_precision_at_k(predictions: Sequence[int], ground_truths: Iterable[i
     return total / min(len(gts), k)
 
 
-def circo_metrics(predictions: Mapping[int, Sequence[int]], queries: Sequence[CircoQuery],
-                  ks: Sequence[int] = KS) -> dict[str, Any]:
+def circo_metrics(predictions: Mapping[Any, Any], queries: Sequence[CircoQuery], ks: Sequence[int] = KS,
+                  gallery: set[int] | None = None) -> dict[str, Any]:
     """mAP@k and Recall@k (percent) over the queries, and semantic mAP@10 per aspect (an aspect -> percent mapping).
 
     Args:
-        predictions: query id -> ranked unique image ids; every query needs a list.
+        predictions: query id (int or its string) -> ranked image ids, under the test server's rule
+            (`validate_submission`): every query and no other, exactly 50 unique integer ids each.
         queries: val records (with ground truths).
         ks: cut-offs.
+        gallery: when given, every id must be one of these.
+    Raises:
+        CircoError: listing what breaks the rule (the same problems `validate_submission` returns).
     """
     if not queries:
         raise CircoError("no queries to evaluate")
-    missing = [q.id for q in queries if q.id not in predictions]
-    if missing:
-        raise CircoError(f"no predictions for {len(missing)} queries (first ids {missing[:5]})")
+    problems = validate_submission(predictions, queries, gallery)
+    if problems:
+        raise CircoError(f"predictions refused ({len(problems)} problem(s); the test server's rule, "
+                         f"`validate_submission`): " + "; ".join(problems[:5]))
+    predictions = {int(key): ids for key, ids in predictions.items()}
     out: dict[str, Any] = {}
     ap: dict[int, dict[int, float]] = {k: {} for k in ks}
     for q in queries:
@@ -191,11 +199,15 @@ def submission_document(predictions: Mapping[int, Sequence[int]]) -> dict[str, l
 
 def validate_submission(predictions: Mapping[Any, Any], queries: Sequence[CircoQuery],
                         gallery: set[int] | None = None) -> list[str]:
-    """Every problem that would make the test server refuse a submission (empty list = valid).
+    """Every problem that would make the test server refuse a submission (empty list = valid): the one rule for
+    prediction lists, which `circo_metrics` applies too.
 
-    Checks: every query id present and no other; exactly 50 ids per query; integer ids; unique within a list; ids in
-    the gallery (when given).
+    Checks: a mapping (a JSON object); every query id present and no other; exactly 50 ids per query; integer ids;
+    unique within a list; ids in the gallery (when given).
     """
+    if not isinstance(predictions, Mapping):
+        return [f"expected a JSON object {{\"<query id>\": [{SUBMISSION_LENGTH} image ids, best first], ...}}, "
+                f"got a {type(predictions).__name__}"]
     problems = []
     want = {q.id for q in queries}
     have = {}
@@ -242,6 +254,15 @@ def read_gallery_ids(path: str | os.PathLike) -> set[int]:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+def _evaluate_file(path: Path, queries: Sequence[CircoQuery], gallery: set[int] | None) -> dict[str, Any]:
+    """`circo_metrics` of a predictions file; a refusal names the file."""
+    predictions = read_predictions(path)
+    try:
+        return circo_metrics(predictions, queries, gallery=gallery)
+    except CircoError as err:
+        raise CircoError(f"{path}: {err}") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cirlib.circo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("evaluate", help="metrics of a predictions file on val")
     ev.add_argument("--annotations", type=Path, required=True, help="annotations/val.json")
     ev.add_argument("--predictions", type=Path, required=True, help="predictions in the server's format")
+    ev.add_argument("--gallery", type=Path, default=None, help="image_info_unlabeled2017.json (ids must be in it)")
     va = sub.add_parser("validate", help="check test-server files")
     va.add_argument("--annotations", type=Path, required=True, help="annotations/test.json (or val.json)")
     va.add_argument("--gallery", type=Path, default=None, help="image_info_unlabeled2017.json (ids must be in it)")
@@ -256,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         queries = read_annotations(args.annotations)
-        if args.command == "evaluate":
-            print(json.dumps(circo_metrics(read_predictions(args.predictions), queries), indent=1, sort_keys=True))
-            return 0
         gallery = read_gallery_ids(args.gallery) if args.gallery else None
+        if args.command == "evaluate":
+            print(json.dumps(_evaluate_file(args.predictions, queries, gallery), indent=1, sort_keys=True))
+            return 0
         failed = 0
         for f in args.files:
             problems = validate_submission(_read_json(f, "CIRCO submission"), queries, gallery)

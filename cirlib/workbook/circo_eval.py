@@ -6,8 +6,9 @@ write the test-server files.
 - `rank_circo`: every query of a split ranked by stage I over the whole gallery index, and stage I's top k
   re-ranked by stage II (`cirlib.workbook.search.rank`); 50 image ids per query and stage.
 - `evaluate_circo`: the step: index (built once, then updated incrementally), val metrics of both stages
-  (`circo_metrics`: mAP@5/10/25/50, Recall@5/10/25/50, semantic mAP@10), test-server files of both stages checked by
-  `validate_submission` before they are written; everything with its provenance in the run folder's `circo/`.
+  (`circo_metrics`: mAP@5/10/25/50, Recall@5/10/25/50, semantic mAP@10), the lists of both stages checked by
+  `validate_submission` (the test server's rule, gallery ids included) before they are written or scored; everything
+  with its provenance in the run folder's `circo/`.
 
 Choices, as CIRCO asks methods to state them: the query text is the relative caption alone (`use_shared_concept`
 prepends the shared concept: "<shared_concept>, <relative_caption>"); the reference image is excluded from its own
@@ -196,8 +197,8 @@ def evaluate_circo(cfg: CircoConfig) -> CircoResult:
     Writes, in the run folder's `circo/` (`result_folder`; names from `cirlib.run_folder`):
       `metrics_<name>.json` (val: both stages' metrics, settings, query counts, dropped images, provenance);
       `<split>_<name>_<stage>.json` (each stage's lists in the server's format; `python -m cirlib.circo evaluate`
-      recomputes the val metrics from them; on test they are the files to submit, checked by `validate_submission`
-      before they are written), each with a `.provenance.json` sidecar.
+      recomputes the val metrics from them; on test they are the files to submit; every one checked by
+      `validate_submission` before it is written), each with a `.provenance.json` sidecar.
     Every run recomputes the rankings (cheap beside the index, which is reused when its images and stage I are
     unchanged).
     """
@@ -240,11 +241,10 @@ def evaluate_circo(cfg: CircoConfig) -> CircoResult:
         result.queries[split] = len(d.queries)
         for stage in stages:
             doc = CIRCO.submission_document(ranked[stage])
-            if split == CIRCO.test_split:
-                problems = CIRCO.validate_submission(doc, d.queries, set(gallery.files))
-                if problems:
-                    raise circo.CircoError(f"the {stage} test file would be refused by the server: "
-                                           + "; ".join(problems[:5]))
+            problems = CIRCO.validate_submission(doc, d.queries, set(gallery.files))  # val lists too: one rule
+            if problems:
+                raise circo.CircoError(f"the {stage} {split} file would be refused by the server: "
+                                       + "; ".join(problems[:5]))
             path = run.circo_predictions_file(split, cfg.result_name, stage)
             paths.write_json(path, doc)
             paths.write_json(sidecar_file(path), {**made_by, "split": split, "stage": stage})

@@ -318,6 +318,27 @@ class RerankConfig:
     outputs: str = ""  # outputs root holding the run folders ("": <repo>/outputs)
 
 
+TABLE_FORMATS = ("md", "latex", "csv")  # what TablesConfig.formats may name (or "all")
+
+
+@dataclass(frozen=True)
+class TablesConfig:
+    """The paper's tables (notebook 11): every finished run's metrics under `outputs`, stage I beside stage II, with
+    published results for comparison; written next to the figures. Reads result files only, never a model."""
+
+    runs: str = ""  # run folders to table, comma-separated names under <outputs>/stage1 or stage2 ("" = every finished run)
+    formats: str = "md,latex,csv"  # files written: "md" (Markdown), "latex" (booktabs), "csv", comma-separated, or "all"
+    published: str = ""  # published results printed beside ours ("" = the packaged cirlib/workbook/published_results.yaml; "none" = none)
+    figures_dir: str = ""  # where the tables go, next to the figures ("" = <repo>/figures)
+    outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
+
+    def __post_init__(self) -> None:
+        chosen = split_list(self.formats)
+        if self.formats.strip() != "all" and (not chosen or set(chosen) - set(TABLE_FORMATS)):
+            raise ValueError(f"TablesConfig(formats={self.formats!r}): expected some of {', '.join(TABLE_FORMATS)} "
+                             "(comma-separated) or all")
+
+
 C = TypeVar("C")
 
 # The config each numbered notebook mirrors (its parameters cell and its `from_namespace(<Config>, globals())` line);
@@ -334,6 +355,7 @@ NOTEBOOK_CONFIGS: dict[str, type] = {
     "08_search": SearchConfig,
     "09_circo": CircoConfig,
     "10_rerank_any": RerankConfig,
+    "11_tables": TablesConfig,
 }
 CONFIGS: tuple[type, ...] = tuple(dict.fromkeys(NOTEBOOK_CONFIGS.values()))
 

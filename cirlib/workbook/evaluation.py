@@ -4,6 +4,7 @@ file's rows are the caption file's queries."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ from cirlib import data as cdata
 from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.eval import metrics as M
+from cirlib.eval.protocol import rows_holding_reference
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.search import (GalleryFeatures, Ranking, encode_gallery, encode_queries, rank_gallery,
                                      stage1_encoder, stage2_encoder, topk_from_ranking)
@@ -239,7 +241,53 @@ def match_rows(tk: TopK, sd: "cdata.SplitData", path: Path) -> TopK:
                 raise TopKError(f"{path}: row {i} is for target {have!r}, but query {i} of the {sd.split} caption "
                                 f"file (pair id {q.pair_id}) has target {q.target!r}: the file's rows are not the "
                                 "caption file's queries in order; re-extract it (notebook 02)")
+    warn_rows_holding_reference(tk, sd, path)
     return tk
+
+
+def warn_rows_holding_reference(tk: TopK, sd: "cdata.SplitData", path: Path) -> None:
+    """Warn when the dataset removes each query's reference from its own ranking and rows of `tk` still hold it."""
+    ds = cdata.get_dataset(sd)
+    if not ds.excludes_reference:
+        return
+    rows = rows_holding_reference(tk.sorted_index_names, [q.reference for q in sd.queries[:tk.num_queries]])
+    if len(rows):
+        first = sd.queries[int(rows[0])]
+        warnings.warn(
+            f"{path}: {len(rows):,} of {tk.num_queries:,} rows hold their own query's reference image (first: row "
+            f"{int(rows[0])}, pair id {first.pair_id}, reference {first.reference!r}). {ds.title} removes the "
+            "reference from its own ranking; a list that keeps it scores R@1 near 0 and R@5 high, and its numbers are "
+            "not comparable with published ones. Re-extract the file (notebook 02), or remove each row's reference "
+            "from a file made elsewhere", UserWarning, stacklevel=2)
+
+
+def stage1_change_notes(completion: dict[str, Any], completion_file: Path, files: Sequence[Path],
+                        topks: Sequence[TopK], stage1_now: str | None = None) -> list[str]:
+    """One line per top-k file whose candidates come from other stage-I weights than the ones a stage-II run was
+    trained and validated with (its completion record's `inputs`, written by `train_stage2`): stage I was retrained
+    since. Files recording no weights (the original's) and runs recording none say nothing.
+
+    Args:
+        completion: the stage-II run's completion record; completion_file: where it is (for the message).
+        files, topks: the validation top-k files and what they hold (`TopK.provenance`).
+        stage1_now: the sha256 of the stage-I weights this evaluation loads (they compute stage II's z_t), or None.
+    """
+    trained_with = (completion.get("inputs") or {}).get("stage1_weights_sha256")
+    notes = []
+    if trained_with and stage1_now and stage1_now != trained_with:
+        notes.append(f"the stage-I weights loaded now ({stage1_now[:12]}) are not the ones the stage-II run was "
+                     f"trained with ({trained_with[:12]}, {completion_file}): stage I was retrained since, so stage "
+                     "II's inputs from stage I differ from what it learned on; retrain stage II (notebook 03) to "
+                     "evaluate the two stages as trained together")
+    for path, tk in zip(files, topks):
+        made_by = (tk.provenance or {}).get("stage1_weights_sha256")
+        if trained_with and made_by and made_by != trained_with:
+            notes.append(f"{path}: its candidates come from stage-I weights {made_by[:12]}, but the stage-II run was "
+                         f"trained and validated with stage-I weights {trained_with[:12]} ({completion_file}): "
+                         "stage I was retrained since (or the file was made by other weights), so these numbers are "
+                         "of stage II re-ranking candidates it did not learn on; retrain stage II (notebook 03) to "
+                         "evaluate the two stages as trained together")
+    return notes
 
 
 def val_topk_paths(stage1: RunFolder, topk_path: str, sets: Sequence["cdata.SplitData"]) -> list[Path]:

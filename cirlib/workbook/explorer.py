@@ -22,6 +22,43 @@ from cirlib.workbook import figures
 from cirlib.workbook.config import ExplorerConfig
 
 SHOWN = 5  # candidates drawn per stage in the explorer figure (more would shrink the names below legibility)
+NOT_IN_TOPK = "-"  # the rank shown for a target that is not among the candidates (table and widget alike)
+RANK_COLUMNS = ("stage-I rank", "stage-II rank")
+
+
+def rank_text(rank: int | None) -> str:
+    """A 1-based rank as shown, or NOT_IN_TOPK for None (the target is not in the top-K)."""
+    return NOT_IN_TOPK if rank is None else str(rank)
+
+
+def target_ranks(labels: Any) -> pd.arrays.IntegerArray:
+    """(N,) 1-based rank of the target in each row of (N, K) labels, <NA> where the row holds no target (Int64:
+    sorts and filters as numbers, the missing ones last)."""
+    ranks = M.ranks_from_labels(figures.as_numpy(labels))
+    return pd.array([int(r) + 1 if r >= 0 else pd.NA for r in ranks], dtype="Int64")
+
+
+def show_ranks(table: pd.DataFrame) -> Any:
+    """A query table (`Explorer.queries`, any rows or order) as shown: a rank the top-K misses as NOT_IN_TOPK."""
+    return (table.style.format(na_rep=NOT_IN_TOPK, subset=[c for c in RANK_COLUMNS if c in table])
+            .set_caption(f"rank of the target, 1 = first; {NOT_IN_TOPK} = not in the top-K"))
+
+
+def query_ranks(tk: TopK, sd: cdata.SplitData, fusion_weight: float) -> pd.DataFrame:
+    """Each query of a re-ranked file: text, reference, target, the target's 1-based rank in stage I and after
+    re-ranking with `fusion_weight` (RANK_COLUMNS, Int64; <NA>: not in the top-K)."""
+    before, after = target_ranks(tk.labels), target_ranks(tk.reranked(fusion_weight).labels)
+    queries = sd.queries[:tk.num_queries]
+    return pd.DataFrame({"text": [cdata.query_text(q, sd.dataset, sd.split) for q in queries],
+                         "reference": [q.reference for q in queries], "target": [q.target for q in queries],
+                         RANK_COLUMNS[0]: before, RANK_COLUMNS[1]: after})
+
+
+def status_line(view: "QueryView", k: int) -> str:
+    """The widget's line above the figure: the query's text and where its target ranks in both rankings."""
+    before, after = view.rank_of_target()
+    return (f"<b>{view.text!r}</b> &mdash; target {view.target}: stage-I rank {rank_text(before)}, "
+            f"re-ranked {rank_text(after)} (of {k}; {NOT_IN_TOPK} = not in the top-K)")
 
 
 @dataclass(frozen=True)
@@ -128,14 +165,13 @@ class Explorer:
 
     def queries(self, category: str | None = None) -> pd.DataFrame:
         """The browsable queries: text, reference, target, and the target's 1-based rank in stage I and after the
-        evaluation's re-ranking (0 = not in the top-K)."""
-        tk, sd = self.topk(category), self.split(category)
+        evaluation's re-ranking (Int64; <NA> = not in the top-K, shown as NOT_IN_TOPK by `show_ranks`)."""
         _, weight = self.default_settings(category)
-        before = M.ranks_from_labels(figures.as_numpy(tk.labels)) + 1
-        after = M.ranks_from_labels(figures.as_numpy(tk.reranked(weight).labels)) + 1
-        return pd.DataFrame([{"text": cdata.query_text(q, sd.dataset, sd.split), "reference": q.reference,
-                              "target": q.target, "stage-I rank": int(r1), "stage-II rank": int(r2)}
-                             for q, r1, r2 in zip(sd.queries[:tk.num_queries], before, after)])
+        return query_ranks(self.topk(category), self.split(category), weight)
+
+    def query_table(self, rows: int = 10, category: str | None = None) -> Any:
+        """The first `rows` queries as shown (`show_ranks`: a target not in the top-K as NOT_IN_TOPK)."""
+        return show_ranks(self.queries(category).head(rows))
 
     def ranking(self, row: int, k: int, fusion_weight: float = 0.0, category: str | None = None) -> QueryView:
         """Re-rank the query's first k stage-I candidates by w * z(stage I) + (1 - w) * z(stage II).
@@ -194,9 +230,7 @@ class Explorer:
             weight.disabled = self.topk(cat).scores is None
             w = weight.value if not weight.disabled else 0.0
             r = self.ranking(row.value, k.value, w, cat)
-            before, after = r.rank_of_target()
-            status.value = (f"<b>{r.text!r}</b> &mdash; target {r.target}: stage-I rank {before or '-'}, "
-                            f"re-ranked {after or '-'} (of {k.value})")
+            status.value = status_line(r, k.value)
             fig = self.figure(row.value, k.value, w, cat)
             with out:
                 out.clear_output(wait=True)

@@ -5,7 +5,8 @@ gain comes from (`cirlib.eval.gain`).
 The dataset, data root, categories and models are the stage-II run's (its config.json; `data_root` and `categories`
 override them). Scoring is `evaluate`'s: the split's `SplitData`, `rerank_galleries`, `retrieval.rerank.rerank`, then
 `TopK.reranked(fusion_weight)`, so our own stage-I top-k file re-ranked here gives exactly `steps.evaluate`'s metrics.
-Only `load_candidates` knows the candidate file's format; everything after it holds a `TopK`.
+Only `load_candidates` (the ranked-list readers: CIRR and CIRCO server JSON, TREC, JSONL, our and the original's
+top-k files) knows the candidate file's format; everything after it holds a `TopK`.
 
 Writes into the result folder (`<outputs>/rerank/<name>/`, or `out`; layout: `cirlib.run_folder`): the re-ranked
 file per split (`reranked_<split>[_<category>].pt`, top-k format: the K imported candidates in imported order with the
@@ -31,12 +32,13 @@ from cirlib import paths, plots
 from cirlib.eval import gain
 from cirlib.eval import metrics as M
 from cirlib.eval.rank_shift import rank_shift
+from cirlib.retrieval.ranked_lists import SplitQueries, import_candidates, read_ranked_lists
 from cirlib.retrieval.rerank import rerank
-from cirlib.retrieval.topk import TopK, TopKError
+from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, config_hash, file_sha256
 from cirlib.workbook.bookkeeping import StepBook
 from cirlib.workbook.config import RerankConfig, Stage2TrainConfig, identity, split_list
-from cirlib.workbook.evaluation import (EVAL_SPLIT, match_rows, query_counts, refuse_unsupported, rerank_galleries,
+from cirlib.workbook.evaluation import (EVAL_SPLIT, query_counts, refuse_unsupported, rerank_galleries,
                                         step_sets)
 from cirlib.workbook.factories import abs_path, data_root, device, load_stage2_run, stage1_for, stage1_weights_file
 from cirlib.workbook.steps import (SUBMISSION_LENGTH, _saved_evaluation, _write_submissions, resolve,
@@ -44,7 +46,6 @@ from cirlib.workbook.steps import (SUBMISSION_LENGTH, _saved_evaluation, _write_
 from cirlib.workbook.stores import provenance_of, stage2_stores
 
 STEP = "rerank"
-TOPK_FORMATS = ("auto", "topk")  # what `load_candidates` reads until the ranked-list readers are merged
 MISSING_QUERIES = ("error", "drop")
 
 
@@ -83,22 +84,17 @@ def candidate_files(cfg: RerankConfig, trained: Stage2TrainConfig, categories: S
 
 def load_candidates(path: Path, fmt: str, queries: "cdata.SplitData", k: int, missing_queries: str
                     ) -> tuple[TopK, list[int], list[str], list[str]]:
-    """The candidates of one split: (TopK whose rows are the kept queries in split order, at least k columns; the kept
-    rows of `queries`; the ids of the queries dropped for lack of a list; warnings).
-
-    Reads our and the original's top-k `.pt` files only; other formats are refused naming the file.
+    """The candidates of one split, read in any ranked-list format (`retrieval.ranked_lists`) and checked against the
+    split, every problem listed at once: (TopK of the kept queries in split order, its first k names per query; the
+    kept rows of `queries`; the ids of the queries dropped for lack of a list; warnings, e.g. references left in).
     """
-    # TODO(merge): ranked_lists.import_candidates
-    if fmt not in TOPK_FORMATS or (fmt == "auto" and path.suffix != ".pt"):
-        raise TopKError(f"{path}: format {fmt!r} cannot be read yet; this build reads top-k .pt files only "
-                        "(--format topk)")
-    if not path.is_file():
-        raise FileNotFoundError(f"candidate file not found: {path}")
-    tk = match_rows(TopK.load(path, dataset=queries.dataset, split=queries.split, category=queries.category,
-                              index_names=queries.gallery), queries, path)
-    if tk.k < k:
-        raise TopKError(f"{path}: holds {tk.k} candidates per query, but k = {k} are to be re-ranked")
-    return tk, list(range(tk.num_queries)), [], []
+    lists = read_ranked_lists(path, fmt)
+    imported = import_candidates(lists, SplitQueries.from_split(queries), k=k, missing_queries=missing_queries)
+    topk = imported.topk
+    if lists.topk is not None and lists.topk.group_names is not None and topk.group_names is not None:
+        # a top-k file ranks the CIRR subset too (stage I's order, what evaluate reports as its Rsubset): keep it
+        topk = dataclasses.replace(topk, group_names=lists.topk.group_names[list(imported.rows)], group_labels=None)
+    return topk, list(imported.rows), list(imported.dropped_queries), list(imported.warnings)
 
 
 def query_id(sd: "cdata.SplitData", q: "cdata.Query") -> str:
@@ -231,7 +227,10 @@ def _score_splits(cfg: RerankConfig, trained: Stage2TrainConfig, s2: RunFolder, 
     stage2 = load_stage2_run(s2)
     stage1.to(dev)
     stage2.to(dev)
-    loaded = [load_candidates(p, cfg.format, sd, cfg.k, cfg.missing_queries) for p, sd in zip(files, sets)]
+    ds = cdata.get_dataset(trained.dataset)
+    # a test server needs whole lists: the first k re-ranked, the rest in the imported order
+    depth = max(cfg.k, SUBMISSION_LENGTH) if cfg.split == ds.test_split and ds.has_test_server else cfg.k
+    loaded = [load_candidates(p, cfg.format, sd, depth, cfg.missing_queries) for p, sd in zip(files, sets)]
     kept = [dataclasses.replace(sd, queries=[sd.queries[i] for i in rows]) for sd, (_, rows, _, _) in zip(sets, loaded)]
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, kept, target_ratio=trained.target_ratio,
                                     outputs=cfg.outputs, device=dev)

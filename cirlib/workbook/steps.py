@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from cirlib.workbook.config import (EvaluateConfig, Stage1Config, Stage2TrainCon
                                     identity, split_list)
 from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_stage2, limit_queries, load_val_topks,
                                         match_rows, mining_subset, query_counts, refuse_unsupported,
-                                        rerank_galleries, step_sets, val_topk_paths)
+                                        rerank_galleries, stage1_change_notes, step_sets, val_topk_paths)
 from cirlib.workbook.factories import (abs_path, build_stage1, build_stage2, data_root, dataset_root, device,  # noqa: F401
                                        load_stage1_run,
                                        load_stage2_run, stage1_for, stage1_weights_file, tokenizer_for)
@@ -436,6 +437,7 @@ class Comparison:
     run_dir: Path
     reused: bool = False  # True when a saved evaluation record made by the same models, file and settings was returned
     query_counts: dict[str, Any] | None = None  # metrics.json's "query_counts": per split evaluated / in split / dropped
+    notes: list[str] = dataclasses.field(default_factory=list)  # metrics.json's "notes": what the numbers rest on
 
     def dropped_line(self) -> str | None:
         """'evaluated on 90 of 100 validation queries; 10 dropped (missing images), listed in <file>', or None when
@@ -488,8 +490,9 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
 
     reused = book.reuse(lambda: _saved_evaluation(run, "produced_by", produced_by), overwrite=cfg.overwrite)
     if reused is not None:
+        book.on_main(lambda: _warn(reused.get("notes", [])))
         return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True,
-                          query_counts=reused.get("query_counts"))
+                          query_counts=reused.get("query_counts"), notes=reused.get("notes", []))
     book.check_writable(f"stage-II run folder {run.path} (its evaluation files)")
     with book.locked():  # one writer of the run folder
         return _evaluate_and_write(cfg, book, trained, root, sets, counts, files, produced_by)
@@ -510,6 +513,9 @@ def _evaluate_and_write(cfg: EvaluateConfig, book: StepBook, trained: Stage2Trai
     stage1.to(dev)
     stage2.to(dev)
     topks = load_val_topks(files, sets, cfg.k)
+    notes = stage1_change_notes(paths.read_json(run.completion_file, "completion record"), run.completion_file,
+                                files, topks, stage1_now=file_sha256(stage1_weights_file(trained)))
+    book.on_main(lambda: _warn(notes))
     # a stage-II run trained with stores re-ranks from them (its saved config): reused, or built for this split
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, sets, target_ratio=trained.target_ratio,
                                     outputs=cfg.outputs, device=dev)
@@ -523,8 +529,14 @@ def _evaluate_and_write(cfg: EvaluateConfig, book: StepBook, trained: Stage2Trai
     book.write_json(run.evaluation_file, lambda: {
         "stage1": s1, "stage2": s2, "k": cfg.k, "split": EVAL_SPLIT, "fusion_weight": cfg.fusion_weight,
         "scoring": cfg.scoring, "queries": sum(len(s.queries) for s in sets), "query_counts": counts,
-        "produced_by": produced_by(), "provenance": made_by})
-    return Comparison(s1, s2, cfg.k, run.path, query_counts=counts)
+        "produced_by": produced_by(), "provenance": made_by, "notes": notes})
+    return Comparison(s1, s2, cfg.k, run.path, query_counts=counts, notes=notes)
+
+
+def _warn(notes: list[str]) -> None:
+    """Each note of an evaluation as a warning (shown beside the numbers; also in metrics.json's "notes")."""
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
 
 
 def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
