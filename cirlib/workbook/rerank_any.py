@@ -32,7 +32,7 @@ from cirlib import paths, plots
 from cirlib.eval import gain
 from cirlib.eval import metrics as M
 from cirlib.eval.rank_shift import rank_shift
-from cirlib.retrieval.ranked_lists import SplitQueries, import_candidates, read_ranked_lists
+from cirlib.retrieval.ranked_lists import SplitQueries, import_candidates, read_ranked_lists, split_query_ids
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, config_hash, file_sha256
@@ -95,11 +95,6 @@ def load_candidates(path: Path, fmt: str, queries: "cdata.SplitData", k: int, mi
         # a top-k file ranks the CIRR subset too (stage I's order, what evaluate reports as its Rsubset): keep it
         topk = dataclasses.replace(topk, group_names=lists.topk.group_names[list(imported.rows)], group_labels=None)
     return topk, list(imported.rows), list(imported.dropped_queries), list(imported.warnings)
-
-
-def query_id(sd: "cdata.SplitData", q: "cdata.Query") -> str:
-    """A query's id in imported files: its pair id (CIRR), else `<category>:<row of the caption file>`."""
-    return str(q.pair_id) if q.pair_id is not None else f"{q.category or sd.category}:{q.index}"
 
 
 def _check(cfg: RerankConfig, trained: Stage2TrainConfig) -> "cdata.Dataset":
@@ -274,7 +269,7 @@ def _analysis(cfg: RerankConfig, ds, splits: list[_Split], seconds: float) -> di
         labels = gain.outcomes(before, after)
         out["ceiling"][s.name] = gain.ceiling(gain.first_ranks(s.imported.labels.numpy()), cfg.k)
         out["outcomes"][s.name] = gain.outcome_counts(labels)
-        out["outcomes_per_query"][s.name] = dict(zip((query_id(s.sd, q) for q in s.sd.queries), labels.tolist()))
+        out["outcomes_per_query"][s.name] = dict(zip(split_query_ids(s.sd), labels.tolist()))
     weights = [float(w) for w in split_list(cfg.fusion_sweep)]
     if weights and all(s.scored.scores is not None for s in splits):
         def score(w: float) -> dict[str, float]:
