@@ -35,7 +35,7 @@ from cirlib.eval.rank_shift import rank_shift
 from cirlib.retrieval.ranked_lists import SplitQueries, import_candidates, read_ranked_lists, split_query_ids
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK
-from cirlib.run_folder import RunFolder, config_hash, file_sha256
+from cirlib.run_folder import RERANK_STAGE, RunFolder, config_hash, file_sha256
 from cirlib.workbook.bookkeeping import StepBook
 from cirlib.workbook.config import RerankConfig, Stage2TrainConfig, identity, split_list
 from cirlib.workbook.evaluation import (EVAL_SPLIT, query_counts, refuse_unsupported, rerank_galleries,
@@ -71,7 +71,7 @@ def result_folder(cfg: RerankConfig) -> RunFolder:
     if cfg.out:
         return RunFolder.at(abs_path(cfg.out))
     stem = Path(cfg.candidates).stem.replace("{category}", "all") if cfg.candidates else "stage1_topk"
-    return RunFolder.of("rerank", cfg.name or f"{stage2_folder(cfg).name}_{cfg.split}_{stem}", cfg.outputs)
+    return RunFolder.of(RERANK_STAGE, cfg.name or f"{stage2_folder(cfg).name}_{cfg.split}_{stem}", cfg.outputs)
 
 
 def candidate_files(cfg: RerankConfig, trained: Stage2TrainConfig, categories: Sequence[str | None]) -> list[Path]:
