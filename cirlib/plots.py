@@ -177,6 +177,42 @@ def plot_recall_curves(
     return _maybe_save(fig, save_name, out_dir)
 
 
+def plot_fusion_sweep(
+    weights: Sequence[float],
+    metrics: Sequence[Mapping[str, float]],
+    *,
+    keys: Sequence[str] | None = None,
+    best: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Metrics against the fusion weight w (w * z(first score) + (1 - w) * z(stage-II score)), one line per metric.
+
+    Args:
+        weights: the swept weights (x axis).
+        metrics: one {metric: percent} per weight (`cirlib.eval.gain.fusion_sweep`).
+        keys: the metrics drawn (default: every R@k, Rsubset@k, avg_R@k and mAP@k the dicts hold).
+        best: a weight to mark with a vertical line (the sweep's best).
+    """
+    if not weights or len(weights) != len(metrics):
+        raise ValueError(f"need one metrics dict per weight, got {len(weights)} weights and {len(metrics)} dicts")
+    drawn = ("R@", "Rsubset@", "avg_R@", "mAP@")
+    keys = list(keys) if keys is not None else [k for k in metrics[0] if k.startswith(drawn)]
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=set_size(fraction=1.5))
+        ax = fig.add_subplot()
+        for key in keys:
+            ax.plot(list(weights), [m[key] for m in metrics], marker="o", markersize=3, linewidth=1.2, label=key)
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("fusion weight w of the first stage's score")
+        ax.set_ylabel("metric (%)")
+        ax.grid(linestyle="--", alpha=0.6)
+        ax.legend(fontsize="small")
+        if title:
+            ax.set_title(title)
+    return fig
+
+
 # ------------------------------------------------------------------------------------------ qualitative grid
 @dataclass(frozen=True)
 class QualitativeRow:

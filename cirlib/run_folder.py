@@ -15,6 +15,9 @@
                                                 submission_<name>.provenance.json      each submission's sidecar
                                                 circo/                                 CIRCO metrics and server files
 
+outputs/rerank/<name>/ (a re-ranking of imported candidates by a stage-II run): provenance.json, metrics.json
+(imported vs re-ranked, the gain analysis), reranked_<split>[_<category>].pt, dropped_queries.json, submission/, .lock
+
 A result's provenance record (`cirlib.provenance`) also sits in done.json and metrics.json ("provenance") and in each
 top-k file's metadata; sha256 results of large files are cached under `<outputs>/.cache/` (`hash_cache_file`).
 
@@ -36,7 +39,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 from cirlib import paths
 
-STAGES = ("stage1", "stage2")
+STAGES = ("stage1", "stage2")  # the training stages: run folders with a model
+RERANK_STAGE = "rerank"  # result folders of re-rankings of imported candidates (`workbook.rerank_any`), no model
 CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "provenance.json"  # beside config.json: what produced the run (config.json stays the bare config)
 SIDECAR_SUFFIX = ".provenance.json"  # <file stem> + this: the provenance sidecar of a result file without metadata
@@ -124,8 +128,8 @@ class RunFolder:
     @classmethod
     def of(cls, stage: str, name: str, outputs: str | os.PathLike | None = None) -> "RunFolder":
         """The run folder of `name` under the outputs root (`outputs`, default <repo>/outputs)."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+        if stage not in (*STAGES, RERANK_STAGE):
+            raise ValueError(f"unknown stage {stage!r}; one of {(*STAGES, RERANK_STAGE)}")
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"a run name is a plain folder name, got {name!r}")
         return cls(stage, name, outputs_root(outputs))

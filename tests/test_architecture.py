@@ -28,7 +28,8 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "plots": ("cirlib.plots",),
     "workbook": ("cirlib.workbook",),
     "runners": ("cirlib.run", "cirlib.batch", "cirlib.launch", "cirlib.demo", "cirlib.synth", "cirlib.submission",
-                "cirlib.circo", "cirlib.reproduce", "cirlib.search", "cirlib.tables", "cirlib.hub"),
+                "cirlib.circo", "cirlib.reproduce", "cirlib.search", "cirlib.tables", "cirlib.hub",
+                "cirlib.rerank"),
     # the tools themselves live in cirlib.tools; the modules at their old paths are entry-point shims
     "tools": ("cirlib.tools", "cirlib.verify_original", "cirlib.bench", "cirlib.bench_store", "cirlib.gpu_check"),
 }

@@ -353,12 +353,13 @@ def smoke_batch(tmp_path_factory):
                           "index": str(tmp / "circo_index")}},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    run_dirs = [paths.OUTPUTS / "stage1" / s1, paths.OUTPUTS / "stage2" / s2]
+    run_dirs = [paths.OUTPUTS / "stage1" / s1, paths.OUTPUTS / "stage2" / s2,
+                paths.OUTPUTS / "rerank" / f"{s2}_val_stage1_topk"]  # notebook 10's default result folder
     try:
         # a kernel that stops answering fails the test (naming the notebook) instead of hanging the suite
         executed = batch.run_batch(tmp / "params.yaml", output_dir=tmp / "executed", cell_timeout_s=600)
         yield {"tmp": tmp, "world": world, "executed": executed, "s1": run_dirs[0], "s2": run_dirs[1],
-               "params": params}
+               "params": params, "run_dirs": run_dirs}
     finally:
         for d in run_dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -384,6 +385,9 @@ def test_every_notebook_runs_and_writes_its_artifacts(smoke_batch):
         assert (s2 / f).is_file(), f
     metrics = json.loads((s2 / "metrics.json").read_text())
     assert set(metrics["stage1"]) >= {"R@1", "R@5", "Rsubset@1"} and metrics["k"] == 50
+    # notebook 10 re-ranked the stage-I val top-k file as imported candidates: exactly notebook 04's numbers
+    reranked = json.loads((smoke_batch["run_dirs"][2] / "metrics.json").read_text())
+    assert (reranked["imported"], reranked["reranked"]) == (metrics["stage1"], metrics["stage2"])
     for stem in ("fig8_rank_shift_cirr", "recall_curves_cirr", "qualitative_cirr"):
         for ext in ("pdf", "png"):
             assert (tmp / "figures" / f"{stem}.{ext}").stat().st_size > 1000
@@ -455,9 +459,9 @@ def test_every_notebook_runs_on_a_fashioniq_world_with_hard_negatives(tmp_path):
     })
     assert (params["dataset"], params["categories"]) == ("fashioniq", "dress,shirt,toptee")
     # the paper's file runs the benchmark notebooks 00-07; here also 08, searching the world's images (09 is CIRCO's),
-    # and 11, the FashionIQ table
+    # 10, re-ranking the stage-I top-k files per category as imported candidates, and 11, the FashionIQ table
     assert params["run"] == "00,01,02,03,04,05,06,07"
-    params["run"] += ",08,11"
+    params["run"] += ",08,10,11"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     executed = batch.run_batch(tmp_path / "params.yaml", output_dir=tmp_path / "executed", cell_timeout_s=600)
     assert [p.name for p in executed] == [f"{stem}.ipynb" for stem in NOTEBOOKS if stem != "09_circo"]
@@ -476,6 +480,10 @@ def test_every_notebook_runs_on_a_fashioniq_world_with_hard_negatives(tmp_path):
     metrics = json.loads((s2 / "metrics.json").read_text())
     assert metrics["k"] == 50 and {"dress_R@10", "avg_R@50", "average_recall"} <= set(metrics["stage2"])
     assert not (s2 / "submission").exists()
+    reranked = json.loads((tmp_path / "outputs" / "rerank" / f"{params['stage2_run']}_val_stage1_topk" / "metrics.json"
+                           ).read_text())
+    assert reranked["reranked"] == metrics["stage2"] and set(reranked["analysis"]["outcomes"]) == {"dress", "shirt",
+                                                                                                  "toptee"}
     # notebook 11: the FashionIQ table holds the evaluation's stage-II row, per-category columns and Avg
     table = pd.read_csv(tmp_path / "figures" / "table_fashioniq.csv")
     ours = table[table["run_path"].astype(str).str.endswith(f"stage2/{params['stage2_run']}")].set_index("Stage")

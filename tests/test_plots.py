@@ -243,3 +243,16 @@ def test_figure8_count_axis_starts_at_zero_without_negative_or_overlapping_label
     assert not any(text.startswith(("-", "\N{MINUS SIGN}")) or "{-" in text for _, text in ticks), ticks
     for a, b in zip(boxes, boxes[1:]):
         assert not a.overlaps(b), f"tick labels overlap: {ticks}"
+
+
+def test_fusion_sweep_plot_draws_one_line_per_metric_and_the_best_weight():
+    weights = [0.0, 0.5, 1.0]
+    metrics = [{"R@1": 30.0, "Rsubset@1": 40.0, "selection": 35.0}, {"R@1": 35.0, "Rsubset@1": 40.0, "selection": 37.0},
+               {"R@1": 8.0, "Rsubset@1": 40.0, "selection": 24.0}]
+    fig = plots.plot_fusion_sweep(weights, metrics, best=0.5)
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["R@1", "Rsubset@1"]
+    assert list(ax.get_lines()[0].get_ydata()) == [30.0, 35.0, 8.0]
+    assert [list(line.get_xdata()) for line in ax.get_lines()][-1] == [0.5, 0.5]  # the best weight's marker
+    with pytest.raises(ValueError, match="one metrics dict per weight"):
+        plots.plot_fusion_sweep(weights, metrics[:2])

@@ -20,9 +20,9 @@ import torch
 from cirlib.data import synth
 from cirlib.retrieval.topk import TopK, TopKError, read_topk_dict
 from cirlib.run_folder import RunFolder, file_sha256
-from cirlib.workbook import factories, figures, preview, steps
-from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, ExplorerConfig, Stage1Config,
-                                    Stage2TrainConfig, SubmissionConfig, TopKConfig)
+from cirlib.workbook import factories, figures, preview, rerank_any, steps
+from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, ExplorerConfig, RerankConfig,
+                                    Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig)
 from cirlib.workbook.explorer import Explorer
 
 
@@ -301,6 +301,9 @@ CODE_PATHS = {
                         Stage2TrainConfig.stage2_folder),
     EvaluateConfig: (steps.evaluate, steps._evaluate_and_write, steps.resolve, EvaluateConfig.stage2_folder),
     SubmissionConfig: (steps.submit_cirr, SubmissionConfig.stage2_folder),
+    RerankConfig: (rerank_any.rerank_any, rerank_any._rerank_and_write, rerank_any._score_splits, rerank_any._analysis,
+                   rerank_any._check, rerank_any.trained_config, rerank_any.stage2_folder, rerank_any.result_folder,
+                   rerank_any.candidate_files, steps.resolve),
     DataConfig: (preview.load, preview.check_download, preview.split_summary, preview.show_triplets),
     AnalysisConfig: (figures.make_figures, figures.label_sources, figures._stage2_folder, figures.load_label_pair,
                      figures.qualitative_rows, figures.val_split, figures.rank_shift_table),

@@ -293,6 +293,32 @@ class CircoConfig:
     outputs: str = ""  # outputs root holding the run folders ("" = <repo>/outputs)
 
 
+@dataclass(frozen=True)
+class RerankConfig:
+    """Re-rank another system's candidates (notebook 10): an imported ranked list of one split re-ranked by a stage-II
+    run, imported vs re-ranked metrics and where the gain comes from. Dataset, data root, categories and models are
+    the stage-II run's (its config.json); `data_root` and `categories` override them."""
+
+    candidates: str = ""  # the ranked-list file to re-rank ("": the stage-II run's stage-I val top-k file); FashionIQ top-k files: write {category} where the category goes
+    format: str = "auto"  # "auto" (from the file) | "cirr" | "circo" | "trec" | "topk" | "jsonl"
+    stage2_run: str = "stage2"  # stage-II run under <outputs>/stage2/, or a run folder's path
+    split: str = "val"  # the split the candidates rank (validation splits get metrics; test splits a server file)
+    k: int = 50  # candidates re-ranked per query (the first k of each imported list)
+    fusion_weight: float = 0.0  # final score: w * z(imported score) + (1 - w) * z(stage-II score), rows z-scored (0: stage II alone; > 0 needs imported scores)
+    fusion_sweep: str = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"  # weights of the fusion sweep, comma-separated, when the file has scores ("": no sweep)
+    missing_queries: str = "error"  # "error": stop, naming the split's queries missing from the file | "drop": leave them out (counted)
+    data_root: str = ""  # dataset root ("": the stage-II run's)
+    categories: str = ""  # FashionIQ categories, comma-separated ("": the stage-II run's)
+    scoring: str = "shared"  # "shared" (candidate keys/values once per image) | "pairs" (one pass per pair, the original)
+    max_pairs: int = 512  # (query, candidate) pairs scored per chunk (bounds activation memory)
+    max_val_queries: int = 0  # re-rank the first N validation queries only (0: all)
+    name: str = ""  # result folder <outputs>/rerank/<name>/ ("": <stage2_run>_<split>_<candidate file stem>)
+    out: str = ""  # result folder path, instead of <outputs>/rerank/<name>/
+    overwrite: bool = False  # re-rank even when a record made by these models, candidates and settings exists
+    smoke: bool = False  # tiny fast run: few validation queries
+    outputs: str = ""  # outputs root holding the run folders ("": <repo>/outputs)
+
+
 TABLE_FORMATS = ("md", "latex", "csv")  # what TablesConfig.formats may name (or "all")
 
 
@@ -329,6 +355,7 @@ NOTEBOOK_CONFIGS: dict[str, type] = {
     "07_explorer": ExplorerConfig,
     "08_search": SearchConfig,
     "09_circo": CircoConfig,
+    "10_rerank_any": RerankConfig,
     "11_tables": TablesConfig,
 }
 CONFIGS: tuple[type, ...] = tuple(dict.fromkeys(NOTEBOOK_CONFIGS.values()))
