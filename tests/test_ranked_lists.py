@@ -304,7 +304,7 @@ def test_server_json_errors(tmp_path):
 
 
 def test_in_memory_lists_and_the_formats_constant(worlds):
-    assert FORMATS == ("cirr", "circo", "trec", "topk", "jsonl")
+    assert set(FORMATS) == {"cirr", "circo", "trec", "topk", "jsonl"}
     q = worlds["fiq"]
     lists = RankedLists("jsonl", None, ("dress:0", "dress:0"), (("a",), ("b",)))
     twice = r"(?s)<ranked lists>: .*\[queries-twice\] 1 .*query dress:0 \(lists 0 and 1\)"
@@ -326,3 +326,28 @@ def test_exports_refuse_what_the_format_cannot_hold(worlds, tmp_path):
     with pytest.raises(RankedListError, match="length=4"):
         write_ranked_lists(topk, tmp_path / "r.trec", "trec", query_ids=q.query_ids, length=4)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_new_format_is_one_registered_class(worlds, tmp_path):
+    """A format of one's own (here: one query a line, '<qid> TAB name name ...') is a ListFormat class in LIST_FORMATS;
+    reading and importing it needs nothing else."""
+    from cirlib.retrieval.ranked_lists import LIST_FORMATS, ListFormat
+
+    class ColonFormat(ListFormat):
+        name = "colon-lines"
+
+        def read(self, path, subset_file):
+            rows = [line.split("\t", 1) for line in path.read_text().splitlines()]
+            return RankedLists(self.name, path, tuple(q for q, _ in rows), tuple(tuple(n.split()) for _, n in rows))
+
+    q = worlds["fiq"]
+    path = tmp_path / "run.txt"
+    path.write_text("".join(f"{qid}\t{' '.join(q.gallery[:3])}\n" for qid in q.query_ids))
+    with pytest.raises(RankedListError, match="format 'colon-lines': expected 'auto' or one of"):
+        read_ranked_lists(path, "colon-lines")
+    LIST_FORMATS.register(ColonFormat)
+    try:
+        imported = import_candidates(read_ranked_lists(path, "colon-lines"), q, k=3)
+    finally:
+        LIST_FORMATS.unregister("colon-lines")
+    assert imported.topk.sorted_index_names.tolist() == [list(q.gallery[:3])] * len(q.query_ids)

@@ -1,7 +1,8 @@
 """Other systems' ranked lists in, ours out: readers, checks and exporters of ranked candidate lists.
 
-A ranked list is, per query, gallery image names best first (and, in some formats, a score per name). Formats
-(`FORMATS`; `detect_format` tells them apart by suffix and first bytes):
+A ranked list is, per query, gallery image names best first (and, in some formats, a score per name). Formats are
+`ListFormat` classes in the `LIST_FORMATS` registry (a new one is one class; `detect_format` tells the built-in
+ones apart by suffix and first bytes):
 
     cirr    the CIRR server JSON {"version": "rc2", "metric": "recall", "<pair id>": [names, ...], ...}; its
             `recall_subset` file (3 names of the query's img_set) is read beside it when present (`subset_path`)
@@ -45,10 +46,11 @@ from cirlib.data.readers import SplitData
 from cirlib.eval import submission
 from cirlib.eval.protocol import rows_holding_reference
 from cirlib.paths import atomic_write_text
+from cirlib.registry import Registry, RegistryError
 from cirlib.retrieval.topk import TopK, TopKError
 from cirlib.run_folder import file_sha256
 
-FORMATS = ("cirr", "circo", "trec", "topk", "jsonl")
+LIST_FORMATS: Registry = Registry("ranked-list format", "cirlib.retrieval.ranked_lists")
 MISSING_QUERY_POLICIES = ("error", "drop")
 SHOWN = 5  # examples shown per kind of problem
 _CIRR_FIELDS = ("version", "metric")
@@ -370,9 +372,6 @@ def _read_topk(path: Path) -> RankedLists:
                        topk=topk)
 
 
-_READERS: dict[str, Callable[[Path], RankedLists]] = {
-    "cirr": _read_cirr, "circo": _read_circo, "trec": _read_trec, "topk": _read_topk, "jsonl": _read_jsonl,
-}
 
 
 def _with_subset(lists: RankedLists, subset_file: Path | None) -> RankedLists:
@@ -404,14 +403,10 @@ def read_ranked_lists(path: str | os.PathLike, format: str = "auto", *,
     path = Path(path)
     if not path.is_file():
         raise RankedListError(f"{path}: ranked-list file not found")
-    fmt = detect_format(path) if format == "auto" else format
-    if fmt not in _READERS:
-        raise RankedListError(f"format {format!r}: expected 'auto' or one of {', '.join(FORMATS)}")
-    lists = _READERS[fmt](path)
-    if fmt == "cirr":
-        lists = _with_subset(lists, None if subset_file is None else Path(subset_file))
-    elif subset_file is not None:
-        raise RankedListError(f"subset_file is the CIRR recall_subset file; {path} is read as {fmt}")
+    fmt = _format(detect_format(path) if format == "auto" else format, "'auto' or ")
+    if subset_file is not None and not fmt.has_subset_file:
+        raise RankedListError(f"subset_file is the CIRR recall_subset file; {path} is read as {fmt.name}")
+    lists = fmt.read(path, None if subset_file is None else Path(subset_file))
     return dataclasses.replace(lists, meta={**lists.meta, "sha256": file_sha256(path)})
 
 
@@ -729,9 +724,97 @@ def _write_jsonl(path: Path, ids: Sequence[str], r: _Ranking, tag: str) -> Path:
     return atomic_write_text(path, "\n".join(rows) + "\n")
 
 
-_WRITERS: dict[str, Callable[[Path, Sequence[str], _Ranking, str], Path]] = {
-    "cirr": _write_cirr, "circo": _write_circo, "trec": _write_trec, "jsonl": _write_jsonl,
-}
+# ------------------------------------------------------------------------------------------------------- the formats
+class ListFormat:
+    """A ranked-list file format: a class registered in LIST_FORMATS under its `name` (a new format is one class,
+    in cirlib or a plug-in: `cirlib.registry`). `read` returns what the file says; `write` exports a ranking."""
+
+    name: str
+    has_scores: bool = False  # the file holds a score per name
+    has_subset_file: bool = False  # a second file beside it holds the CIRR subset ranking
+
+    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
+        raise NotImplementedError
+
+    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
+        raise NotImplementedError
+
+
+@LIST_FORMATS.register
+class CirrServerFormat(ListFormat):
+    """The CIRR server JSON (recall file; its recall_subset file read beside it)."""
+
+    name = "cirr"
+    has_subset_file = True
+
+    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
+        return _with_subset(_read_cirr(path), subset_file)
+
+    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
+        return _write_cirr(path, ids, ranking, tag)
+
+
+@LIST_FORMATS.register
+class CircoServerFormat(ListFormat):
+    """The CIRCO server JSON: COCO image ids per query id."""
+
+    name = "circo"
+
+    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
+        return _read_circo(path)
+
+    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
+        return _write_circo(path, ids, ranking, tag)
+
+
+@LIST_FORMATS.register
+class TrecRunFormat(ListFormat):
+    """A TREC run: `qid Q0 docid rank score tag` a line."""
+
+    name = "trec"
+    has_scores = True
+
+    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
+        return _read_trec(path)
+
+    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
+        return _write_trec(path, ids, ranking, tag)
+
+
+@LIST_FORMATS.register
+class TopKFormat(ListFormat):
+    """Our top-K `.pt` files and the original's (exported whole by `TopK.save`, see `write_ranked_lists`)."""
+
+    name = "topk"
+    has_scores = True
+
+    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
+        return _read_topk(path)
+
+
+@LIST_FORMATS.register
+class JsonLinesFormat(ListFormat):
+    """One {"query": id, "candidates": [[name, score], ...]} a line."""
+
+    name = "jsonl"
+    has_scores = True
+
+    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
+        return _read_jsonl(path)
+
+    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
+        return _write_jsonl(path, ids, ranking, tag)
+
+
+FORMATS = LIST_FORMATS.names()  # the built-in formats, registration order
+
+
+def _format(name: str, also: str = "") -> ListFormat:
+    """The format registered as `name` (a RankedListError naming the known ones otherwise)."""
+    try:
+        return LIST_FORMATS.get(name)()
+    except RegistryError:
+        raise RankedListError(f"format {name!r}: expected {also}one of {', '.join(LIST_FORMATS.names())}") from None
 
 
 def write_ranked_lists(topk: TopK, path: str | os.PathLike, format: str, *, query_ids: Sequence[str],
@@ -762,10 +845,9 @@ def write_ranked_lists(topk: TopK, path: str | os.PathLike, format: str, *, quer
     ids = [str(q) for q in query_ids]
     if len(ids) != topk.num_queries:
         raise RankedListError(f"{len(ids)} query ids for a top-K of {topk.num_queries} rows")
-    if format == "topk":
+    fmt = _format(format)
+    if isinstance(fmt, TopKFormat):
         return topk.save(path)
-    if format not in _WRITERS:
-        raise RankedListError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
     if length is not None and not 1 <= length <= topk.k:
         raise RankedListError(f"length={length}: the top-K holds {topk.k} names per query")
-    return _WRITERS[format](path, ids, _ranking(topk, stage, fusion_weight, length), tag)
+    return fmt.write(path, ids, _ranking(topk, stage, fusion_weight, length), tag)
