@@ -21,9 +21,11 @@ from cirlib.data import circo as layout
 from cirlib.data import synth_circo
 from cirlib.eval import circo
 from cirlib.run import batch
+from cirlib.run.rerank import main as rerank_main
 from cirlib.run_folder import sidecar_file
 from cirlib.workbook import circo_eval, steps
-from cirlib.workbook.config import CircoConfig, Stage1Config, Stage2TrainConfig, TopKConfig
+from cirlib.workbook.rerank_any import rerank_any
+from cirlib.workbook.config import CircoConfig, RerankConfig, Stage1Config, Stage2TrainConfig, TopKConfig
 
 
 def _jpeg() -> bytes:
@@ -287,3 +289,32 @@ def test_the_parameter_file_runs_the_cirr_runs_on_circo():
     assert batch._listed(None) is None and batch._listed("01, 02") == ["01", " 02"]
     with pytest.raises(batch.BatchError, match="run: expected a list"):
         batch._listed({"09": True})
+
+
+# ------------------------------------------------------------------------------------------------------ re-ranking
+
+
+@pytest.mark.slow
+def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(circo_world, runs, tmp_path):
+    """Notebook 09's stage-I CIRCO files imported into `rerank_any` (CIRCO: no SplitData, so through the gallery
+    index): val metrics equal notebook 09's stage-II ones at the same k (same candidates, same scores, same stable
+    order), and the test file passes the server's validator."""
+    cfg = CircoConfig(circo_root=str(circo_world), stage1_run="s1", stage2_run="s2", k=50, result_name="k50",
+                      outputs=runs)
+    nb09 = circo_eval.evaluate_circo(cfg)
+    common = dict(stage2_run="s2", dataset="circo", data_root=str(circo_world), k=50, scoring="pairs",
+                  outputs=runs)
+    val = rerank_any(RerankConfig(candidates=str(nb09.files["val stage1"]), split="val",
+                                  out=str(tmp_path / "val"), **common))
+    assert val.imported == nb09.metrics["stage1"]
+    assert val.reranked == nb09.metrics["stage2"] and val.reranked != val.imported
+    assert val.record["dataset"] == "circo" and (tmp_path / "val" / "metrics.json").is_file()
+    # the command line: the CIRCO test split's server file, accepted by the validator before it was written
+    assert rerank_main(["--candidates", str(nb09.files["test stage1"]), "--stage2", "s2", "--split", "test",
+                        "--dataset", "circo", "--data-root", str(circo_world), "--scoring", "pairs",
+                        "--out", str(tmp_path / "test"), "--outputs", runs]) == 0
+    (server,) = (tmp_path / "test" / "submission").glob("*_circo_test.json")
+    doc = json.loads(server.read_text())
+    test = circo.read_annotations(circo_world / "annotations" / "test.json")
+    assert circo.validate_submission(doc, test, circo.read_gallery_ids(circo_world / layout.IMAGE_LIST)) == []
+    assert doc == json.loads(nb09.files["test stage2"].read_text())  # notebook 09's stage-II test file
