@@ -16,12 +16,14 @@ import PIL.Image
 import pytest
 
 from cirlib import paths
-from cirlib.data import DatasetError, synth
+from cirlib.data import DatasetError, get_dataset, synth
 from cirlib.data import circo as layout
 from cirlib.data import synth_circo
 from cirlib.eval import circo
 from cirlib.run import batch
+from cirlib.run.rerank import config_from as rerank_config_from
 from cirlib.run.rerank import main as rerank_main
+from cirlib.run.rerank import parser as rerank_parser
 from cirlib.run_folder import sidecar_file
 from cirlib.workbook import circo_eval, steps
 from cirlib.workbook.rerank_any import rerank_any
@@ -292,6 +294,19 @@ def test_the_parameter_file_runs_the_cirr_runs_on_circo():
 
 
 # ------------------------------------------------------------------------------------------------------ re-ranking
+
+
+def test_circo_says_it_has_no_split_data_so_rerank_any_ranks_it_through_an_index(tmp_path):
+    ds = get_dataset("circo")
+    assert not ds.has_split_data and get_dataset("cirr").has_split_data and get_dataset("fashioniq").has_split_data
+    with pytest.raises(DatasetError, match="no SplitData reader"):
+        ds.load_split(tmp_path, "val")
+    with pytest.raises(SystemExit):  # --dataset is a command-line option
+        rerank_main(["--candidates", "x.json", "--stage2", "s2", "--dataset"])
+    args = rerank_parser().parse_args(["--candidates", "x.json", "--stage2", "s2", "--dataset", "circo",
+                                       "--index", str(tmp_path / "idx")])
+    cfg = rerank_config_from(args)
+    assert (cfg.dataset, cfg.index) == ("circo", str(tmp_path / "idx"))
 
 
 @pytest.mark.slow

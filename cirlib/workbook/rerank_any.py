@@ -15,6 +15,11 @@ validation split; the ceiling, outcomes, latency, fusion sweep; query counts; th
 produced it), `provenance.json`, and on a test split with a server (CIRR) the server files in `submission/`, checked
 by the dataset's validator first. A saved record is reused only when models, candidate files and settings are the
 same.
+
+A dataset without `SplitData` (`Dataset.has_split_data` False: CIRCO) takes `rerank_circo`: its split read by
+`circo_eval.load_circo` at `data_root`, the candidates imported by `import_candidates` and scored by stage II through
+notebook 09's gallery index, lists of 50 (stage II's order of the first k, then the imported order), the val metrics
+of the imported and the re-ranked lists, and on test the server file once `validate_submission` accepts it.
 """
 from __future__ import annotations
 
@@ -477,7 +482,8 @@ def _score_index_split(cfg: RerankConfig, ds: "cdata.Dataset", trained: Stage2Tr
     scores = search._stage2_scores(idx, s2, refs, texts, rows, device(), CircoConfig.batch_size,
                                    cfg.scoring, cfg.max_pairs, "ondemand")
     seconds = time.perf_counter() - t0
-    scored = dataclasses.replace(imported, sorted_index_names=head, scores=None, stage2_scores=scores.float())
+    first = None if imported.scores is None else imported.scores[:, :cfg.k]  # TREC / JSONL scores: the fusion
+    scored = dataclasses.replace(imported, sorted_index_names=head, scores=first, stage2_scores=scores.float())
     return _IndexSplit(data, imported, scored, seconds)
 
 
@@ -494,8 +500,9 @@ def rerank_circo(cfg: RerankConfig) -> RerankResult:
     trained = stage2_run_config(s2, cfg.outputs)
     ds = _check(cfg, trained)
     load_stage2_run(s2)  # refuses an unfinished run
-    if not cfg.candidates:
-        raise ValueError(f"RerankConfig on {ds.title}: candidates is empty; name the ranked-list file to re-rank")
+    if not cfg.candidates or cfg.missing_queries != "error":
+        raise ValueError(f"RerankConfig on {ds.title}: candidates={cfg.candidates!r}, missing_queries="
+                         f"{cfg.missing_queries!r}; expected a ranked-list file with a list for every query")
     (file,) = candidate_files(cfg, trained, [None])
     if not file.is_file():
         raise FileNotFoundError(f"candidate file not found: {file}")
