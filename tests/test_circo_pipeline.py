@@ -310,7 +310,7 @@ def test_circo_says_it_has_no_split_data_so_rerank_any_ranks_it_through_an_index
 
 
 @pytest.mark.slow
-def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(circo_world, runs, tmp_path):
+def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(circo_world, runs, tmp_path, capsys):
     """Notebook 09's stage-I CIRCO files imported into `rerank_any` (CIRCO: no SplitData, so through the gallery
     index): val metrics equal notebook 09's stage-II ones at the same k (same candidates, same scores, same stable
     order), and the test file passes the server's validator."""
@@ -324,6 +324,11 @@ def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(ci
     assert val.imported == nb09.metrics["stage1"]
     assert val.reranked == nb09.metrics["stage2"] and val.reranked != val.imported
     assert val.record["dataset"] == "circo" and (tmp_path / "val" / "metrics.json").is_file()
+    assert rerank_main(["--candidates", str(nb09.files["val stage1"]), "--stage2", "s2", "--dataset", "circo",
+                        "--data-root", str(circo_world), "--scoring", "pairs", "--out", str(tmp_path / "val2"),
+                        "--outputs", runs]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP@10" in printed and "semantic_mAP@10 " in printed  # the table spreads out semantic mAP's aspects
     # the command line: the CIRCO test split's server file, accepted by the validator before it was written
     assert rerank_main(["--candidates", str(nb09.files["test stage1"]), "--stage2", "s2", "--split", "test",
                         "--dataset", "circo", "--data-root", str(circo_world), "--scoring", "pairs",

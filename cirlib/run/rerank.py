@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'reused' if result.reused else 'wrote'} {result.out_dir}")
     if result.imported:
         print(result.table().to_string())
-        print(result.outcome_table().to_string())
+        if result.record["analysis"]["outcomes"]:  # single-target datasets (CIRCO has several ground truths)
+            print(result.outcome_table().to_string())
     print(f"latency {result.record['analysis']['latency_ms_per_query']:.2f} ms per query")
     return 0

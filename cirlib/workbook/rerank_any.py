@@ -151,7 +151,7 @@ class RerankResult:
 
     def table(self) -> pd.DataFrame:
         """Imported vs re-ranked metrics and their difference."""
-        df = pd.DataFrame({"imported": self.imported, "re-ranked": self.reranked})
+        df = pd.DataFrame({"imported": _flat(self.imported), "re-ranked": _flat(self.reranked)})
         df["gain"] = df["re-ranked"] - df["imported"]
         return df.round(2)
 
@@ -168,6 +168,14 @@ class RerankResult:
                 "analysis": analysis, "query_counts": self.record["query_counts"],
                 "warnings": self.record["warnings"], "out": str(self.out_dir), "reused": self.reused,
                 "files": self.record.get("files", {})}
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metrics with nested ones spread out ({"semantic_mAP@10": {"cardinality": x}} -> "semantic_mAP@10 cardinality")."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        out.update({f"{key} {k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out
 
 
 def rerank_any(cfg: RerankConfig) -> RerankResult:
