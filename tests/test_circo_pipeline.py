@@ -16,14 +16,18 @@ import PIL.Image
 import pytest
 
 from cirlib import paths
-from cirlib.data import DatasetError, synth
+from cirlib.data import DatasetError, get_dataset, synth
 from cirlib.data import circo as layout
 from cirlib.data import synth_circo
 from cirlib.eval import circo
 from cirlib.run import batch
+from cirlib.run.rerank import config_from as rerank_config_from
+from cirlib.run.rerank import main as rerank_main
+from cirlib.run.rerank import parser as rerank_parser
 from cirlib.run_folder import sidecar_file
 from cirlib.workbook import circo_eval, steps
-from cirlib.workbook.config import CircoConfig, Stage1Config, Stage2TrainConfig, TopKConfig
+from cirlib.workbook.rerank_any import rerank_any
+from cirlib.workbook.config import CircoConfig, RerankConfig, Stage1Config, Stage2TrainConfig, TopKConfig
 
 
 def _jpeg() -> bytes:
@@ -287,3 +291,50 @@ def test_the_parameter_file_runs_the_cirr_runs_on_circo():
     assert batch._listed(None) is None and batch._listed("01, 02") == ["01", " 02"]
     with pytest.raises(batch.BatchError, match="run: expected a list"):
         batch._listed({"09": True})
+
+
+# ------------------------------------------------------------------------------------------------------ re-ranking
+
+
+def test_circo_says_it_has_no_split_data_so_rerank_any_ranks_it_through_an_index(tmp_path):
+    ds = get_dataset("circo")
+    assert not ds.has_split_data and get_dataset("cirr").has_split_data and get_dataset("fashioniq").has_split_data
+    with pytest.raises(DatasetError, match="no SplitData reader"):
+        ds.load_split(tmp_path, "val")
+    with pytest.raises(SystemExit):  # --dataset is a command-line option
+        rerank_main(["--candidates", "x.json", "--stage2", "s2", "--dataset"])
+    args = rerank_parser().parse_args(["--candidates", "x.json", "--stage2", "s2", "--dataset", "circo",
+                                       "--index", str(tmp_path / "idx")])
+    cfg = rerank_config_from(args)
+    assert (cfg.dataset, cfg.index) == ("circo", str(tmp_path / "idx"))
+
+
+@pytest.mark.slow
+def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(circo_world, runs, tmp_path, capsys):
+    """Notebook 09's stage-I CIRCO files imported into `rerank_any` (CIRCO: no SplitData, so through the gallery
+    index): val metrics equal notebook 09's stage-II ones at the same k (same candidates, same scores, same stable
+    order), and the test file passes the server's validator."""
+    cfg = CircoConfig(circo_root=str(circo_world), stage1_run="s1", stage2_run="s2", k=50, result_name="k50",
+                      outputs=runs)
+    nb09 = circo_eval.evaluate_circo(cfg)
+    common = dict(stage2_run="s2", dataset="circo", data_root=str(circo_world), k=50, scoring="pairs",
+                  outputs=runs)
+    val = rerank_any(RerankConfig(candidates=str(nb09.files["val stage1"]), split="val",
+                                  out=str(tmp_path / "val"), **common))
+    assert val.imported == nb09.metrics["stage1"]
+    assert val.reranked == nb09.metrics["stage2"] and val.reranked != val.imported
+    assert val.record["dataset"] == "circo" and (tmp_path / "val" / "metrics.json").is_file()
+    assert rerank_main(["--candidates", str(nb09.files["val stage1"]), "--stage2", "s2", "--dataset", "circo",
+                        "--data-root", str(circo_world), "--scoring", "pairs", "--out", str(tmp_path / "val2"),
+                        "--outputs", runs]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP@10" in printed and "semantic_mAP@10 " in printed  # the table spreads out semantic mAP's aspects
+    # the command line: the CIRCO test split's server file, accepted by the validator before it was written
+    assert rerank_main(["--candidates", str(nb09.files["test stage1"]), "--stage2", "s2", "--split", "test",
+                        "--dataset", "circo", "--data-root", str(circo_world), "--scoring", "pairs",
+                        "--out", str(tmp_path / "test"), "--outputs", runs]) == 0
+    (server,) = (tmp_path / "test" / "submission").glob("*_circo_test.json")
+    doc = json.loads(server.read_text())
+    test = circo.read_annotations(circo_world / "annotations" / "test.json")
+    assert circo.validate_submission(doc, test, circo.read_gallery_ids(circo_world / layout.IMAGE_LIST)) == []
+    assert doc == json.loads(nb09.files["test stage2"].read_text())  # notebook 09's stage-II test file

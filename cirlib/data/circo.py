@@ -267,6 +267,7 @@ class CIRCO(Dataset):
     reported_ks = eval_circo.KS
     excludes_reference = True  # its reference is never a ground truth (a setting of notebook 09: exclude_reference)
     has_test_server = True
+    has_split_data = False  # no `load_split`: ranked through a gallery index (`cirlib.workbook.circo_eval`)
     layout = LAYOUT
     root_marker, root_folder = ANNOTATIONS_DIR, "CIRCO"
 

@@ -43,6 +43,7 @@ class Dataset:
     has_image_sets: ClassVar[bool] = False  # queries carry an img_set (subset ranking, set negatives)
     min_rerank_k: ClassVar[int] = 0  # a re-ranked list must be at least this deep for the reported metrics
     has_test_server: ClassVar[bool] = False  # `submission_files` / `validate_submission` exist
+    has_split_data: ClassVar[bool] = True  # `load_split` reads it (False: ranked through a gallery index, CIRCO)
     original_file_prefix: ClassVar[str] = ""  # the original's files: <prefix>_top_200_val[_<category>].pt
     original_category_key: ClassVar[str | None] = None  # the original's top-K key naming the category
     layout: ClassVar[str] = ""  # the expected on-disk layout, for error messages

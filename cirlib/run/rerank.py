@@ -4,12 +4,13 @@
         [--k 50] [--fusion-weight W] [--missing-queries error|drop] [--out DIR] [--json]
 
 The dataset, data root, categories and models are the stage-II run's (a name under <outputs>/stage2/ or a run
-folder); `--data-root` and `--categories` override them. Writes the re-ranked file, metrics.json (imported vs
-re-ranked on a validation split, the ceiling, per-query outcomes, latency, the fusion sweep when the file has scores)
-and provenance.json into --out (default <outputs>/rerank/<run>_<split>_<file stem>/); on CIRR's test split also the
-server files, checked first. `--json` prints one JSON object whose `imported` and `reranked` hold the dataset's
-metrics (e.g. R@1, Rsubset@1). Errors: one line on stderr and exit status 2. The code lives in
-`cirlib.workbook.rerank_any`.
+folder); `--data-root` and `--categories` override them. `--dataset circo --data-root CIRCO_ROOT` re-ranks CIRCO
+lists (every query, at least 50 ids each) with a CIRR-trained run through notebook 09's gallery index (`--index`).
+Writes the re-ranked file, metrics.json (imported vs re-ranked on a validation split, the ceiling, per-query
+outcomes, latency, the fusion sweep when the file has scores) and provenance.json into --out (default
+<outputs>/rerank/<run>_<split>_<file stem>/); on CIRR's and CIRCO's test split also the server files, checked first.
+`--json` prints one JSON object whose `imported` and `reranked` hold the dataset's metrics (e.g. R@1, Rsubset@1,
+mAP@10). Errors: one line on stderr and exit status 2. The code lives in `cirlib.workbook.rerank_any`.
 """
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion-weight", type=_weight, default=0.0, help="weight of the imported score (needs scores)")
     p.add_argument("--fusion-sweep", default=RerankConfig.fusion_sweep, help="weights swept ('' = none)")
     p.add_argument("--missing-queries", choices=("error", "drop"), default="error")
-    p.add_argument("--data-root", default="", help="dataset root (default: the stage-II run's)")
+    p.add_argument("--dataset", default="", help="the dataset the candidates rank (default: the stage-II run's; "
+                   "circo: CIRCO through a gallery index, with a CIRR-trained run)")
+    p.add_argument("--data-root", default="", help="dataset root (default: the stage-II run's; CIRCO: its root)")
+    p.add_argument("--index", default="", help="CIRCO's gallery index folder (default: notebook 09's)")
     p.add_argument("--categories", default="", help="FashionIQ categories (default: the stage-II run's)")
     p.add_argument("--scoring", choices=("shared", "pairs"), default="shared")
     p.add_argument("--out", default="", help="result folder (default <outputs>/rerank/<name>/)")
@@ -58,7 +62,8 @@ def config_from(args: argparse.Namespace) -> RerankConfig:
     return RerankConfig(candidates=absolute(args.candidates), format=args.format,
                         stage2_run=_path_or_name(args.stage2), split=args.split, k=args.k,
                         fusion_weight=args.fusion_weight, fusion_sweep=args.fusion_sweep,
-                        missing_queries=args.missing_queries, data_root=absolute(args.data_root),
+                        missing_queries=args.missing_queries, dataset=args.dataset,
+                        data_root=absolute(args.data_root), index=absolute(args.index),
                         categories=args.categories, scoring=args.scoring, out=absolute(args.out),
                         outputs=absolute(args.outputs), overwrite=args.overwrite)
 
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'reused' if result.reused else 'wrote'} {result.out_dir}")
     if result.imported:
         print(result.table().to_string())
-        print(result.outcome_table().to_string())
+        if result.record["analysis"]["outcomes"]:  # single-target datasets (CIRCO has several ground truths)
+            print(result.outcome_table().to_string())
     print(f"latency {result.record['analysis']['latency_ms_per_query']:.2f} ms per query")
     return 0

@@ -15,6 +15,11 @@ validation split; the ceiling, outcomes, latency, fusion sweep; query counts; th
 produced it), `provenance.json`, and on a test split with a server (CIRR) the server files in `submission/`, checked
 by the dataset's validator first. A saved record is reused only when models, candidate files and settings are the
 same.
+
+A dataset without `SplitData` (`Dataset.has_split_data` False: CIRCO) takes `rerank_circo`: its split read by
+`circo_eval.load_circo` at `data_root`, the candidates imported by `import_candidates` and scored by stage II through
+notebook 09's gallery index, lists of 50 (stage II's order of the first k, then the imported order), the val metrics
+of the imported and the re-ranked lists, and on test the server file once `validate_submission` accepts it.
 """
 from __future__ import annotations
 
@@ -26,21 +31,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cirlib import data as cdata
-from cirlib import paths, plots
+from cirlib import paths, plots, provenance
 from cirlib.eval import gain
 from cirlib.eval import metrics as M
 from cirlib.eval.rank_shift import rank_shift
 from cirlib.retrieval.ranked_lists import SplitQueries, import_candidates, read_ranked_lists, split_query_ids
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK
-from cirlib.run_folder import RERANK_STAGE, RunFolder, config_hash, file_sha256
+from cirlib.run_folder import RERANK_STAGE, RunFolder, config_hash, file_sha256, sidecar_file
+from cirlib.workbook import circo_eval, search
 from cirlib.workbook.bookkeeping import StepBook
-from cirlib.workbook.config import RerankConfig, Stage2TrainConfig, identity, split_list
+from cirlib.workbook.config import CircoConfig, RerankConfig, Stage2TrainConfig, identity, split_list
 from cirlib.workbook.evaluation import (EVAL_SPLIT, query_counts, refuse_unsupported, rerank_galleries,
                                         step_sets)
-from cirlib.workbook.factories import abs_path, data_root, device, load_stage2_run, stage1_for, stage1_weights_file
+from cirlib.workbook.factories import (abs_path, data_root, dataset_root, device, load_stage2_run, stage1_for,
+                                       stage1_weights_file)
 from cirlib.workbook.steps import (SUBMISSION_LENGTH, _saved_evaluation, _write_submissions, resolve,
                                    stage2_run_config)
 from cirlib.workbook.stores import provenance_of, stage2_stores
@@ -97,8 +105,13 @@ def load_candidates(path: Path, fmt: str, queries: "cdata.SplitData", k: int, mi
     return topk, list(imported.rows), list(imported.dropped_queries), list(imported.warnings)
 
 
+def dataset_of(cfg: RerankConfig, trained: Stage2TrainConfig) -> "cdata.Dataset":
+    """The dataset the candidates rank: `cfg.dataset`, else the stage-II run's."""
+    return cdata.get_dataset(cfg.dataset or trained.dataset)
+
+
 def _check(cfg: RerankConfig, trained: Stage2TrainConfig) -> "cdata.Dataset":
-    ds = cdata.get_dataset(trained.dataset)
+    ds = dataset_of(cfg, trained)
     problems = []
     if cfg.split not in ds.splits:
         problems.append(f"split={cfg.split!r}: not a {ds.title} split; expected one of {list(ds.splits)}")
@@ -115,8 +128,8 @@ def _check(cfg: RerankConfig, trained: Stage2TrainConfig) -> "cdata.Dataset":
     except ValueError:
         problems.append(f"fusion_sweep={cfg.fusion_sweep!r}: expected comma-separated numbers")
     if problems:
-        raise ValueError(f"RerankConfig on {trained.dataset}: " + "; ".join(problems))
-    if cfg.split == EVAL_SPLIT:
+        raise ValueError(f"RerankConfig on {ds.name}: " + "; ".join(problems))
+    if cfg.split == EVAL_SPLIT and ds.has_split_data:
         refuse_unsupported(cfg, trained.dataset, trained.categories)  # k deep enough for the reported metrics
     return ds
 
@@ -138,7 +151,7 @@ class RerankResult:
 
     def table(self) -> pd.DataFrame:
         """Imported vs re-ranked metrics and their difference."""
-        df = pd.DataFrame({"imported": self.imported, "re-ranked": self.reranked})
+        df = pd.DataFrame({"imported": _flat(self.imported), "re-ranked": _flat(self.reranked)})
         df["gain"] = df["re-ranked"] - df["imported"]
         return df.round(2)
 
@@ -157,13 +170,31 @@ class RerankResult:
                 "files": self.record.get("files", {})}
 
 
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metrics with nested ones spread out ({"semantic_mAP@10": {"cardinality": x}} -> "semantic_mAP@10 cardinality")."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        out.update({f"{key} {k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out
+
+
 def rerank_any(cfg: RerankConfig) -> RerankResult:
     """Re-rank the imported candidates of `cfg.split` with the stage-II run; write and return the results.
+
+    The dataset says how its split is read (`Dataset.has_split_data`): through `SplitData` (CIRR, FashionIQ,
+    plug-ins: `rerank_split`) or, without it, through CIRCO's gallery index (`rerank_circo`).
+    """
+    cfg = resolve(cfg)
+    ds = _check(cfg, trained_config(cfg))
+    return (rerank_split if ds.has_split_data else rerank_circo)(cfg)
+
+
+def rerank_split(cfg: RerankConfig) -> RerankResult:
+    """Re-rank a split read as `SplitData` (CIRR, FashionIQ, plug-in datasets).
 
     A saved record (metrics.json) is returned instead when it was made with the same settings, candidate files
     (content hash), stage-II run config and both models' weights (hash).
     """
-    cfg = resolve(cfg)
     s2 = stage2_folder(cfg)
     trained = trained_config(cfg)
     ds = _check(cfg, trained)
@@ -402,3 +433,126 @@ def check_inputs(cfg: RerankConfig) -> pd.DataFrame:
         raise FileNotFoundError(f"{len(missing)} input(s) missing (a stage-I top-k file is made by 02_stage1_topk):\n"
                                 + "\n".join(f"  {r.input}: {r.path}" for r in missing.itertuples()))
     return table
+
+
+# ------------------------------------------------------------------------------------------------ through an index
+
+
+@dataclass
+class _IndexSplit:
+    """A split without `SplitData` (CIRCO) re-ranked through its gallery index."""
+
+    data: Any  # circo_eval.CircoSplit
+    imported: TopK  # the first max(k, 50) imported names per query, split order
+    scored: TopK  # its first k with the stage-II scores
+    seconds: float
+
+    def lists(self, names: np.ndarray) -> dict[int, list[int]]:
+        """{query id: the first 50 image ids of `names`} (the server's lists)."""
+        gallery = self.data.gallery
+        return {q.id: [gallery.id_of(n) for n in row[:circo_eval.LIST_LENGTH]]
+                for q, row in zip(self.data.queries, names.tolist())}
+
+    def final_names(self, fusion_weight: float) -> np.ndarray:
+        """Stage II's order of the first k, then the imported order (as notebook 09's `_final_order`)."""
+        head = self.scored.reranked(fusion_weight).sorted_index_names
+        return np.concatenate([head, self.imported.sorted_index_names[:, head.shape[1]:]], axis=1)
+
+
+def _circo_index(cfg: RerankConfig, trained: Stage2TrainConfig, data: Any) -> Any:
+    """The gallery index of notebook 09 (`circo_eval.default_index`), built or updated with the run's stage I."""
+    circo_cfg = CircoConfig(circo_root=str(data.root), stage1_run=trained.stage1_run, index=cfg.index,
+                            outputs=cfg.outputs)
+    folder = circo_eval.default_index(circo_cfg)
+    search.index_folder(str(data.gallery.image_dir), trained.stage1_run, str(folder), files=data.gallery.names,
+                        batch_size=circo_cfg.batch_size, outputs=cfg.outputs)
+    return search.open_index(folder)
+
+
+def _score_index_split(cfg: RerankConfig, ds: "cdata.Dataset", trained: Stage2TrainConfig, data: Any, file: Path
+                       ) -> _IndexSplit:
+    """Import the candidate file (lists of at least max(k, 50)) and score its first k with stage II."""
+    depth = max(cfg.k, circo_eval.LIST_LENGTH)
+    lists = read_ranked_lists(file, cfg.format)
+    queries = SplitQueries.from_circo(data.queries, list(data.gallery.names), cfg.split)
+    imported = import_candidates(lists, queries, k=depth, missing_queries="error").topk
+    idx = _circo_index(cfg, trained, data)
+    head = imported.sorted_index_names[:, :cfg.k]
+    absent = sorted({n for n in head.ravel().tolist() if n not in idx})
+    if absent:
+        raise ValueError(f"{file}: {len(absent)} candidate image(s) are not in the gallery index {idx.out_dir} "
+                         f"(first: {absent[0]}); its report.json lists the files it could not read")
+    refs = [cdata.load_image(idx.path(data.gallery.name(q.reference_img_id))) for q in data.queries]
+    texts = [ds.ranking_text(q) for q in data.queries]
+    rows = torch.as_tensor([[idx.positions[n] for n in row] for row in head.tolist()], dtype=torch.long)
+    s2 = search.load_stage2(cfg.stage2_run, outputs=cfg.outputs)
+    t0 = time.perf_counter()
+    scores = search._stage2_scores(idx, s2, refs, texts, rows, device(), CircoConfig.batch_size,
+                                   cfg.scoring, cfg.max_pairs, "ondemand")
+    seconds = time.perf_counter() - t0
+    first = None if imported.scores is None else imported.scores[:, :cfg.k]  # TREC / JSONL scores: the fusion
+    scored = dataclasses.replace(imported, sorted_index_names=head, scores=first, stage2_scores=scores.float())
+    return _IndexSplit(data, imported, scored, seconds)
+
+
+def rerank_circo(cfg: RerankConfig) -> RerankResult:
+    """Re-rank imported candidates of a split without `SplitData` (CIRCO) through its gallery index.
+
+    The split is read by `circo_eval.load_circo` at `data_root`; the candidate file (every query, lists of at least
+    max(k, 50) gallery images) is imported by `import_candidates`; stage II scores its first k with the references
+    and candidates of notebook 09's gallery index (`index`, built when missing); the final lists are 50 long:
+    stage II's order of the first k, then the imported order. Val: the dataset's metrics of the imported and the
+    re-ranked lists; test: the server file, written once `validate_submission` accepts it. Always recomputed.
+    """
+    s2 = stage2_folder(cfg)
+    trained = stage2_run_config(s2, cfg.outputs)
+    ds = _check(cfg, trained)
+    load_stage2_run(s2)  # refuses an unfinished run
+    if not cfg.candidates or cfg.missing_queries != "error":
+        raise ValueError(f"RerankConfig on {ds.title}: candidates={cfg.candidates!r}, missing_queries="
+                         f"{cfg.missing_queries!r}; expected a ranked-list file with a list for every query")
+    (file,) = candidate_files(cfg, trained, [None])
+    if not file.is_file():
+        raise FileNotFoundError(f"candidate file not found: {file}")
+    data = circo_eval.load_circo(dataset_root(cfg.data_root), cfg.split)
+    if cfg.split == ds.eval_split and cfg.max_val_queries:
+        data = dataclasses.replace(data, queries=data.queries[:cfg.max_val_queries])
+    split = _score_index_split(cfg, ds, trained, data, file)
+    run = result_folder(cfg)
+    run.path.mkdir(parents=True, exist_ok=True)
+    made_by = provenance.record(
+        f"{STEP}_{ds.name}", identity(cfg), weights={"stage2": s2.weights_file}, inputs={"candidates": file},
+        splits=[data], dataset=ds.name, data_root=data.root, device=device(), precision="fp32",
+        outputs=cfg.outputs or None)
+    final = split.lists(split.final_names(cfg.fusion_weight))
+    imported = reranked = {}
+    if cfg.split == ds.eval_split:
+        imported = ds.metrics(split.lists(split.imported.sorted_index_names), data.queries)
+        reranked = ds.metrics(final, data.queries)
+    files = {split.data.split: str(dataclasses.replace(split.scored, produced_by=made_by).save(
+        run.reranked_file(cfg.split)))}
+    if cfg.split == ds.test_split:
+        files["reranked"] = str(_index_server_file(ds, data, final, run, made_by))
+    queries = len(data.queries)
+    record = {"imported": imported, "reranked": reranked, "k": cfg.k, "split": cfg.split, "dataset": ds.name,
+              "fusion_weight": cfg.fusion_weight, "scoring": cfg.scoring, "format": cfg.format,
+              "stage2_run": s2.name, "candidates": [str(file)], "queries": queries,
+              "query_counts": {cfg.split: {"evaluated": queries}}, "warnings": [],
+              "analysis": {"latency_ms_per_query": 1000.0 * split.seconds / max(queries, 1),
+                           "rerank_seconds": split.seconds, "ceiling": {}, "outcomes": {}},
+              "provenance": made_by, "files": files}
+    paths.write_json(run.provenance_file, made_by)
+    paths.write_json(run.evaluation_file, record)
+    return RerankResult(imported, reranked, cfg.k, run.path, record, files=files)
+
+
+def _index_server_file(ds: "cdata.Dataset", data: Any, lists: dict[int, list[int]], run: RunFolder,
+                       made_by: dict[str, Any]) -> Path:
+    """The test server's file of the re-ranked lists, written only once the dataset's validator accepts it."""
+    doc = ds.submission_document(lists)
+    problems = ds.validate_submission(doc, data.queries, set(data.gallery.files))
+    if problems:
+        raise ValueError(f"refusing to write the {ds.title} {data.split} server file: " + "; ".join(problems[:5]))
+    path = paths.write_json(run.submission_dir / f"{run.name}_{ds.name}_{data.split}.json", doc)
+    paths.write_json(sidecar_file(path), made_by)
+    return path
