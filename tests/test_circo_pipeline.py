@@ -324,6 +324,18 @@ def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(ci
     assert val.imported == nb09.metrics["stage1"]
     assert val.reranked == nb09.metrics["stage2"] and val.reranked != val.imported
     assert val.record["dataset"] == "circo" and (tmp_path / "val" / "metrics.json").is_file()
+    # where the gain comes from, with several ground truths: a query's rank is its best-placed ground truth's
+    queries = circo.read_annotations(circo_world / "annotations" / "val.json")
+    before = json.loads(nb09.files["val stage1"].read_text())
+    after = json.loads(nb09.files["val stage2"].read_text())
+    first = {name: {q.id: next((r for r, i in enumerate(lists[str(q.id)]) if i in q.gt_img_ids), -1)
+                    for q in queries} for name, lists in (("before", before), ("after", after))}
+    analysis = val.record["analysis"]
+    assert analysis["ceiling"]["val"] == pytest.approx(100 * sum(r >= 0 for r in first["before"].values()) / 12)
+    counts = analysis["outcomes"]["val"]
+    assert sum(counts.values()) == 12 and counts["up"] == sum(first["after"][i] >= 0 and (
+        first["before"][i] < 0 or first["after"][i] < first["before"][i]) for i in first["before"])
+    assert set(analysis["outcomes_per_query"]["val"]) == {str(q.id) for q in queries}
     assert rerank_main(["--candidates", str(nb09.files["val stage1"]), "--stage2", "s2", "--dataset", "circo",
                         "--data-root", str(circo_world), "--scoring", "pairs", "--out", str(tmp_path / "val2"),
                         "--outputs", runs]) == 0

@@ -27,7 +27,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -526,9 +526,12 @@ def rerank_circo(cfg: RerankConfig) -> RerankResult:
         outputs=cfg.outputs or None)
     final = split.lists(split.final_names(cfg.fusion_weight))
     imported = reranked = {}
+    analysis: dict[str, Any] = {"ceiling": {}, "outcomes": {}, "outcomes_per_query": {}}
     if cfg.split == ds.eval_split:
-        imported = ds.metrics(split.lists(split.imported.sorted_index_names), data.queries)
+        before = split.lists(split.imported.sorted_index_names)
+        imported = ds.metrics({q: ids[:len(final[q])] for q, ids in before.items()}, data.queries)
         reranked = ds.metrics(final, data.queries)
+        analysis = _index_analysis(data.queries, before, final, cfg.k, cfg.split)
     files = {split.data.split: str(dataclasses.replace(split.scored, produced_by=made_by).save(
         run.reranked_file(cfg.split)))}
     if cfg.split == ds.test_split:
@@ -539,11 +542,27 @@ def rerank_circo(cfg: RerankConfig) -> RerankResult:
               "stage2_run": s2.name, "candidates": [str(file)], "queries": queries,
               "query_counts": {cfg.split: {"evaluated": queries}}, "warnings": [],
               "analysis": {"latency_ms_per_query": 1000.0 * split.seconds / max(queries, 1),
-                           "rerank_seconds": split.seconds, "ceiling": {}, "outcomes": {}},
+                           "rerank_seconds": split.seconds, **analysis},
               "provenance": made_by, "files": files}
     paths.write_json(run.provenance_file, made_by)
     paths.write_json(run.evaluation_file, record)
     return RerankResult(imported, reranked, cfg.k, run.path, record, files=files)
+
+
+def _index_analysis(queries: Sequence[Any], before: Mapping[int, Sequence[int]], after: Mapping[int, Sequence[int]],
+                    k: int, split: str) -> dict[str, Any]:
+    """Ceiling and outcomes of a split with several ground truths per query (`gt_img_ids`): a query's rank is its
+    best-placed ground truth's (`cirlib.eval.gain`), in the imported list and in the final one (both as long as the
+    final lists; past k they agree)."""
+    def ranks(lists: Mapping[int, Sequence[int]]) -> np.ndarray:
+        width = len(after[queries[0].id])
+        return gain.first_ranks(np.array([[i in set(q.gt_img_ids) for i in lists[q.id][:width]] for q in queries],
+                                         dtype=bool))
+    head = gain.first_ranks(np.array([[i in set(q.gt_img_ids) for i in before[q.id][:k]] for q in queries],
+                                     dtype=bool))
+    labels = gain.outcomes(ranks(before), ranks(after))
+    return {"ceiling": {split: gain.ceiling(head, k)}, "outcomes": {split: gain.outcome_counts(labels)},
+            "outcomes_per_query": {split: dict(zip((str(q.id) for q in queries), labels.tolist()))}}
 
 
 def _index_server_file(ds: "cdata.Dataset", data: Any, lists: dict[int, list[int]], run: RunFolder,
