@@ -727,31 +727,35 @@ def _write_jsonl(path: Path, ids: Sequence[str], r: _Ranking, tag: str) -> Path:
 # ------------------------------------------------------------------------------------------------------- the formats
 class ListFormat:
     """A ranked-list file format: a class registered in LIST_FORMATS under its `name` (a new format is one class,
-    in cirlib or a plug-in: `cirlib.registry`). `read` returns what the file says; `write` exports a ranking."""
+    in cirlib or a plug-in: `cirlib.registry`). `read` returns what the file says; `write` exports a ranking. The
+    built-in formats name their reader and writer functions; a plug-in may override `read` / `write` instead."""
 
     name: str
     has_scores: bool = False  # the file holds a score per name
     has_subset_file: bool = False  # a second file beside it holds the CIRR subset ranking
+    reader: Callable[[Path], RankedLists] | None = None
+    writer: Callable[[Path, Sequence[str], _Ranking, str], Path] | None = None
 
     def read(self, path: Path, subset_file: Path | None) -> RankedLists:
-        raise NotImplementedError
+        if self.reader is None:
+            raise RankedListError(f"format {self.name!r} has no reader")
+        return self.reader(path)
 
     def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
-        raise NotImplementedError
+        if self.writer is None:
+            raise RankedListError(f"format {self.name!r} has no exporter of ranked lists")
+        return self.writer(path, ids, ranking, tag)
 
 
 @LIST_FORMATS.register
 class CirrServerFormat(ListFormat):
     """The CIRR server JSON (recall file; its recall_subset file read beside it)."""
 
-    name = "cirr"
-    has_subset_file = True
+    name, has_subset_file = "cirr", True
+    writer = staticmethod(_write_cirr)
 
     def read(self, path: Path, subset_file: Path | None) -> RankedLists:
         return _with_subset(_read_cirr(path), subset_file)
-
-    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
-        return _write_cirr(path, ids, ranking, tag)
 
 
 @LIST_FORMATS.register
@@ -759,51 +763,31 @@ class CircoServerFormat(ListFormat):
     """The CIRCO server JSON: COCO image ids per query id."""
 
     name = "circo"
-
-    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
-        return _read_circo(path)
-
-    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
-        return _write_circo(path, ids, ranking, tag)
+    reader, writer = staticmethod(_read_circo), staticmethod(_write_circo)
 
 
 @LIST_FORMATS.register
 class TrecRunFormat(ListFormat):
     """A TREC run: `qid Q0 docid rank score tag` a line."""
 
-    name = "trec"
-    has_scores = True
-
-    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
-        return _read_trec(path)
-
-    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
-        return _write_trec(path, ids, ranking, tag)
+    name, has_scores = "trec", True
+    reader, writer = staticmethod(_read_trec), staticmethod(_write_trec)
 
 
 @LIST_FORMATS.register
 class TopKFormat(ListFormat):
     """Our top-K `.pt` files and the original's (exported whole by `TopK.save`, see `write_ranked_lists`)."""
 
-    name = "topk"
-    has_scores = True
-
-    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
-        return _read_topk(path)
+    name, has_scores = "topk", True
+    reader = staticmethod(_read_topk)
 
 
 @LIST_FORMATS.register
 class JsonLinesFormat(ListFormat):
     """One {"query": id, "candidates": [[name, score], ...]} a line."""
 
-    name = "jsonl"
-    has_scores = True
-
-    def read(self, path: Path, subset_file: Path | None) -> RankedLists:
-        return _read_jsonl(path)
-
-    def write(self, path: Path, ids: Sequence[str], ranking: _Ranking, tag: str) -> Path:
-        return _write_jsonl(path, ids, ranking, tag)
+    name, has_scores = "jsonl", True
+    reader, writer = staticmethod(_read_jsonl), staticmethod(_write_jsonl)
 
 
 FORMATS = LIST_FORMATS.names()  # the built-in formats, registration order
