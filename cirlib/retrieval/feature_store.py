@@ -52,8 +52,8 @@ of them would need a lock. The encoder runs in eval mode (restored afterwards), 
 off: the store always holds the weights' own precision. One build per store at a time: `open_store` holds
 `.<store>.lock` while it plans and builds, and another process asking for the same store waits for it.
 
-Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E) or (B, V, E), torch tensors in the dtype asked
-for (float32 by default), rows in the order of `names`; only the rows read are touched (memory-mapped). A store is
+Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E) or (B, V, E), torch tensors in
+the dtype asked for (float32 by default), rows in the order of `names`; only the rows read are touched (memory-mapped). A store is
 picklable (DataLoader workers reopen the shards lazily).
 
 How the pipeline will read it (issue 13, part 2; the wiring lives in train/tasks.py, workbook/steps.py,
@@ -61,9 +61,11 @@ workbook/evaluation.py and retrieval/search.py, not here):
 
 - stage I training (ViT frozen): one "stage1" store (tokens + embeds) over the training galleries; a batch carries
   names only, and `Stage1Task.training_step` reads `store.tokens(references)` and `store.embeddings(targets)`
-  instead of decoding and encoding both images;
+  instead of decoding and encoding both images (a first stage that trains its gallery head: a "vit" store, and
+  targets `model.embed_tokens(store.tokens(targets))`);
 - top-k extraction and stage-I validation: `search.encode_gallery` is replaced, when a store is given, by
-  `gallery_features(store, split_data)` (embeds, and tokens for the query fusion) -> the same `GalleryFeatures`;
+  `gallery_features(store, split_data)` (embeds, and tokens for the query fusion) -> the same `GalleryFeatures`
+  (from a tokens-only store, embeds made by `search.embed_gallery_tokens`);
 - stage II training: a "vit" store over the training gallery; `MinedTripletDataset` yields names, and the task reads
   reference and candidate tokens (target + negatives) from the store; the frozen stage I's z_t still needs the
   stage-I reference tokens: from the "stage1" store (same ViT weights as stage I's);
