@@ -95,19 +95,8 @@ def store_shape(model) -> tuple[int, int]:
     return ToyBLIP2.VECTORS, model.config.projection_dim
 
 
-def _brute_force(query: torch.Tensor, gallery: torch.Tensor, excluded: list[set[int]], k: int):
-    """Per query: each image's best vector (plain loops), excluded rows dropped, best first, ties in gallery order."""
-    scores, rows = [], []
-    for n, q in enumerate(query.tolist()):
-        per_image = [max(sum(a * b for a, b in zip(q, v)) for v in image) for image in gallery.tolist()]
-        order = sorted((g for g in range(len(per_image)) if g not in excluded[n]), key=lambda g: -per_image[g])[:k]
-        rows.append(order)
-        scores.append([per_image[g] for g in order])
-    return scores, rows
-
-
 @pytest.mark.parametrize("method", search.SEARCH)
-def test_multi_vector_search_equals_a_brute_force_max_over_each_images_vectors(method):
+def test_multi_vector_search_equals_a_brute_force_max_over_each_images_vectors(method, brute_force_search):
     if method == "faiss":
         pytest.importorskip("faiss", reason="the faiss extra (pip install -e '.[faiss]') is not installed")
     torch.manual_seed(2)
@@ -119,7 +108,7 @@ def test_multi_vector_search_equals_a_brute_force_max_over_each_images_vectors(m
     for k in (1, 7, 50):  # 50: cut to 25 less the most any query excludes (2)
         scores, rows = search.search_gallery(query, gallery, k, exclude=search.excluded_rows(mask), method=method,
                                              chunk=2)
-        want_scores, want_rows = _brute_force(query, gallery, excluded, k)
+        want_scores, want_rows = brute_force_search(query, gallery, excluded, k)
         assert rows.tolist() == [r[:rows.shape[1]] for r in want_rows] and rows.shape[1] == min(k, 23)
         assert scores.tolist() == [pytest.approx(s[:rows.shape[1]], abs=1e-5) for s in want_scores]
 
@@ -204,7 +193,7 @@ def test_queries_are_tokenized_by_the_first_stages_rule_and_faiss_ranks_as_exact
 
 
 def test_a_multi_vector_gallery_index_is_searched_with_the_first_stages_rule(toy, world, val, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, brute_force_search):
     files = gi.list_images(world / "dev")
     report = gi.build_index(files, toy, preprocess=PREP, out_dir=tmp_path / "ix", batch_size=4)
     idx = gi.GalleryIndex.open(tmp_path / "ix")
@@ -217,7 +206,7 @@ def test_a_multi_vector_gallery_index_is_searched_with_the_first_stages_rule(toy
     with torch.no_grad():
         pixels = torch.stack([fs.transform_of(PREP)(cdata.load_image(idx.path(n))) for n in refs])
         q = toy.encode_query(toy.encode_image(pixels).tokens, *tok(texts, max_length=MAX_WORDS)).embeds
-    want_scores, want_rows = _brute_force(q, idx.embeddings, [{idx.positions[n]} for n in refs], 4)
+    want_scores, want_rows = brute_force_search(q, idx.embeddings, [{idx.positions[n]} for n in refs], 4)
     for r, scores, rows in zip(results, want_scores, want_rows):
         assert [h.name for h in r.stage1] == [idx.names[g] for g in rows]
         assert [h.stage1_score for h in r.stage1] == pytest.approx(scores, abs=1e-5)

@@ -53,8 +53,8 @@ off: the store always holds the weights' own precision. One build per store at a
 `.<store>.lock` while it plans and builds, and another process asking for the same store waits for it.
 
 Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E) or (B, V, E), torch tensors in
-the dtype asked for (float32 by default), rows in the order of `names`; only the rows read are touched (memory-mapped). A store is
-picklable (DataLoader workers reopen the shards lazily).
+the dtype asked for (float32 by default), rows in the order of `names`; only the rows read are touched
+(memory-mapped). A store is picklable (DataLoader workers reopen the shards lazily).
 
 How the pipeline will read it (issue 13, part 2; the wiring lives in train/tasks.py, workbook/steps.py,
 workbook/evaluation.py and retrieval/search.py, not here):

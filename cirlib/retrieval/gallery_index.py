@@ -2,10 +2,11 @@
 
 What it is: an image feature store (`feature_store`, outputs "embeds" only, float32) over the folder's files, plus
 the file list. The embeddings are the first stage's gallery side: (G, D), or (G, V, D) for a multi-vector first stage
-(its weights are fixed here, so a first stage whose gallery head trains in stage I is stored alike). The store lives inside the index folder (`<index>/features/stage1-<key hash>/`), not under the
-shared outputs root, because its image names are the index's own *file identities* `"<name>|<size>|<mtime_ns>"`
-(name = the path relative to the folder, posix): a changed file (other size or mtime) is another identity, so the
-store embeds it afresh, and two folders holding the same relative names never share rows. The store's machinery
+(its weights are fixed here, so a first stage whose gallery head trains in stage I is stored alike). The store
+lives inside the index folder (`<index>/features/stage1-<key hash>/`), not under the shared outputs root, because
+its image names are the index's own *file identities* `"<name>|<size>|<mtime_ns>"` (name = the path relative to the
+folder, posix): a changed file (other size or mtime) is another identity, so the store embeds it afresh, and two
+folders holding the same relative names never share rows. The store's machinery
 does the rest: shards written whole or not at all, an interrupted build resumed from its whole shards, a progress
 bar, the key (stage-I image-side weights hash + preprocessing) checked at open.
 
