@@ -68,3 +68,21 @@ def vit_calls(monkeypatch):
 
     monkeypatch.setattr(VisionTransformer, "forward_features", counting)
     return calls
+
+
+def _brute_force_search(query: torch.Tensor, gallery: torch.Tensor, excluded: list[set[int]], k: int):
+    """Per query: each image's best vector (plain loops), excluded rows dropped, best first, ties in gallery order."""
+    scores, rows = [], []
+    for n, q in enumerate(query.tolist()):
+        per_image = [max(sum(a * b for a, b in zip(q, v)) for v in image) for image in gallery.tolist()]
+        order = sorted((g for g in range(len(per_image)) if g not in excluded[n]), key=lambda g: -per_image[g])[:k]
+        rows.append(order)
+        scores.append([per_image[g] for g in order])
+    return scores, rows
+
+
+@pytest.fixture(scope="session")
+def brute_force_search():
+    """A first-stage search written out: (query (N, D), gallery (G, V, D), excluded rows per query, k) ->
+    (scores, rows) lists, each image scored by its best vector (the reference the searches are checked against)."""
+    return _brute_force_search

@@ -11,22 +11,44 @@ name "blip").
     @FIRST_STAGES.register
     class MyRetriever(FirstStage, nn.Module):
         name = "mine"
-        def __init__(self, config): ...
+        def __init__(self, config): ...       # keeps the frozen ViT as `self.visual_encoder`
         def encode_image(self, images): ...   # ImageFeatures: tokens (B, T, Dv), embeds (B, D) or (B, V, D)
+        def embed_tokens(self, tokens): ...   # embeds from tokens (a tokens-only feature store's)
         def encode_query(self, ref_tokens, input_ids, attention_mask): ...   # QueryFeatures: embeds (B, D)
 
 The gallery side may be single-vector ((G, D), cosine of unit vectors) or multi-vector ((G, V, D), e.g. SPRC's
 BLIP-2 retriever with V = 32 query-token outputs per image): `gallery_similarity` is then the max over the V vectors
-(late interaction). Exact search handles both; FAISS search (one vector per image) refuses a multi-vector gallery.
-Not generic yet: the image feature store (`retrieval.feature_store`, hence the gallery index) keys on BLIP's
-`visual_encoder`/`vision_proj` and stores one embedding vector per image.
+(late interaction).
+
+What the pipeline asks of a first stage beyond encoding, with defaults a subclass overrides (`FirstStage`):
+
+- `tokenize_queries(tokenizer, texts)`: its text rules, applied wherever stage-I queries are tokenized (the
+  benchmark's `search.encode_queries`, the gallery index's queries in `workbook.search.rank`, stage-I training);
+  default: the run's `CIRTokenizer` as is (BLIP: [ENC] over [CLS], no truncation);
+- `image_weights(outputs)` and `image_architecture(outputs)`: what a feature store's values depend on (hashed into
+  its key): "tokens" = the ViT (`visual_encoder`) and the vision config; with "embeds" also the gallery head
+  (default: every weight and the whole model config; BLIP: `vision_proj` and the vision config alone);
+- `trains_gallery_head`: False when gallery embeddings are a frozen function of the image during stage-I training
+  (BLIP: frozen ViT + frozen vision_proj), so a training store may hold them; True when the head that makes them
+  trains (SPRC: ln_vision, Q-Former, vision_proj), so a training store holds the ViT tokens only and targets are
+  `embed_tokens(tokens)`. After training the weights are fixed: top-k extraction and the gallery index store
+  embeddings of either kind.
+
+Generic in the pipeline: exact and FAISS search of single- and multi-vector galleries (`search.search_gallery`),
+the feature store (any per-image embedding shape, (E,) or (V, E); key from the hooks above), the gallery index and
+top-k files. Not generic: stage II's z_t (`QueryFeatures.hidden` is the BLIP text encoder's state the dual re-ranker
+reads; a first stage whose hidden state is something else needs the joint re-ranker).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from cirlib.registry import Registry
 
@@ -70,6 +92,10 @@ class FirstStage(ABC):
     """
 
     name: str  # the registry name (`ModelConfig.first_stage`)
+    # True when stage-I training updates the weights that make gallery embeddings from the ViT tokens (a training
+    # feature store then holds tokens only, and targets are `embed_tokens(tokens)` with grad); False (BLIP) when
+    # they are frozen there, so stored embeddings stay valid through training.
+    trains_gallery_head: bool = False
 
     @classmethod
     def from_pretrained(cls, source: str) -> "FirstStage":
@@ -87,6 +113,37 @@ class FirstStage(ABC):
     def encode_query(self, ref_tokens: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> QueryFeatures:
         """Query encoder: the reference's tokens (B, T, Dv) composed with the text ids/mask (B, L) -> embeds (B, D)."""
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Gallery embedding(s) from image tokens (`encode_image(x).tokens`): (B, D) or (B, V, D), unit norm. What a
+        tokens-only feature store's images are embedded with (stage-I validation while the gallery head trains)."""
+        raise NotImplementedError(f"first stage {type(self).__name__} ({self.name!r}) does not embed stored tokens: "
+                                  "define embed_tokens(tokens), or use a feature store holding embeds")
+
+    def tokenize_queries(self, tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) (B, L) of stage-I query texts under this first stage's text rules, with the
+        run's `CIRTokenizer`. Default: the tokenizer as is (BLIP's rule: [ENC] over [CLS], padded to the longest, no
+        truncation)."""
+        return tokenizer(list(texts))
+
+    def image_weights(self, outputs: Sequence[str]) -> dict[str, nn.Module | torch.Tensor]:
+        """The modules and tensors an image's stored `outputs` ("tokens", "embeds") depend on, by name: hashed into a
+        feature store's key and put in eval mode while it is built. "tokens": {"visual_encoder"}. With "embeds",
+        default: the whole model besides (every weight, safe); override to name the gallery head alone, so that a
+        store survives changes to the text side (BLIP: vision_proj)."""
+        weights: dict[str, nn.Module | torch.Tensor] = {"visual_encoder": self.visual_encoder}
+        if "embeds" in outputs:
+            weights["first_stage"] = self
+        return weights
+
+    def image_architecture(self, outputs: Sequence[str]) -> dict[str, Any]:
+        """The configuration (not weights) an image's stored `outputs` depend on, JSON values (part of a feature
+        store's key). "tokens": the vision config. With "embeds", default: also the whole model config (safe);
+        override to narrow it (BLIP: the vision config alone)."""
+        arch = dataclasses.asdict(self.config.vision)
+        if "embeds" in outputs:
+            arch["model"] = dataclasses.asdict(self.config)
+        return json.loads(json.dumps(arch))  # as a key read back from JSON (tuples are lists)
 
     @staticmethod
     def similarity(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ strictly.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,17 @@ class Stage1Model(FirstStage, nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Candidate embedding from precomputed ViT tokens: (B, T, Dv) -> (B, P), unit norm."""
         return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def image_weights(self, outputs: Sequence[str]) -> dict[str, nn.Module]:
+        """"tokens": the ViT; with "embeds" also vision_proj (the feature store's key hashes these)."""
+        weights = {"visual_encoder": self.visual_encoder}
+        if "embeds" in outputs:
+            weights["vision_proj"] = self.vision_proj
+        return weights
+
+    def image_architecture(self, outputs: Sequence[str]) -> dict[str, Any]:
+        """The vision config (vision_proj is a plain linear layer: its weights say all)."""
+        return dataclasses.asdict(self.config.vision)
 
     def encode_query(
         self, ref_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

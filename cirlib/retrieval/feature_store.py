@@ -8,8 +8,14 @@ What is stored, per image (a store holds one or both, chosen by `outputs`):
 
 - "tokens": the ViT token sequence (L, D) after the final norm, where a stage cross-attends to the image (stage-I
   references; stage-II references and candidates);
-- "embeds": stage I's projected, unit-norm class-token embedding (E,), where only that is used (stage-I targets and
-  galleries).
+- "embeds": stage I's unit-norm gallery embedding(s), (E,) for a single-vector first stage (BLIP: the projected
+  class token) or (V, E) for a multi-vector one (SPRC: 32 query-token outputs), where only that is used (stage-I
+  targets and galleries).
+
+What a first stage's outputs depend on comes from the model (`FirstStage.image_weights` / `image_architecture`:
+"tokens" = its `visual_encoder` and vision config; "embeds" adds its gallery head). A first stage whose gallery head
+trains in stage I (`FirstStage.trains_gallery_head`) gets tokens-only stores for training (`stage1_outputs`); after
+training (top-k extraction, a gallery index) its weights are fixed and its embeddings may be stored.
 
 Key: a store is reused only when all of this is identical (`store_key`): the encoder's architecture (its vision
 config: heads, eps, ... are not in the weights), the sha256 of its weights (`weights_sha256`: names, shapes, dtypes
@@ -22,7 +28,8 @@ Layout (this module owns it): `<outputs>/features/<encoder name>-<16 hex of the 
 `manifest.json` (the key, the status "building" | "complete", the shard plan = which names in which shard, in order,
 and at completion the shapes and byte counts) and per shard `tokens-00000.npy` / `embeds-00000.npy`. The encoder
 name is "vit" for a tokens-only store (its key covers `visual_encoder` alone, so a stage-I and a stage-II model with
-the same ViT weights share one) and "stage1" when embeddings are stored (the key adds `vision_proj`).
+the same ViT weights share one) and "stage1" when embeddings are stored (the key adds the gallery head: BLIP's
+`vision_proj`).
 
 Format: numpy .npy shards written with `np.lib.format.open_memmap` and read with `np.load(mmap_mode="r")`. Chosen
 over safetensors because a shard is filled batch by batch in place (safetensors writes a whole file from tensors in
@@ -45,18 +52,20 @@ of them would need a lock. The encoder runs in eval mode (restored afterwards), 
 off: the store always holds the weights' own precision. One build per store at a time: `open_store` holds
 `.<store>.lock` while it plans and builds, and another process asking for the same store waits for it.
 
-Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E), torch tensors in the dtype asked
-for (float32 by default), rows in the order of `names`; only the rows read are touched (memory-mapped). A store is
-picklable (DataLoader workers reopen the shards lazily).
+Reading: `FeatureStore.tokens(names)` -> (B, L, D), `.embeddings(names)` -> (B, E) or (B, V, E), torch tensors in
+the dtype asked for (float32 by default), rows in the order of `names`; only the rows read are touched
+(memory-mapped). A store is picklable (DataLoader workers reopen the shards lazily).
 
 How the pipeline will read it (issue 13, part 2; the wiring lives in train/tasks.py, workbook/steps.py,
 workbook/evaluation.py and retrieval/search.py, not here):
 
 - stage I training (ViT frozen): one "stage1" store (tokens + embeds) over the training galleries; a batch carries
   names only, and `Stage1Task.training_step` reads `store.tokens(references)` and `store.embeddings(targets)`
-  instead of decoding and encoding both images;
+  instead of decoding and encoding both images (a first stage that trains its gallery head: a "vit" store, and
+  targets `model.embed_tokens(store.tokens(targets))`);
 - top-k extraction and stage-I validation: `search.encode_gallery` is replaced, when a store is given, by
-  `gallery_features(store, split_data)` (embeds, and tokens for the query fusion) -> the same `GalleryFeatures`;
+  `gallery_features(store, split_data)` (embeds, and tokens for the query fusion) -> the same `GalleryFeatures`
+  (from a tokens-only store, embeds made by `search.embed_gallery_tokens`);
 - stage II training: a "vit" store over the training gallery; `MinedTripletDataset` yields names, and the task reads
   reference and candidate tokens (target + negatives) from the store; the frozen stage I's z_t still needs the
   stage-I reference tokens: from the "stage1" store (same ViT weights as stage I's);
@@ -124,7 +133,8 @@ class ImageEncoder:
 
     name: str  # folder prefix: "vit" (tokens only) or "stage1" (with embeddings)
     encode: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]  # (B,3,S,S) -> (tokens, embeds)
-    modules: Mapping[str, nn.Module]  # the modules whose weights the outputs depend on (hashed; put in eval mode)
+    modules: Mapping[str, nn.Module | torch.Tensor]  # the weights the outputs depend on (hashed; modules put in eval
+    # mode while building)
     architecture: Mapping[str, Any]  # config fields that change the outputs but are not weights (vision config)
     outputs: tuple[str, ...]  # what a store of this encoder holds, a subset of OUTPUTS (part of the key)
 
@@ -134,18 +144,32 @@ def _vision_config(model) -> dict[str, Any]:
     return dataclasses.asdict(model.config.vision)
 
 
-def stage1_image_encoder(model, outputs: Sequence[str] = OUTPUTS) -> ImageEncoder:
-    """The image side of a Stage1Model (`search.stage1_encoder`): tokens and/or normalize(vision_proj(CLS)).
+def stage1_outputs(model, training: bool) -> tuple[str, ...]:
+    """What a store of first stage `model` may hold: tokens and embeds, or tokens only for training a first stage
+    whose gallery head trains (`trains_gallery_head`: its embeddings change at every step)."""
+    return ("tokens",) if training and model.trains_gallery_head else OUTPUTS
+
+
+def stage1_image_encoder(model, outputs: Sequence[str] = OUTPUTS, *, training: bool = False) -> ImageEncoder:
+    """The image side of a first stage (`search.stage1_encoder`: `encode_image`'s tokens and/or embeds), keyed by
+    what the model says its outputs depend on (`image_weights`, `image_architecture`).
 
     A tokens-only encoder ("vit") hashes `visual_encoder` alone, so it keys the same store as a Stage2Model whose ViT
-    has the same weights; with "embeds" ("stage1") `vision_proj` is hashed too.
+    has the same weights; with "embeds" ("stage1") the gallery head is hashed too (BLIP: `vision_proj`).
+
+    Args:
+        training: the store serves stage-I training: embeds of a first stage that `trains_gallery_head` are refused.
+    Raises:
+        FeatureStoreError: embeds asked for training a first stage whose gallery head trains.
     """
     outputs = _check_outputs(outputs)
-    modules = {"visual_encoder": model.visual_encoder}
-    if "embeds" in outputs:
-        modules["vision_proj"] = model.vision_proj
+    if "embeds" in outputs and "embeds" not in stage1_outputs(model, training):
+        raise FeatureStoreError(f"first stage {model.name!r} trains the head that makes its gallery embeddings "
+                                "(trains_gallery_head): a store for its training holds tokens only "
+                                "(outputs=('tokens',), or stage1_outputs(model, training=True))")
     return ImageEncoder(name="stage1" if "embeds" in outputs else "vit", encode=stage1_encoder(model),
-                        modules=modules, architecture=_vision_config(model), outputs=outputs)
+                        modules=model.image_weights(outputs), architecture=model.image_architecture(outputs),
+                        outputs=outputs)
 
 
 def stage2_image_encoder(model) -> ImageEncoder:
@@ -164,25 +188,32 @@ def _signature(state: Mapping[str, torch.Tensor]) -> tuple:
     return tuple((k, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device)) for k, t in state.items())
 
 
-def _module_sha256(module: nn.Module) -> str:
+def _module_sha256(module: nn.Module | torch.Tensor) -> str:
+    if not isinstance(module, nn.Module):  # a bare tensor (a query-token parameter): small, hashed each time
+        return _state_sha256({"": module})
     state = module.state_dict(keep_vars=True)
     sig = _signature(state)
     cached = _HASH_CACHE.get(module)
     if cached is not None and cached[0] == sig:
         return cached[1]
+    digest = _state_sha256(state)
+    _HASH_CACHE[module] = (sig, digest)
+    return digest
+
+
+def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    _HASH_CACHE[module] = (sig, digest)
-    return digest
+    return h.hexdigest()
 
 
-def weights_sha256(modules: Mapping[str, nn.Module]) -> str:
+def weights_sha256(modules: Mapping[str, nn.Module | torch.Tensor]) -> str:
     """sha256 over the named modules' state-dict tensors (module name + tensor name, shape, dtype, bytes), in sorted
-    order: the same weights give the same hash whichever file or device they came from."""
+    order (a bare tensor counts as a module holding it under the name ""): the same weights give the same hash
+    whichever file or device they came from."""
     h = hashlib.sha256()
     for name in sorted(modules):
         h.update(f"{name}\0{_module_sha256(modules[name])}\0".encode())
@@ -240,8 +271,9 @@ def store_key(encoder: ImageEncoder, preprocess: Mapping[str, Any], dtype: str =
         dtype: "float32" or "float16" (storage precision).
     """
     outputs = _check_outputs(encoder.outputs)
-    if "embeds" in outputs and "vision_proj" not in encoder.modules:
-        raise ValueError("stored embeddings depend on vision_proj: make the encoder with stage1_image_encoder")
+    if "embeds" in outputs and set(encoder.modules) <= {"visual_encoder"}:
+        raise ValueError("stored embeddings depend on the gallery head too (BLIP: vision_proj): make the encoder with "
+                         "stage1_image_encoder")
     if dtype not in DTYPES:
         raise ValueError(f"feature store dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     return {"format": FORMAT_VERSION, "encoder": encoder.name, "architecture": dict(encoder.architecture),
@@ -268,10 +300,12 @@ def key_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], prefix
 
 
 # ----------------------------------------------------------------------------------------------------- sizes
-def bytes_per_image(token_shape: tuple[int, int] | None, embed_dim: int | None, dtype: str) -> int:
-    """Data bytes one image takes in a store (shard headers aside: 128 bytes per .npy file)."""
+def bytes_per_image(token_shape: tuple[int, int] | None, embed_shape: int | Sequence[int] | None, dtype: str) -> int:
+    """Data bytes one image takes in a store (shard headers aside: 128 bytes per .npy file); embed_shape: E or
+    (V, E)."""
     item = np.dtype(DTYPES[dtype]).itemsize
-    return item * ((math.prod(token_shape) if token_shape else 0) + (embed_dim or 0))
+    embeds = 0 if embed_shape is None else math.prod([embed_shape] if isinstance(embed_shape, int) else embed_shape)
+    return item * ((math.prod(token_shape) if token_shape else 0) + embeds)
 
 
 # ------------------------------------------------------------------------------------------------- shard files
@@ -388,7 +422,7 @@ class FeatureStore:
 
     Attributes:
         folder: the store folder; key: its key; names: image names, in store order; outputs, dtype;
-        token_shape: (L, D) or None; embed_dim: E or None;
+        token_shape: (L, D) or None; embed_shape: (E,) or (V, E) (multi-vector) or None; embed_dim: E or None;
         status: how `open_store` got it: "reused" | "built" | "resumed" | "extended" | "repaired" (None from `open`);
         reason: why it was (re)built, or "" when reused.
     """
@@ -401,7 +435,8 @@ class FeatureStore:
         self.dtype: str = self.key["dtype"]
         shapes = manifest["shapes"]
         self.token_shape: tuple[int, int] | None = tuple(shapes["tokens"]) if "tokens" in shapes else None
-        self.embed_dim: int | None = shapes["embeds"][0] if "embeds" in shapes else None
+        self.embed_shape: tuple[int, ...] | None = tuple(shapes["embeds"]) if "embeds" in shapes else None
+        self.embed_dim: int | None = self.embed_shape[-1] if self.embed_shape else None
         self.shards: list[dict[str, Any]] = list(manifest["shards"])
         self.names: list[str] = [n for s in self.shards for n in s["names"]]
         self.index: dict[str, tuple[int, int]] = {n: (si, r) for si, s in enumerate(self.shards)
@@ -499,7 +534,7 @@ class FeatureStore:
         if unknown:
             raise UnknownImageError(f"{len(unknown)} image(s) not in feature store {self.folder} "
                                     f"({len(self.names)} images), e.g. {unknown[:5]}")
-        trailing = self.token_shape if output == "tokens" else (self.embed_dim,)
+        trailing = self.token_shape if output == "tokens" else self.embed_shape
         if select is not None:  # e.g. slice(0, 1): the class token only, read without touching the other rows
             trailing = np.empty((1, *trailing), dtype=np.uint8)[:, select].shape[1:]
         out = torch.empty((len(names), *trailing), dtype=dtype)
@@ -531,7 +566,8 @@ class FeatureStore:
         return self._rows("tokens", names, dtype, select)
 
     def embeddings(self, names: Sequence[str], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, E) stage-I embeddings of `names`, in that order (as stored: unit norm up to the storage dtype)."""
+        """(B, E) or (B, V, E) stage-I embeddings of `names`, in that order (as stored: unit norm up to the storage
+        dtype)."""
         return self._rows("embeds", names, dtype)
 
     def gallery_features(self, names: Sequence[str], *, tokens: bool = True,
@@ -739,9 +775,10 @@ def build_shards(plan: BuildPlan, encoder: ImageEncoder, images, *, part: int = 
         start += n
     loader = DataLoader(_ImageFiles(names, files, transform, plan.folder), batch_sampler=batches,
                         num_workers=num_workers)
-    modes = {name: m.training for name, m in encoder.modules.items()}
-    for m in encoder.modules.values():
-        m.eval()
+    # every submodule's own mode, restored after (the listed modules may nest: the whole model and its ViT)
+    modes = {sub: sub.training for m in encoder.modules.values() if isinstance(m, nn.Module) for sub in m.modules()}
+    for sub in modes:
+        sub.eval()
     device = torch.device(device)
     label = plan.folder.name + ("" if parts == 1 else f" (part {part + 1}/{parts})")
     bar = progress_bar(total=len(names), desc=f"feature store {label}", unit="img",
@@ -786,8 +823,8 @@ def build_shards(plan: BuildPlan, encoder: ImageEncoder, images, *, part: int = 
             built.append(sid)
     finally:
         bar.close()
-        for name, m in encoder.modules.items():
-            m.train(modes[name])
+        for sub, mode in modes.items():
+            sub.training = mode
     return built
 
 
@@ -811,7 +848,7 @@ def finish_build(plan: BuildPlan) -> FeatureStore:
     manifest = {"format": FORMAT_VERSION, "key": plan.key, "status": "complete", "shards": plan.shards,
                 "shapes": shapes, "images": n,
                 "bytes_per_image": bytes_per_image(tuple(shapes["tokens"]) if "tokens" in shapes else None,
-                                                   shapes["embeds"][0] if "embeds" in shapes else None, dtype)}
+                                                   shapes.get("embeds"), dtype)}
     paths.write_json(plan.folder / MANIFEST_FILE, manifest)
     for leftover in plan.folder.glob("*.partial"):
         leftover.unlink(missing_ok=True)

@@ -1,10 +1,12 @@
 """A gallery index: the stage-I embeddings of every image under a folder, kept up to date as the folder changes.
 
 What it is: an image feature store (`feature_store`, outputs "embeds" only, float32) over the folder's files, plus
-the file list. The store lives inside the index folder (`<index>/features/stage1-<key hash>/`), not under the
-shared outputs root, because its image names are the index's own *file identities* `"<name>|<size>|<mtime_ns>"`
-(name = the path relative to the folder, posix): a changed file (other size or mtime) is another identity, so the
-store embeds it afresh, and two folders holding the same relative names never share rows. The store's machinery
+the file list. The embeddings are the first stage's gallery side: (G, D), or (G, V, D) for a multi-vector first stage
+(its weights are fixed here, so a first stage whose gallery head trains in stage I is stored alike). The store
+lives inside the index folder (`<index>/features/stage1-<key hash>/`), not under the shared outputs root, because
+its image names are the index's own *file identities* `"<name>|<size>|<mtime_ns>"` (name = the path relative to the
+folder, posix): a changed file (other size or mtime) is another identity, so the store embeds it afresh, and two
+folders holding the same relative names never share rows. The store's machinery
 does the rest: shards written whole or not at all, an interrupted build resumed from its whole shards, a progress
 bar, the key (stage-I image-side weights hash + preprocessing) checked at open.
 
@@ -26,7 +28,9 @@ other image-side weights or preprocessing gets a new store: `build_index` rebuil
 reason in the report) or, with `replace=False`, refuses with the reason.
 
 Search: `search.search_gallery`, the pipeline's one first-stage search (exact, or "faiss" for galleries whose (N, G)
-product does not fit in memory); a query's own reference is excluded when asked.
+product does not fit in memory; both take the max over a multi-vector gallery's vectors); a query's own reference is
+excluded when asked. The format is unchanged by multi-vector galleries (the store records its shape): an index built
+before reads the same.
 """
 from __future__ import annotations
 
@@ -159,7 +163,8 @@ def _read_index(out_dir: Path) -> dict[str, Any] | None:
 
 
 class GalleryIndex:
-    """A built index, opened for searching: names (sorted), their files and normalised stage-I embeddings."""
+    """A built index, opened for searching: names (sorted), their files and normalised stage-I embeddings
+    (`embeddings`: (G, D), or (G, V, D) for a multi-vector first stage)."""
 
     def __init__(self, out_dir: Path, data: Mapping[str, Any], store: fs.FeatureStore):
         self.out_dir = Path(out_dir)
@@ -174,7 +179,7 @@ class GalleryIndex:
         self.preprocess: dict[str, Any] = dict(self.key["preprocess"])
         self.store = store
         self.embeddings: torch.Tensor = (store.embeddings([e.identity for e in self.entries]) if self.entries
-                                         else torch.empty(0, store.embed_dim or 0))
+                                         else torch.empty(0, *(store.embed_shape or (0,))))
         report = self.out_dir / REPORT_FILE
         self.report: dict[str, Any] = paths.read_json(report, "gallery index report") if report.is_file() else {}
         self._resolved: dict[str, str] | None = None
@@ -222,7 +227,7 @@ class GalleryIndex:
 
     def search(self, query_embeds: torch.Tensor, k: int, exclude: Sequence[int | None] | None = None, *,
                method: str = "exact", chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best rows per query: (scores (N, k') float32 cosine, rows (N, k') int64), best first.
+        """The k best rows per query: (scores (N, k') float32 first-stage scores, rows (N, k') int64), best first.
 
         k' = min(k, gallery size, less one when any query excludes a row). The one first-stage search,
         `search.search_gallery` (exact: a stable sort, ties in name order, as `search.rank_gallery`; "faiss": an exact
@@ -259,7 +264,8 @@ def build_index(files: Mapping[str, Path], stage1_model, *, preprocess: Mapping[
 
     Args:
         files: name -> image file (`list_images(folder)`, or any mapping).
-        stage1_model: a Stage1Model (its `visual_encoder` + `vision_proj` embed the images; all weights hashed).
+        stage1_model: a first stage (its `encode_image` embeds the images, keyed by its `image_weights`; all its
+            weights hashed besides, for the queries).
         preprocess: the store's preprocess dict (`feature_store.preprocessing(target_ratio, image_size)`).
         out_dir: the index folder (created).
         provenance: what produced the index (a `cirlib.provenance.record`), stored in index.json.

@@ -20,7 +20,7 @@ class GalleryFeatures:
     """Image features of one gallery, in gallery (split-file) order."""
 
     names: list[str]  # (G,)
-    embeds: torch.Tensor | None  # (G, P) stage-I normalised embeddings, or None (stage-II ViT tokens only)
+    embeds: torch.Tensor | None  # (G, P) or (G, V, P) stage-I normalised embeddings, or None (tokens only)
     tokens: torch.Tensor | None  # (G, T, Dv) image tokens, or None when not kept
 
     def __post_init__(self) -> None:
@@ -53,7 +53,7 @@ def encode_gallery(
     batch is the one a single process would encode) and every process receives the whole gallery, in order.
 
     Args:
-        encode: images (B,3,S,S) -> (tokens (B,T,Dv) | None, embeds (B,P) | None).
+        encode: images (B,3,S,S) -> (tokens (B,T,Dv) | None, embeds (B,P) | (B,V,P) | None).
         split_data: the split whose gallery is encoded.
         keep_tokens: keep the token sequences (needed for query fusion and stage II); stored on CPU in token_dtype.
     """
@@ -81,13 +81,26 @@ def encode_gallery(
 
 
 def stage1_encoder(model) -> Callable:
-    """Gallery encode function of a Stage1Model: (tokens, normalised embeddings)."""
+    """Gallery encode function of a first stage: (tokens, normalised embedding(s))."""
 
     def encode(images: torch.Tensor):
         out = model.encode_image(images)
         return out.tokens, out.embeds
 
     return encode
+
+
+@torch.inference_mode()
+def embed_gallery_tokens(model, gallery: GalleryFeatures, *, batch_size: int = 64,
+                         device: torch.device | str = "cpu") -> GalleryFeatures:
+    """The gallery with its embeddings made from its tokens by the first stage (`model.embed_tokens`): what a
+    tokens-only store gives while the first stage's gallery head trains (`FirstStage.trains_gallery_head`)."""
+    if gallery.tokens is None:
+        raise ValueError("the gallery holds no tokens to embed (encode it, or read a store holding tokens)")
+    parts = [model.embed_tokens(gallery.tokens[s:s + batch_size].to(device, torch.float32)).float().cpu()
+             for s in range(0, len(gallery.names), batch_size)]
+    embeds = torch.cat(parts) if parts else torch.empty(0)
+    return GalleryFeatures(names=gallery.names, embeds=embeds, tokens=gallery.tokens)
 
 
 def stage2_encoder(model) -> Callable:
@@ -124,7 +137,8 @@ def encode_queries(
     device: torch.device | str = "cpu",
     desc: str = "queries",
 ) -> torch.Tensor:
-    """Stage-I query embeddings (N, P); reference tokens are looked up from the gallery by name, as the original."""
+    """Stage-I query embeddings (N, P); reference tokens are looked up from the gallery by name, as the original;
+    texts tokenized by the first stage's own rules (`model.tokenize_queries`)."""
     queries = list(split_data.queries if queries is None else queries)
     texts = query_texts(split_data, queries)
     out = []
@@ -132,10 +146,10 @@ def encode_queries(
                               disable=not dist.is_main_process()):
         chunk = queries[start:start + batch_size]
         ref = gallery.tokens[gallery.positions([q.reference for q in chunk])].to(device, torch.float32)
-        ids, mask = tokenizer(texts[start:start + batch_size])
+        ids, mask = model.tokenize_queries(tokenizer, texts[start:start + batch_size])
         out.append(model.encode_query(ref, ids.to(device), mask.to(device)).embeds.float().cpu())
     if not out:
-        return torch.empty(0, gallery.embeds.shape[1] if gallery.embeds is not None else 0)
+        return torch.empty(0, gallery.embeds.shape[-1] if gallery.embeds is not None else 0)
     return torch.cat(out)
 
 
@@ -168,6 +182,7 @@ def target_ranks(sim: torch.Tensor, target_pos: torch.Tensor) -> torch.Tensor:
 
 
 SEARCH = ("exact", "faiss")
+FAISS_RESULTS = 2**22  # (query, neighbour) results one FAISS search call returns at most (~50 MB with the dedup)
 
 
 def excluded_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -196,13 +211,16 @@ def search_gallery(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k: 
 
     Args:
         query_embeds: (N, D) first-stage query embeddings.
-        gallery_embeds: (G, D), or (G, V, D) for a multi-vector first stage (exact search only).
+        gallery_embeds: (G, D), or (G, V, D) for a multi-vector first stage.
         exclude: (N, E) int64 gallery rows never returned per query (-1 = none; `excluded_rows` makes it from a
             mask), or None.
         method: "exact" (default): the (N, G) scores and a stable sort (ties in gallery order). "faiss": an exact
-            inner-product index (faiss.IndexFlatIP) searched `chunk` queries at a time for k' + E and the excluded
-            rows dropped, for galleries whose (N, G) scores do not fit in memory; same candidates, ties may order
-            differently. Needs `pip install -e '.[faiss]'` and a single-vector gallery.
+            inner-product index (faiss.IndexFlatIP) over the G*V vectors, searched at most `chunk` queries at a
+            time (fewer when the results would exceed FAISS_RESULTS) for the (k' + E) * V best vectors; each image
+            keeps its first (best) vector, which is its max-over-V score, and the first k' + E distinct images are
+            exactly the best k' + E (V vectors per image: (k' + E) * V vectors hold at least k' + E images); the
+            excluded rows are then dropped. For galleries whose (N, G) scores do not fit in memory; same candidates
+            and scores as exact search, ties may order differently. Needs `pip install -e '.[faiss]'`.
     """
     n, size = query_embeds.shape[0], gallery_embeds.shape[0]
     if exclude is not None and (exclude.dim() != 2 or exclude.shape[0] != n):
@@ -229,9 +247,8 @@ def _row_mask(rows: torch.Tensor, size: int) -> torch.Tensor:
 
 def _faiss_search(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k_eff: int,
                   exclude: torch.Tensor | None, width: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if gallery_embeds.dim() != 2:
-        raise ValueError(f"search='faiss' indexes one vector per gallery image; this gallery has "
-                         f"{gallery_embeds.shape[1]} per image (a multi-vector first stage): use search='exact'")
+    if gallery_embeds.dim() not in (2, 3):
+        raise ValueError(f"gallery embeddings must be (G, D) or (G, V, D), got shape {tuple(gallery_embeds.shape)}")
     try:
         import faiss
     except ImportError as e:
@@ -240,20 +257,46 @@ def _faiss_search(query_embeds: torch.Tensor, gallery_embeds: torch.Tensor, k_ef
     n = query_embeds.shape[0]
     if k_eff == 0 or n == 0:
         return torch.empty(n, k_eff), torch.empty(n, k_eff, dtype=torch.long)
-    index = faiss.IndexFlatIP(gallery_embeds.shape[1])
-    index.add(gallery_embeds.float().contiguous().numpy())
+    vectors = 1 if gallery_embeds.dim() == 2 else gallery_embeds.shape[1]
+    flat = gallery_embeds.float().reshape(-1, gallery_embeds.shape[-1]).contiguous()  # (G*V, D)
+    index = faiss.IndexFlatIP(flat.shape[1])
+    index.add(flat.numpy())
+    depth = min((k_eff + width) * vectors, flat.shape[0])  # vectors searched per query
+    step = max(1, min(chunk, FAISS_RESULTS // depth))
     q_all = query_embeds.float().contiguous()
     scores, rows = [], []
-    for start in range(0, n, chunk):
-        d, i = index.search(q_all[start:start + chunk].numpy(), k_eff + width)
+    for start in range(0, n, step):
+        d, i = index.search(q_all[start:start + step].numpy(), depth)
         d, i = torch.from_numpy(d), torch.from_numpy(i).long()
+        if vectors > 1:
+            d, i = best_vector_per_image(d, i // vectors, k_eff + width)
         if exclude is not None:  # drop the excluded rows wherever they came, then keep the first k_eff of the rest
-            keep = ~(i[:, :, None] == exclude[start:start + chunk, None, :]).any(-1)
+            keep = ~(i[:, :, None] == exclude[start:start + step, None, :]).any(-1)
             keep &= keep.cumsum(1) <= k_eff
             d, i = d[keep].view(-1, k_eff), i[keep].view(-1, k_eff)
         scores.append(d)
         rows.append(i)
     return torch.cat(scores).float(), torch.cat(rows)
+
+
+def best_vector_per_image(scores: torch.Tensor, images: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first m distinct images of each row of a vector ranking, with their first (best) score.
+
+    Args:
+        scores: (R, M) vector scores, best first per row; images: (R, M) the gallery row of each vector.
+        m: images kept per row (every row must hold at least m distinct images).
+    Returns:
+        (scores (R, m), images (R, m)), best first: each image's max over its vectors in the ranking.
+    """
+    order = torch.sort(images, dim=1, stable=True).indices  # groups an image's vectors, best (leftmost) first
+    grouped = images.gather(1, order)
+    first = torch.ones_like(grouped, dtype=torch.bool)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    keep = torch.zeros_like(first).scatter_(1, order, first)  # back in ranking order
+    if (keep.sum(1) < m).any():
+        raise ValueError(f"a vector ranking holds fewer than {m} distinct images: search deeper")
+    keep &= keep.cumsum(1) <= m
+    return scores[keep].view(-1, m), images[keep].view(-1, m)
 
 
 def _has_targets(queries: Sequence["cdata.Query"]) -> bool:
@@ -274,7 +317,7 @@ class Ranking:
     which processes gather cheaply (`Ranking.cat`) before the names are looked up once.
     """
 
-    scores: torch.Tensor  # (N, k) float32 cosine similarities, best first
+    scores: torch.Tensor  # (N, k) float32 first-stage scores (`gallery_similarity`), best first
     index: torch.Tensor  # (N, k) int64 gallery rows, best first
     target_rank: torch.Tensor | None  # (N,) 0-based rank of the target (None without targets); `depth` when the
     # target lies beyond the searched head (faiss search only: exact search ranks the whole gallery)
@@ -343,8 +386,8 @@ def _faiss_ranking(split_data, queries, gallery: GalleryFeatures, query_embeds: 
         target_rank = torch.where(hits.any(1), hits.float().argmax(1), torch.full((len(queries),), depth))
     subset = None
     if _has_cirr_sets(split_data, queries):
-        g, q_all = gallery.embeds.float(), query_embeds.float()
-        subset = _subset_index(queries, gallery, lambda i, pos: g[pos] @ q_all[i])
+        g, q_all = gallery.embeds, query_embeds.float()
+        subset = _subset_index(queries, gallery, lambda i, pos: gallery_similarity(q_all[i:i + 1], g[pos])[0])
     return Ranking(scores=scores, index=rows, target_rank=target_rank, depth=depth, subset_index=subset)
 
 

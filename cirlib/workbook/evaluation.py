@@ -16,8 +16,8 @@ from cirlib import paths
 from cirlib.eval import metrics as M
 from cirlib.eval.protocol import rows_holding_reference
 from cirlib.retrieval.rerank import rerank
-from cirlib.retrieval.search import (GalleryFeatures, Ranking, encode_gallery, encode_queries, rank_gallery,
-                                     stage1_encoder, stage2_encoder, topk_from_ranking)
+from cirlib.retrieval.search import (GalleryFeatures, Ranking, embed_gallery_tokens, encode_gallery, encode_queries,
+                                     rank_gallery, stage1_encoder, stage2_encoder, topk_from_ranking)
 from cirlib.retrieval.topk import TopK, TopKError
 from cirlib.run_folder import RunFolder, file_sha256
 from cirlib.workbook.config import split_list
@@ -320,7 +320,8 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
     top-K files as one process would compute. `search="faiss"` ranks with a FAISS index (see
     `retrieval.rank_gallery`); recall is then computed within the searched head, which is at least 50 deep.
     `store`: a stage-I `FeatureStore` holding every gallery image of `sets` (`workbook.stores.stage1_store`): the
-    gallery's tokens and embeddings are read from it instead of decoding and encoding the images.
+    gallery's tokens and embeddings are read from it instead of decoding and encoding the images (a tokens-only
+    store, a first stage training its gallery head: the embeddings are made from the tokens by the model).
     """
     dev = dev or device()
     model.eval()
@@ -331,6 +332,8 @@ def evaluate_stage1(model, tokenizer, sets: Sequence["cdata.SplitData"], *, imag
         ks = cdata.get_dataset(sd).reported_ks
         if store is not None:
             gallery = store.gallery_features(sd.gallery)
+            if gallery.embeds is None:
+                gallery = embed_gallery_tokens(model, gallery, batch_size=batch_size, device=dev)
         else:
             gallery = encode_gallery(stage1_encoder(model), sd, transform, batch_size=batch_size, device=dev,
                                      desc=f"gallery {sd.category or sd.split}")

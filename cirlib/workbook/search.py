@@ -30,6 +30,7 @@ from cirlib import data as cdata
 from cirlib import plots, provenance
 from cirlib.data.tokenizer import build_tokenizer
 from cirlib.models import factory, loading
+from cirlib.models.first_stage import FirstStage
 from cirlib.models.stage1 import Stage1Model
 from cirlib.progress import progress_bar
 from cirlib.retrieval import feature_store as fs
@@ -53,7 +54,7 @@ SEARCH_SPLIT = "search"  # the `TopK.split` of a gallery index's ranked list (it
 class Stage1Source:
     """A stage I ready to embed: the model (eval mode), its tokenizer and preprocessing, and what it is."""
 
-    model: Stage1Model
+    model: FirstStage
     tokenizer: Any
     preprocess: dict[str, Any]
     record: dict[str, Any]  # {"run": folder} | {"checkpoint": file, "preset": ..., "tokenizer": ...}
@@ -328,9 +329,9 @@ def rank(index: str | GalleryIndex, references: Sequence[str | Path | PIL.Image.
         for start in range(0, len(images), batch_size):
             tokens = _encode(lambda x: s1.model.encode_image(x).tokens, images[start:start + batch_size], t1,
                              batch_size, dev)
-            ids, mask = s1.tokenizer(list(texts[start:start + batch_size]))
+            ids, mask = s1.model.tokenize_queries(s1.tokenizer, texts[start:start + batch_size])
             queries.append(s1.model.encode_query(tokens.to(dev), ids.to(dev), mask.to(dev)).embeds.float().cpu())
-    q = torch.cat(queries) if queries else torch.empty(0, idx.embeddings.shape[1])
+    q = torch.cat(queries) if queries else torch.empty(0, idx.embeddings.shape[-1])
     exclude = [idx.positions[name] if exclude_reference and name is not None else None for _, name, _ in refs]
     scores1, rows1 = idx.search(q, k, exclude, method=search)
     s2_scores = None

@@ -134,7 +134,7 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
     # The frozen ViT's outputs of every training and validation image, read instead of encoding them (a store of
     # these weights and preprocessing is reused; the first run builds it).
     store = stage1_store(model, cfg.feature_store, [*train_sets, *val_sets], target_ratio=cfg.target_ratio,
-                         outputs=cfg.outputs, device=dev)
+                         outputs=cfg.outputs, device=dev, training=cfg.epochs > 0)
 
     def validate() -> dict[str, float]:
         m, _ = evaluate_stage1(model, tok, val_sets, image_size=size, target_ratio=cfg.target_ratio, dev=dev,

@@ -10,8 +10,9 @@ frozen encoder, so it is refused where the encoder is not frozen or not determin
 Stores of a step (all under `<outputs>/features/`, keyed by weights hash and preprocessing, so a second run, a
 top-k extraction and a stage-II run with the same ViT weights reuse them):
 
-- stage I (`stage1_store`): tokens and embeddings of stage I's ViT + vision_proj ("stage1-..."): training references
-  and targets, validation and top-k galleries;
+- stage I (`stage1_store`): tokens and embeddings of stage I's ViT + gallery head ("stage1-..."): training references
+  and targets, validation and top-k galleries; for training a first stage whose gallery head trains
+  (`trains_gallery_head`), its ViT tokens only ("vit-...": the embeddings are made from them at every use);
 - stage II (`vit_store`): the tokens of a ViT alone ("vit-..."): stage II's own (references and candidates) and, when
   z_t is computed from stage I's ViT, stage I's (the same store when the weights are equal).
 """
@@ -58,14 +59,19 @@ def _names(sets: Sequence["cdata.SplitData"]) -> list[str]:
 
 
 def stage1_store(model, setting: str, sets: Sequence["cdata.SplitData"], *, target_ratio: float,
-                 outputs: str = "", device: torch.device | str = "cpu") -> fs.FeatureStore | None:
+                 outputs: str = "", device: torch.device | str = "cpu", training: bool = False
+                 ) -> fs.FeatureStore | None:
     """The stage-I store (tokens + embeddings) holding every gallery image of `sets`, or None when `setting` is "".
 
     Built (or extended) on first use, reused after; collective under several processes.
+
+    Args:
+        training: the store serves stage-I training (and its validation): tokens only when the first stage trains
+            its gallery head (`fs.stage1_outputs`; readers then embed the tokens, `search.embed_gallery_tokens`).
     """
     if not setting:
         return None
-    return fs.open_store(fs.stage1_image_encoder(model),
+    return fs.open_store(fs.stage1_image_encoder(model, fs.stage1_outputs(model, training), training=training),
                          fs.preprocessing(target_ratio, model.config.vision.image_size), _names(sets), list(sets),
                          dtype=setting, outputs_root=outputs or None, device=device)
 
