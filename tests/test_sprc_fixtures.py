@@ -127,3 +127,10 @@ def test_adamw_step_from_the_stored_grads_gives_after_step(fx):
                       weight_decay=opt["weight_decay"]).step()
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), e["after_step"][n], atol=1e-7, rtol=0, msg=n)
+
+
+def test_padding_to_the_longest_caption_changes_nothing(fx):
+    e = fx["expected"]
+    assert e["padding_longest"]["text_length"] == 12
+    torch.testing.assert_close(e["padding_longest"]["query_embeds"], e["query_embeds"][:2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(e["padding_longest"]["similarity"], e["similarity"][:2], atol=1e-6, rtol=0)

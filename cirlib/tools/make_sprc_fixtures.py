@@ -317,6 +317,29 @@ def query_expected(model: Any, rec: Recorder, ref_ln_vision: Any, gallery_feats:
     return out
 
 
+def longest_padding_expected(model: Any, rec: Recorder, ref_ln_vision: Any, gallery_feats: Any,
+                             captions: list[str]) -> dict[str, Any]:
+    """inference() with its tokenizer call switched to padding="longest" (NOT SPRC's rule): records what padding
+    to the longest caption instead of to 32 changes in the query embeddings and the similarity."""
+    import torch
+    import torch.nn.functional as F
+
+    tokenizer = model.tokenizer
+
+    def longest(texts: list[str], **kwargs: Any) -> Any:
+        return tokenizer(texts, **{**kwargs, "padding": "longest"})
+
+    model.tokenizer = longest
+    try:
+        with torch.no_grad():
+            rec.clear()
+            similarity = model.inference(ref_ln_vision, gallery_feats, captions)
+    finally:
+        model.tokenizer = tokenizer
+    return {"query_embeds": F.normalize(rec.calls["text_proj"][0], dim=-1), "similarity": similarity,
+            "text_length": rec.calls["embeddings"][0].shape[1] - MODEL_ARGS["num_query_token"]}
+
+
 def loss_and_step(model: Any, rec: Recorder, samples: dict[str, Any]) -> dict[str, Any]:
     """SPRC's forward() losses (eval mode), the CIRR-weighted backward and one AdamW step with SPRC's settings."""
     import torch
@@ -519,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     expected = vision_expected(model, rec, inputs["ref_images"], inputs["gallery_images"])
     expected.update(query_expected(model, rec, expected["ref_ln_vision"], expected["gallery_feats"],
                                    inputs["captions"]))
+    expected["padding_longest"] = longest_padding_expected(  # queries 0-1: 12 and 10 tokens, so padded to 12
+        model, rec, expected["ref_ln_vision"][:2], expected["gallery_feats"], inputs["captions"][:2])
     samples = {"image": inputs["ref_images"], "target": inputs["gallery_images"][inputs["train_target_index"]],
                "text_input": inputs["captions"]}
     expected.update(loss_and_step(model, rec, samples))
