@@ -382,10 +382,9 @@ def _server_files(cfg: RerankConfig, splits: list[_Split], run: RunFolder) -> di
     if s.imported.k < SUBMISSION_LENGTH:
         raise ValueError(f"the server needs {SUBMISSION_LENGTH} names per query, the candidate file holds "
                          f"{s.imported.k}")
-    res = s.reranked(cfg.fusion_weight)
-    lists = np.concatenate([res.sorted_index_names, s.imported.sorted_index_names[:, res.k:]], axis=1)
-    name = run.name
-    return _write_submissions(s.sd, {"reranked": (name, lists[:, :SUBMISSION_LENGTH], res.group_names[:, :3])},
+    lists = s.scored.reranked_then_rest(s.imported, cfg.fusion_weight, SUBMISSION_LENGTH)
+    group = s.reranked(cfg.fusion_weight).group_names[:, :3]
+    return _write_submissions(s.sd, {"reranked": (run.name, lists, group)},
                               run.submission_dir)
 
 
@@ -454,9 +453,8 @@ class _IndexSplit:
                 for q, row in zip(self.data.queries, names.tolist())}
 
     def final_names(self, fusion_weight: float) -> np.ndarray:
-        """Stage II's order of the first k, then the imported order (as notebook 09's `_final_order`)."""
-        head = self.scored.reranked(fusion_weight).sorted_index_names
-        return np.concatenate([head, self.imported.sorted_index_names[:, head.shape[1]:]], axis=1)
+        """Stage II's order of the first k, then the imported order: the server's 50 names per query."""
+        return self.scored.reranked_then_rest(self.imported, fusion_weight, circo_eval.LIST_LENGTH)
 
 
 def _circo_index(cfg: RerankConfig, trained: Stage2TrainConfig, data: Any) -> Any:

@@ -567,12 +567,11 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
                                     outputs=cfg.outputs, device=dev)
     gallery, zt_gallery = rerank_galleries(stage1, stage2, sd, transform, store, zt_store, dev)
-    res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
-                 zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring,
-                 device=dev).reranked(cfg.fusion_weight)
+    scored = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
+                    zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev)
+    res = scored.reranked(cfg.fusion_weight)
     # Stage II re-orders the first k; the rest of the 50 keep their stage-I order (k = 50 is the original).
-    stage2_lists = np.concatenate([res.sorted_index_names, tk.sorted_index_names[:, res.sorted_index_names.shape[1]:]],
-                                  axis=1)[:, :SUBMISSION_LENGTH]
+    stage2_lists = scored.reranked_then_rest(tk, cfg.fusion_weight, SUBMISSION_LENGTH)
     lists = {
         "stage1": (f"{cfg.submission_name}_stage1", tk.sorted_index_names[:, :SUBMISSION_LENGTH], tk.group_names[:, :3]),
         "stage2": (cfg.submission_name, stage2_lists, res.group_names[:, :3]),
