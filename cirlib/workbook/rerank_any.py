@@ -49,8 +49,7 @@ from cirlib.workbook.evaluation import (EVAL_SPLIT, query_counts, refuse_unsuppo
                                         step_sets)
 from cirlib.workbook.factories import (abs_path, data_root, dataset_root, device, load_stage2_run, stage1_for,
                                        stage1_weights_file)
-from cirlib.workbook.steps import (SUBMISSION_LENGTH, _saved_evaluation, _write_submissions, resolve,
-                                   stage2_run_config)
+from cirlib.workbook.steps import SUBMISSION_LENGTH, resolve, stage2_run_config, write_submissions
 from cirlib.workbook.stores import provenance_of, stage2_stores
 
 STEP = "rerank"
@@ -220,7 +219,7 @@ def rerank_split(cfg: RerankConfig) -> RerankResult:
                 # only when images were dropped (records made from complete data stay valid)
                 **({"query_counts": query_counts(sets, run)} if any(sd.dropped for sd in sets) else {})}
 
-    saved = book.reuse(lambda: _saved_evaluation(run, "produced_by", produced_by), overwrite=cfg.overwrite)
+    saved = book.reuse_evaluation(produced_by, overwrite=cfg.overwrite)
     if saved is not None:
         return RerankResult(saved["imported"], saved["reranked"], saved["k"], run.path, saved, reused=True)
     book.check_writable(f"re-ranking folder {run.path}")
@@ -384,7 +383,7 @@ def _server_files(cfg: RerankConfig, splits: list[_Split], run: RunFolder) -> di
                          f"{s.imported.k}")
     lists = s.scored.reranked_then_rest(s.imported, cfg.fusion_weight, SUBMISSION_LENGTH)
     group = s.reranked(cfg.fusion_weight).group_names[:, :3]
-    return _write_submissions(s.sd, {"reranked": (run.name, lists, group)},
+    return write_submissions(s.sd, {"reranked": (run.name, lists, group)},
                               run.submission_dir)
 
 
