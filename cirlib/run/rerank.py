@@ -5,7 +5,8 @@
 
 The dataset, data root, categories and models are the stage-II run's (a name under <outputs>/stage2/ or a run
 folder); `--data-root` and `--categories` override them. `--dataset circo --data-root CIRCO_ROOT` re-ranks CIRCO
-lists (every query, at least 50 ids each) with a CIRR-trained run through notebook 09's gallery index (`--index`).
+lists (at least 50 ids each; every query on test, where `--missing-queries drop` is refused) with a CIRR-trained run
+through notebook 09's gallery index (`--index`).
 Writes the re-ranked file, metrics.json (imported vs re-ranked on a validation split, the ceiling, per-query
 outcomes, latency, the fusion sweep when the file has scores) and provenance.json into --out (default
 <outputs>/rerank/<run>_<split>_<file stem>/); on CIRR's and CIRCO's test split also the server files, checked first.
