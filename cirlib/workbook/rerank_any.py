@@ -163,8 +163,9 @@ class RerankResult:
         return pd.DataFrame.from_dict(rows, orient="index")
 
     def summary(self) -> dict[str, Any]:
-        """The command line's JSON: imported and re-ranked metrics, the analysis, counts, files."""
-        analysis = {k: v for k, v in self.record["analysis"].items() if k != "outcomes_per_query"}
+        """The command line's JSON: imported and re-ranked metrics, the analysis (less its per-query lists), counts,
+        files."""
+        analysis = {k: v for k, v in self.record["analysis"].items() if k not in ("outcomes_per_query", "rank_shift")}
         return {"imported": self.imported, "reranked": self.reranked, "k": self.k, "split": self.record["split"],
                 "analysis": analysis, "query_counts": self.record["query_counts"],
                 "warnings": self.record["warnings"], "out": str(self.out_dir), "reused": self.reused,
