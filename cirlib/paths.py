@@ -77,13 +77,22 @@ class FileWriteError(OSError):
     """A file could not be written (disk full, read-only folder, ...); the message names the file and what to do."""
 
 
-def _write_failed(path: Path, err: OSError) -> FileWriteError:
+def write_failed(path: Path, err: BaseException) -> FileWriteError:
+    """The FileWriteError naming `path` for a failed write, with what to do: the one translation of failed writes.
+
+    Args:
+        path: the file (or folder) that could not be written, as the user knows it (the final name).
+        err: an OSError, or a library's RuntimeError (torch.save and safetensors report a full disk or a read-only
+            folder that way): the folder's writability and free space then say which (`_os_error_of`).
+    """
     import errno
 
+    os_err = err if isinstance(err, OSError) else _os_error_of(path, err)
     hint = {errno.ENOSPC: "the disk is full: free space or write elsewhere",
             errno.EACCES: "no permission to write there: fix the folder's permissions or choose another folder",
-            errno.EROFS: "the file system is read-only: choose another folder"}.get(err.errno, "check the folder")
-    return FileWriteError(err.errno or 0, f"cannot write {path}: {err.strerror or err} ({hint})")
+            errno.EROFS: "the file system is read-only: choose another folder"}.get(
+        os_err.errno, "if the disk is full, free space; if the folder is read-only, choose a writable output folder")
+    return FileWriteError(os_err.errno or 0, f"cannot write {path}: {os_err.strerror or os_err} ({hint})")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -105,12 +114,9 @@ def atomic_write(path: str | os.PathLike, write: "Callable[[Path], object]") -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save and safetensors report a failed write as RuntimeError
         _discard(tmp)
-        raise _write_failed(path, err) from err
-    except RuntimeError as err:  # torch.save and safetensors report a failed write (read-only, disk full) this way
-        _discard(tmp)
-        raise _write_failed(path, _os_error_of(path, err)) from err
+        raise write_failed(path, err) from err
     except BaseException:
         _discard(tmp)
         raise
@@ -124,6 +130,8 @@ def _os_error_of(path: Path, err: RuntimeError) -> OSError:
     import shutil
 
     folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # e.g. a checkpoint folder not yet swapped in
+        folder = folder.parent
     if not os.access(folder, os.W_OK):
         return OSError(errno.EACCES if os.access(folder, os.R_OK) else errno.EROFS, "the folder is not writable")
     try:
@@ -146,7 +154,7 @@ def publish(partial: str | os.PathLike, final: str | os.PathLike) -> Path:
     try:
         os.replace(partial, final)
     except OSError as err:
-        raise _write_failed(final, err) from err
+        raise write_failed(final, err) from err
     return final
 
 
@@ -220,7 +228,7 @@ def swap_in_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
             os.replace(final, old)
         os.replace(tmp, final)
     except OSError as err:
-        raise _write_failed(final, err) from err
+        raise write_failed(final, err) from err
     if old.exists():
         shutil.rmtree(old)
     return final
@@ -244,7 +252,7 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise _write_failed(folder, err) from err
+        raise write_failed(folder, err) from err
     return folder
 
 
@@ -264,7 +272,7 @@ class atomic_dir:
         try:
             self.tmp.mkdir(parents=True)
         except OSError as err:
-            raise _write_failed(self.final, err) from err
+            raise write_failed(self.final, err) from err
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

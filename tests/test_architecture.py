@@ -172,3 +172,18 @@ def test_each_tool_lives_in_the_tools_folder_behind_a_shim(tool):
     assert (PACKAGE / "tools" / f"{tool}.py").is_file()
     assert imports_of(shim) == {f"cirlib.tools.{tool}"}, f"{shim} should only import cirlib.tools.{tool}"
     assert len(shim.read_text().splitlines()) <= 5
+
+
+def private_imports(path: Path, name: str) -> list[str]:
+    """`from cirlib.x import _name` in `path` (module `name`): a module reaching into another's private helpers."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [f"{name} imports {node.module}.{alias.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cirlib")
+            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def test_no_module_imports_another_modules_private_names(tmp_path):
+    found = [line for p in sorted(PACKAGE.rglob("*.py")) for line in private_imports(p, module_name(p))]
+    assert found == [], "make these public helpers (with docstrings) where they belong:\n" + "\n".join(found)
+    (tmp_path / "m.py").write_text("from cirlib.workbook.steps import resolve, _hidden\n")
+    assert private_imports(tmp_path / "m.py", "m") == ["m imports cirlib.workbook.steps._hidden"]

@@ -350,3 +350,63 @@ def test_notebook_09s_stage_i_lists_re_ranked_by_rerank_any_give_its_stage_ii(ci
     test = circo.read_annotations(circo_world / "annotations" / "test.json")
     assert circo.validate_submission(doc, test, circo.read_gallery_ids(circo_world / layout.IMAGE_LIST)) == []
     assert doc == json.loads(nb09.files["test stage2"].read_text())  # notebook 09's stage-II test file
+
+
+def _circo_trec(circo_world, path, skip: int = 0, depth: int = 60):
+    """A TREC run for CIRCO val with scores: per query a fixed shuffle of the gallery, its ground truths spread
+    through the first `depth` names (so re-ranking has something to move); the first `skip` queries left out."""
+    import random
+
+    names = list(layout.read_gallery(circo_world).names)
+    lines = []
+    for q in circo.read_annotations(circo_world / "annotations" / "val.json")[skip:]:
+        rng = random.Random(q.id)
+        gts = [layout.image_name(i) for i in q.gt_img_ids]
+        rest = [n for n in names if n not in gts and n != layout.image_name(q.reference_img_id)]
+        rng.shuffle(rest)
+        ranked = rest[:depth - len(gts)]
+        for g in gts:
+            ranked.insert(rng.randrange(len(ranked) + 1), g)
+        lines += [f"{q.id} Q0 {n} {r + 1} {1.0 - r / depth:.6f} theirs" for r, n in enumerate(ranked)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_circo_re_ranking_sweeps_fusion_shows_the_rank_shift_reuses_and_drops_on_val(circo_world, runs, tmp_path):
+    """CIRCO through `rerank_any` as CIRR: the fusion sweep (best weight by mAP@10; at w the metrics of
+    --fusion-weight w, at 1 the imported order's), Figure 8's data from the best-placed ground truth, reuse keyed on
+    the candidates' content and the settings, and missing queries dropped on val (recorded) but refused on test."""
+    from cirlib.workbook import rerank_any as module
+
+    trec = _circo_trec(circo_world, tmp_path / "theirs.trec")
+    common = dict(stage2_run="s2", dataset="circo", data_root=str(circo_world), k=10, scoring="pairs",
+                  fusion_sweep="0,0.3,1", outputs=runs)
+    assert module.check_inputs(RerankConfig(candidates=str(trec), **common))["exists"].all()  # notebook 10's cells
+    fused = rerank_any(RerankConfig(candidates=str(trec), fusion_weight=0.3, out=str(tmp_path / "a"), **common))
+    sweep = fused.record["analysis"]["fusion_sweep"]
+    at = dict(zip(sweep["weights"], sweep["metrics"]))
+    assert sweep["key"] == "mAP@10" and at[0.3] == json.loads(json.dumps(fused.reranked))
+    assert at[1.0] == json.loads(json.dumps(fused.imported))  # the imported scores alone: the imported order
+    assert sweep["best_weight"] == max(sweep["weights"], key=lambda w: (at[w]["mAP@10"], -w))
+    shift = fused.record["analysis"]["rank_shift"]["val"]
+    assert shift["k"] == 10 and len(shift["imported"]) == 12
+    assert sorted(r >= 0 for r in shift["imported"]) == sorted(r >= 0 for r in shift["reranked"])
+    assert len(module.rank_shift_panels(fused)) == 1 and module.plot_fusion_sweep(fused) is not None
+    # reuse: the same content elsewhere is the same input; another setting is not
+    copy_ = shutil.copy(trec, tmp_path / "copy.trec")
+    again = rerank_any(RerankConfig(candidates=str(copy_), fusion_weight=0.3, out=str(tmp_path / "a"), **common))
+    assert again.reused and again.reranked == json.loads(json.dumps(fused.reranked))
+    assert not rerank_any(RerankConfig(candidates=str(trec), out=str(tmp_path / "a"), **common)).reused
+    # queries the file lacks: an error naming them, or on val dropped and recorded
+    short = _circo_trec(circo_world, tmp_path / "short.trec", skip=2)
+    with pytest.raises(ValueError, match="missing"):
+        rerank_any(RerankConfig(candidates=str(short), out=str(tmp_path / "b"), **common))
+    dropped = rerank_any(RerankConfig(candidates=str(short), missing_queries="drop", out=str(tmp_path / "b"),
+                                      **common))
+    counts = dropped.record["query_counts"]["val"]
+    assert (counts["in_split"], counts["evaluated"], counts["missing_from_candidates"]) == (12, 10, 2)
+    listed = json.loads((tmp_path / "b" / "dropped_queries.json").read_text())["rerank_candidates"]["splits"][0]
+    assert listed["query_ids"] == counts["dropped_from_candidates"] and len(listed["query_ids"]) == 2
+    assert sum(dropped.record["analysis"]["outcomes"]["val"].values()) == 10
+    with pytest.raises(ValueError, match="missing_queries='drop' on the test split: the server scores every query"):
+        rerank_any(RerankConfig(candidates=str(short), missing_queries="drop", split="test", **common))

@@ -8,7 +8,7 @@ from matplotlib.colors import to_rgba
 from PIL import Image
 
 from cirlib.eval import metrics
-from cirlib.eval.rank_shift import rank_shift
+from cirlib.eval.rank_shift import rank_shift, rank_shift_of_ranks
 from cirlib import plots
 from cirlib.paths import shared_dir
 
@@ -53,6 +53,11 @@ def test_rank_shift_hand_case():
     # torch tensors give the same numbers
     same = rank_shift(torch.from_numpy(stage1), torch.from_numpy(stage2))
     assert same.avg_delta.tolist() == shift.avg_delta.tolist()
+    # from the ranks themselves (a CIRCO query's best-placed ground truth): the same panel
+    of_ranks = rank_shift_of_ranks(np.array([0, 1, 1, 3, -1]), np.array([1, 0, 0, 1, -1]), 4)
+    assert of_ranks.avg_delta.tolist() == shift.avg_delta.tolist() and of_ranks.num_missing == 1
+    with pytest.raises(ValueError, match="below k=4"):
+        rank_shift_of_ranks(np.array([4]), np.array([0]), 4)
 
 
 def test_rank_shift_refuses_inconsistent_label_sets():

@@ -375,3 +375,20 @@ def test_rows_picks_queries_and_stage2_errors_name_the_problem():
         dataclasses.replace(scored, stage2_scores=torch.zeros(2, 4))
     with pytest.raises(TopKError, match="group_order must permute"):
         scored.reordered(np.tile(np.arange(3), (2, 1)), np.zeros((2, 2), dtype=np.int64))
+
+
+def test_reranked_then_rest_is_the_re_ranked_head_then_the_list_it_came_from():
+    """A server's whole list: stage II's order of the first k, then the candidate list's own order."""
+    scored = _scored_cirr()
+    full = TopK("cirr", "val", None, index_names=scored.index_names,
+                sorted_index_names=[["dev-1-img0", "dev-2-img0", "dev-3-img0", "dev-0-img0", "dev-7-img0"],
+                                    ["dev-4-img0", "dev-5-img0", "dev-6-img0", "dev-7-img0", "dev-0-img0"]])
+    assert scored.reranked_then_rest(full, 0.0, 4).tolist() == [
+        ["dev-3-img0", "dev-2-img0", "dev-1-img0", "dev-0-img0"], ["dev-5-img0", "dev-6-img0", "dev-4-img0",
+                                                                   "dev-7-img0"]]
+    assert np.array_equal(scored.reranked_then_rest(full, 1.0, 5), full.sorted_index_names)  # stage I alone
+    assert np.array_equal(scored.reranked_then_rest(scored, 0.5, 3), scored.reranked(0.5).sorted_index_names)
+    with pytest.raises(TopKError, match="not the list they were taken from"):
+        scored.reranked_then_rest(full.rows([1, 0]), 0.0, 4)
+    with pytest.raises(TopKError, match="length=6: the lists hold 5 names"):
+        scored.reranked_then_rest(full, 0.0, 6)

@@ -265,6 +265,7 @@ class CIRCO(Dataset):
     splits = SPLITS
     test_split = "test"
     reported_ks = eval_circo.KS
+    selection_key = "mAP@10"  # CIRCO's headline metric
     excludes_reference = True  # its reference is never a ground truth (a setting of notebook 09: exclude_reference)
     has_test_server = True
     has_split_data = False  # no `load_split`: ranked through a gallery index (`cirlib.workbook.circo_eval`)

@@ -38,6 +38,7 @@ class Dataset:
     eval_split: ClassVar[str] = "val"  # the split results are reported on
     categories: ClassVar[tuple[str, ...]] = ()  # () = one gallery per split, no categories
     reported_ks: ClassVar[tuple[int, ...]] = (1, 5, 10, 50)  # Recall@K reported over the full gallery
+    selection_key: ClassVar[str] = "selection"  # the metric that picks the best (epoch, fusion weight)
     headline_ks: ClassVar[tuple[int, ...]] = ()  # the K the model is selected and compared on (() = reported_ks)
     excludes_reference: ClassVar[bool] = False  # the reference image is removed from its own ranking
     has_image_sets: ClassVar[bool] = False  # queries carry an img_set (subset ranking, set negatives)

@@ -55,6 +55,21 @@ def rank_shift(stage1_labels: np.ndarray | torch.Tensor, stage2_labels: np.ndarr
         )
     r1 = metrics.ranks_from_labels(stage1_labels)  # (N,) -1 = no hit
     r2 = metrics.ranks_from_labels(stage2_labels)
+    return rank_shift_of_ranks(r1, r2, int(stage1_labels.shape[1]))
+
+
+def rank_shift_of_ranks(rank1: np.ndarray, rank2: np.ndarray, k: int) -> RankShift:
+    """`rank_shift` from each query's 0-based target rank before and after (-1: not among the K), e.g. the rank of
+    a CIRCO query's best-placed ground truth (`cirlib.eval.gain.first_ranks`).
+
+    Args:
+        rank1: (N,) int, the rank in the first ranking of the top-K (stage I, or an imported list).
+        rank2: (N,) int, the rank in its re-ranking (same rows).
+        k: candidates per query.
+    """
+    r1, r2 = np.asarray(rank1, dtype=np.int64), np.asarray(rank2, dtype=np.int64)
+    if r1.shape != r2.shape or r1.ndim != 1 or (r1 >= k).any() or (r2 >= k).any():
+        raise ValueError(f"ranks {r1.shape} and {r2.shape} must be (N,) ranks of the same queries below k={k}")
     differ = np.flatnonzero((r1 >= 0) != (r2 >= 0))
     if differ.size:
         i = int(differ[0])
@@ -64,7 +79,6 @@ def rank_shift(stage1_labels: np.ndarray | torch.Tensor, stage2_labels: np.ndarr
         )
     hit = r1 >= 0
     r1, r2 = r1[hit], r2[hit]
-    k = int(stage1_labels.shape[1])
     counts = np.bincount(r1, minlength=k)
     rank2_sum = np.bincount(r1, weights=r2.astype(np.float64), minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):

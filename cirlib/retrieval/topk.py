@@ -400,6 +400,24 @@ class TopK:
             group_order = torch.sort(topk.group_stage2_scores, dim=1, descending=True, stable=True).indices
         return topk.reordered(order, group_order)
 
+    def reranked_then_rest(self, rest: TopK, fusion_weight: float, length: int) -> np.ndarray:
+        """(N, length) names: this top-K's re-ranking (`reranked(fusion_weight)`), then `rest`'s names past column
+        `self.k` in `rest`'s order, the first `length` of them (a test server's whole lists).
+
+        Args:
+            rest: the candidate list this top-K's K columns were taken from (its first K names, same rows).
+            fusion_weight: see `final_scores`.
+            length: names per query, 1 <= length <= max(self.k, rest.k).
+        """
+        if rest.num_queries != self.num_queries or not np.array_equal(rest.sorted_index_names[:, :self.k],
+                                                                       self.sorted_index_names):
+            raise TopKError(f"rest ({rest.num_queries} x {rest.k}) does not start with this top-K's "
+                            f"{self.num_queries} x {self.k} names: it is not the list they were taken from")
+        if not 1 <= length <= max(self.k, rest.k):
+            raise TopKError(f"length={length}: the lists hold {max(self.k, rest.k)} names per query")
+        head = self.reranked(fusion_weight).sorted_index_names
+        return np.concatenate([head, rest.sorted_index_names[:, self.k:]], axis=1)[:, :length]
+
     # ------------------------------------------------------------------------------------------------ save / load
     def to_dict(self) -> dict[str, Any]:
         """The dict `save` writes: the original's keys plus our 'cirlib' metadata."""

@@ -5,7 +5,8 @@
 
 The dataset, data root, categories and models are the stage-II run's (a name under <outputs>/stage2/ or a run
 folder); `--data-root` and `--categories` override them. `--dataset circo --data-root CIRCO_ROOT` re-ranks CIRCO
-lists (every query, at least 50 ids each) with a CIRR-trained run through notebook 09's gallery index (`--index`).
+lists (at least 50 ids each; every query on test, where `--missing-queries drop` is refused) with a CIRR-trained run
+through notebook 09's gallery index (`--index`).
 Writes the re-ranked file, metrics.json (imported vs re-ranked on a validation split, the ceiling, per-query
 outcomes, latency, the fusion sweep when the file has scores) and provenance.json into --out (default
 <outputs>/rerank/<run>_<split>_<file stem>/); on CIRR's and CIRCO's test split also the server files, checked first.
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from cirlib import data as cdata
-from cirlib.run.search import _path_or_name, _positive  # the command lines' argument types
+from cirlib.run.search import path_or_name, positive  # the command lines' argument types
 from cirlib.run_folder import RunFolderError
 from cirlib.workbook.config import RerankConfig
 
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="auto | cirr | circo | trec | topk | jsonl (the file's format; "
                    "checked by the reader)")
     p.add_argument("--split", default="val")
-    p.add_argument("--k", type=_positive, default=50, help="candidates re-ranked per query")
+    p.add_argument("--k", type=positive, default=50, help="candidates re-ranked per query")
     p.add_argument("--fusion-weight", type=_weight, default=0.0, help="weight of the imported score (needs scores)")
     p.add_argument("--fusion-sweep", default=RerankConfig.fusion_sweep, help="weights swept ('' = none)")
     p.add_argument("--missing-queries", choices=("error", "drop"), default="error")
@@ -60,7 +61,7 @@ def config_from(args: argparse.Namespace) -> RerankConfig:
     """The RerankConfig of the parsed command line (paths made absolute from the current directory)."""
     absolute = lambda text: str(Path(text).expanduser().resolve()) if text else ""  # noqa: E731
     return RerankConfig(candidates=absolute(args.candidates), format=args.format,
-                        stage2_run=_path_or_name(args.stage2), split=args.split, k=args.k,
+                        stage2_run=path_or_name(args.stage2), split=args.split, k=args.k,
                         fusion_weight=args.fusion_weight, fusion_sweep=args.fusion_sweep,
                         missing_queries=args.missing_queries, dataset=args.dataset,
                         data_root=absolute(args.data_root), index=absolute(args.index),

@@ -24,7 +24,7 @@ from cirlib.run_folder import RunFolderError
 from cirlib.workbook import search as S
 
 
-def _path_or_name(text: str) -> str:
+def path_or_name(text: str) -> str:
     """A command-line path made absolute (from the current directory); a bare run name or `hf:<repo id>` stays."""
     if text.startswith("hf:"):
         return text
@@ -32,7 +32,7 @@ def _path_or_name(text: str) -> str:
     return str(p.resolve()) if (p.exists() or "/" in text) else text
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ix.add_argument("image_dir", help="folder of images (searched recursively)")
     ix.add_argument("--stage1", required=True, help="stage-I run name, run folder, exported folder, hf:<repo id>, or original checkpoint file")
     ix.add_argument("--out", required=True, help="index folder")
-    ix.add_argument("--batch-size", type=_positive, default=32)
+    ix.add_argument("--batch-size", type=positive, default=32)
     ix.add_argument("--device", type=_device, default=None, help="e.g. cpu, cuda, cuda:1 (default: CUDA when available)")
     ix.add_argument("--tokenizer", default="", help="for a checkpoint file: vocab.txt or bert-base-uncased folder")
     ix.add_argument("--preset", default="blip-base", help="for a checkpoint file: the model preset")
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--text", required=True, help="modification text")
     q.add_argument("--stage1", default=None, help="stage I (default: the one the index was built with)")
     q.add_argument("--stage2", default=None, help="stage-II run name or folder, an exported folder, or hf:<repo id> (default: stage I only)")
-    q.add_argument("--k", type=_positive, default=50, help="stage-I candidates re-ranked by stage II")
-    q.add_argument("--top", type=_positive, default=10, help="results printed per stage")
+    q.add_argument("--k", type=positive, default=50, help="stage-I candidates re-ranked by stage II")
+    q.add_argument("--top", type=positive, default=10, help="results printed per stage")
     q.add_argument("--keep-reference", action="store_true", help="keep an indexed reference in its own results")
     q.add_argument("--search", choices=("exact", "faiss"), default="exact")
     q.add_argument("--stage2-tokens", choices=S.STAGE2_TOKENS, default="ondemand",
@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "index":
             t0 = time.time()
-            report = S.index_folder(str(Path(args.image_dir).expanduser().resolve()), _path_or_name(args.stage1),
+            report = S.index_folder(str(Path(args.image_dir).expanduser().resolve()), path_or_name(args.stage1),
                                     str(Path(args.out).expanduser().resolve()), batch_size=args.batch_size,
                                     device=args.device, preset=args.preset,
-                                    tokenizer=_path_or_name(args.tokenizer) if args.tokenizer else "",
+                                    tokenizer=path_or_name(args.tokenizer) if args.tokenizer else "",
                                     replace=not args.refuse_other_stage1)
             if args.json:
                 print(json.dumps(report.to_dict(), indent=1))
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         # an existing file is the reference (made absolute); anything else is looked up as a name in the index
         image = str(Path(args.image).expanduser().resolve()) if Path(args.image).expanduser().is_file() else args.image
         (result,) = S.rank(str(Path(args.index).expanduser().resolve()), [image], [args.text],
-                           stage1=_path_or_name(args.stage1) if args.stage1 else None,
-                           stage2=_path_or_name(args.stage2) if args.stage2 else None, k=args.k, top=args.top,
+                           stage1=path_or_name(args.stage1) if args.stage1 else None,
+                           stage2=path_or_name(args.stage2) if args.stage2 else None, k=args.k, top=args.top,
                            exclude_reference=not args.keep_reference, search=args.search, device=args.device,
                            stage2_tokens=args.stage2_tokens)
         if args.json:

@@ -56,20 +56,12 @@ def _restart_hint(folder: Path) -> str:
             "train this run from scratch with overwrite=True (which clears its checkpoints and training log)")
 
 
-def write_failed(path: Path, err: BaseException) -> paths.FileWriteError:
-    """A FileWriteError naming `path` for a failed write (torch and safetensors report a full disk as RuntimeError,
-    e.g. torch's 'inline_container.cc ... file write failed', not as OSError)."""
-    errno_ = getattr(err, "errno", None) or 0
-    return paths.FileWriteError(errno_, f"cannot write {path}: {err} (if the disk is full, free space; if the folder "
-                                        "is read-only, choose a writable output folder)")
-
-
 def _save(path: Path, final: Path, write: Callable[[Path], object]) -> None:
     """`write(path)`; a failure names `final`, the file's name once the folder is swapped in."""
     try:
         write(path)
     except (OSError, RuntimeError) as err:  # torch.save / safetensors report a full disk as RuntimeError
-        raise write_failed(final, err) from err
+        raise paths.write_failed(final, err) from err
 
 
 def write_checkpoint(final: Path, model: nn.Module, info: dict[str, Any], state: dict[str, Any] | None,

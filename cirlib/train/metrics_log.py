@@ -15,7 +15,7 @@ from typing import Any
 
 from cirlib import paths
 from cirlib.run_folder import RunFolder
-from cirlib.train.checkpoints import CheckpointError, write_failed
+from cirlib.train.checkpoints import CheckpointError
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -76,7 +76,7 @@ class MetricsLog:
             with self.jsonl.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as err:
-            raise write_failed(self.jsonl, err) from err
+            raise paths.write_failed(self.jsonl, err) from err
         new = [k for k in record if k not in self.columns]
         if new:  # a new column: rewrite the whole CSV with the wider header
             self.columns += new
@@ -86,7 +86,7 @@ class MetricsLog:
             with self.csv.open("a", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(self._row(record))
         except OSError as err:
-            raise write_failed(self.csv, err) from err
+            raise paths.write_failed(self.csv, err) from err
 
     def _row(self, record: dict[str, Any]) -> list[Any]:
         return ["" if record.get(c) is None else record.get(c) for c in self.columns]

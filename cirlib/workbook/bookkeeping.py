@@ -68,6 +68,19 @@ class StepBook:
         without looking when `overwrite`."""
         return None if overwrite else self.decide(saved)
 
+    def reuse_evaluation(self, wanted: Callable[[], Any], *, overwrite: bool) -> dict[str, Any] | None:
+        """The run folder's evaluation record (`RunFolder.evaluation_file`, metrics.json) when its "produced_by"
+        entry equals `wanted()` (the settings, input hashes and weights hashes that made it); None when there is
+        none, it was made otherwise, or `overwrite` (collective; see `reuse`)."""
+        return self.reuse(lambda: self.saved_record(self.run.evaluation_file, "produced_by", wanted), overwrite=overwrite)
+
+    @staticmethod
+    def saved_record(path: Path, key: str, wanted: Callable[[], Any]) -> dict[str, Any] | None:
+        """The JSON record at `path` when its `key` entry equals `wanted()` (None: no file, or another entry)."""
+        if not path.is_file():
+            return None
+        return StepBook.matching(paths.read_json(path, "saved evaluation record"), key, wanted())
+
     def finished(self, config: Mapping[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
         """The run's completion record when it finished with exactly `config` (collective; see `reuse`)."""
         return self.reuse(lambda: self.run.finished(config), overwrite=overwrite)

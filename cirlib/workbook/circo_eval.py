@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cirlib import paths, provenance
@@ -29,6 +30,7 @@ from cirlib.data import get_dataset
 from cirlib.data import circo as layout
 from cirlib.eval import circo
 from cirlib.progress import progress_bar
+from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder, outputs_root, sidecar_file
 from cirlib.workbook import search
 from cirlib.workbook.config import CircoConfig, identity, split_list
@@ -102,12 +104,12 @@ def default_index(cfg: CircoConfig) -> Path:
     return outputs_root(cfg.outputs) / "search" / f"{dataset_root(cfg.circo_root).name}_{Path(cfg.stage1_run).name}"
 
 
-def _final_order(result: search.QueryResult, k: int) -> list[search.Hit]:
-    """Stage II's list: its order of the first k candidates, then stage I's order (50 in all)."""
-    if k >= LIST_LENGTH:
-        return list(result.stage2[:LIST_LENGTH])
-    head = sorted(result.candidates[:k], key=lambda h: -h.stage2_score)  # sorted() is stable: ties keep stage I's order
-    return (head + list(result.candidates[k:]))[:LIST_LENGTH]
+def _final_order(results: list[search.QueryResult], idx: search.GalleryIndex, k: int) -> np.ndarray:
+    """(queries, 50) names of stage II's lists: its order of the first k candidates, then stage I's order."""
+    ranked = TopK(dataset=None, split=search.SEARCH_SPLIT, category=None, index_names=tuple(idx.names),
+                  sorted_index_names=[[h.name for h in r.candidates] for r in results],
+                  stage2_scores=[[h.stage2_score for h in r.candidates] for r in results])
+    return ranked.sliced(k).reranked_then_rest(ranked, 0.0, LIST_LENGTH)
 
 
 def rank_circo(index: str | Path | search.GalleryIndex, data: CircoSplit, *, stage1: str, stage2: str | None,
@@ -145,10 +147,11 @@ def rank_circo(index: str | Path | search.GalleryIndex, data: CircoSplit, *, sta
                               stage2=stage2 or None, k=max(k, LIST_LENGTH), top=LIST_LENGTH,
                               exclude_reference=exclude_reference, search=search_method, batch_size=batch_size,
                               outputs=outputs)
-        for q, r in zip(chunk, results):
+        final = _final_order(results, idx, min(k, results[0].k)).tolist() if stage2 else None
+        for i, (q, r) in enumerate(zip(chunk, results)):
             out["stage1"][q.id] = [data.gallery.id_of(h.name) for h in r.candidates[:LIST_LENGTH]]
             if stage2:
-                out["stage2"][q.id] = [data.gallery.id_of(h.name) for h in _final_order(r, k)]
+                out["stage2"][q.id] = [data.gallery.id_of(n) for n in final[i]]
     return out
 
 

@@ -18,8 +18,10 @@ same.
 
 A dataset without `SplitData` (`Dataset.has_split_data` False: CIRCO) takes `rerank_circo`: its split read by
 `circo_eval.load_circo` at `data_root`, the candidates imported by `import_candidates` and scored by stage II through
-notebook 09's gallery index, lists of 50 (stage II's order of the first k, then the imported order), the val metrics
-of the imported and the re-ranked lists, and on test the server file once `validate_submission` accepts it.
+notebook 09's gallery index, lists of 50 (stage II's order of the first k, then the imported order:
+`TopK.reranked_then_rest`), the val metrics of the imported and the re-ranked lists with the same analysis (a query's
+rank is its best-placed ground truth's; the fusion sweep's best weight by `Dataset.selection_key`, mAP@10), and on
+test the server file once `validate_submission` accepts it; a saved record is reused as for `SplitData` splits.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from cirlib import data as cdata
 from cirlib import paths, plots, provenance
 from cirlib.eval import gain
 from cirlib.eval import metrics as M
-from cirlib.eval.rank_shift import rank_shift
+from cirlib.eval.rank_shift import rank_shift, rank_shift_of_ranks
 from cirlib.retrieval.ranked_lists import SplitQueries, import_candidates, read_ranked_lists, split_query_ids
 from cirlib.retrieval.rerank import rerank
 from cirlib.retrieval.topk import TopK
@@ -49,8 +51,7 @@ from cirlib.workbook.evaluation import (EVAL_SPLIT, query_counts, refuse_unsuppo
                                         step_sets)
 from cirlib.workbook.factories import (abs_path, data_root, dataset_root, device, load_stage2_run, stage1_for,
                                        stage1_weights_file)
-from cirlib.workbook.steps import (SUBMISSION_LENGTH, _saved_evaluation, _write_submissions, resolve,
-                                   stage2_run_config)
+from cirlib.workbook.steps import SUBMISSION_LENGTH, resolve, stage2_run_config, write_submissions
 from cirlib.workbook.stores import provenance_of, stage2_stores
 
 STEP = "rerank"
@@ -162,8 +163,9 @@ class RerankResult:
         return pd.DataFrame.from_dict(rows, orient="index")
 
     def summary(self) -> dict[str, Any]:
-        """The command line's JSON: imported and re-ranked metrics, the analysis, counts, files."""
-        analysis = {k: v for k, v in self.record["analysis"].items() if k != "outcomes_per_query"}
+        """The command line's JSON: imported and re-ranked metrics, the analysis (less its per-query lists), counts,
+        files."""
+        analysis = {k: v for k, v in self.record["analysis"].items() if k not in ("outcomes_per_query", "rank_shift")}
         return {"imported": self.imported, "reranked": self.reranked, "k": self.k, "split": self.record["split"],
                 "analysis": analysis, "query_counts": self.record["query_counts"],
                 "warnings": self.record["warnings"], "out": str(self.out_dir), "reused": self.reused,
@@ -220,7 +222,7 @@ def rerank_split(cfg: RerankConfig) -> RerankResult:
                 # only when images were dropped (records made from complete data stay valid)
                 **({"query_counts": query_counts(sets, run)} if any(sd.dropped for sd in sets) else {})}
 
-    saved = book.reuse(lambda: _saved_evaluation(run, "produced_by", produced_by), overwrite=cfg.overwrite)
+    saved = book.reuse_evaluation(produced_by, overwrite=cfg.overwrite)
     if saved is not None:
         return RerankResult(saved["imported"], saved["reranked"], saved["k"], run.path, saved, reused=True)
     book.check_writable(f"re-ranking folder {run.path}")
@@ -309,7 +311,7 @@ def _analysis(cfg: RerankConfig, ds, splits: list[_Split], seconds: float) -> di
                 res = s.reranked(cfg.fusion_weight)  # the subset is ranked by stage II alone, at any weight
                 return np.take_along_axis(s.scored.labels.numpy(), order, axis=1), res.group_labels
             return _metrics(ds, splits, cfg.k, ordered)
-        out["fusion_sweep"] = gain.fusion_sweep(weights, score, "selection").to_dict()
+        out["fusion_sweep"] = gain.fusion_sweep(weights, score, ds.selection_key).to_dict()
     return out
 
 
@@ -352,7 +354,7 @@ def _rerank_and_write(cfg: RerankConfig, book: StepBook, ds, trained: Stage2Trai
         if cfg.split == ds.test_split and ds.has_test_server:
             written.update({k: str(p) for k, p in _server_files(cfg, splits, run).items()})
         if any(s.dropped for s in splits):
-            written["dropped_queries"] = str(_record_lacking(run, splits))
+            written["dropped_queries"] = str(_record_lacking(run, [(s.sd.split, s.sd.category, s.dropped) for s in splits]))
         paths.write_json(run.provenance_file, made_by)
         paths.write_json(run.evaluation_file, {**record, "files": written})
         return {**record, "files": written}
@@ -361,14 +363,14 @@ def _rerank_and_write(cfg: RerankConfig, book: StepBook, ds, trained: Stage2Trai
     return RerankResult(imported, reranked, cfg.k, run.path, saved, files=saved["files"])
 
 
-def _record_lacking(run: RunFolder, splits: list[_Split]) -> Path:
-    """Add the queries the candidate file lacked (missing_queries="drop") to the folder's dropped-queries record,
-    beside any images dropped (`record_dropped`), under "rerank_candidates"."""
+def _record_lacking(run: RunFolder, lacking: list[tuple[str, str | None, list[str]]]) -> Path:
+    """Add the queries the candidate file lacked (missing_queries="drop"; (split, category, query ids) each) to the
+    folder's dropped-queries record, beside any images dropped (`record_dropped`), under "rerank_candidates"."""
     path = run.dropped_queries_file
     record = paths.read_json(path, "dropped-queries record") if path.exists() else {}
     record[f"{STEP}_candidates"] = {"missing_queries": "drop", "splits": [
-        {"split": s.sd.split, "category": s.sd.category, "queries_dropped": len(s.dropped), "query_ids": s.dropped}
-        for s in splits]}
+        {"split": split, "category": category, "queries_dropped": len(ids), "query_ids": ids}
+        for split, category, ids in lacking]}
     return paths.write_json(path, record)
 
 
@@ -382,10 +384,9 @@ def _server_files(cfg: RerankConfig, splits: list[_Split], run: RunFolder) -> di
     if s.imported.k < SUBMISSION_LENGTH:
         raise ValueError(f"the server needs {SUBMISSION_LENGTH} names per query, the candidate file holds "
                          f"{s.imported.k}")
-    res = s.reranked(cfg.fusion_weight)
-    lists = np.concatenate([res.sorted_index_names, s.imported.sorted_index_names[:, res.k:]], axis=1)
-    name = run.name
-    return _write_submissions(s.sd, {"reranked": (name, lists[:, :SUBMISSION_LENGTH], res.group_names[:, :3])},
+    lists = s.scored.reranked_then_rest(s.imported, cfg.fusion_weight, SUBMISSION_LENGTH)
+    group = s.reranked(cfg.fusion_weight).group_names[:, :3]
+    return write_submissions(s.sd, {"reranked": (run.name, lists, group)},
                               run.submission_dir)
 
 
@@ -393,8 +394,12 @@ def _server_files(cfg: RerankConfig, splits: list[_Split], run: RunFolder) -> di
 
 
 def rank_shift_panels(result: RerankResult) -> list[Any]:
-    """Figure 8's panel of each split: how the re-ranking moved the imported lists' targets (from the saved files)."""
+    """Figure 8's panel of each split: how the re-ranking moved the imported lists' targets (from the saved files;
+    with several ground truths per query, CIRCO, from the ranks of the best-placed one the record holds)."""
     figs = []
+    for name, ranks in result.record["analysis"].get("rank_shift", {}).items():
+        shift = rank_shift_of_ranks(np.asarray(ranks["imported"]), np.asarray(ranks["reranked"]), ranks["k"])
+        figs.append(plots.plot_rank_shift(shift, title=f"{name}: imported -> re-ranked (best-placed ground truth)"))
     fusion_weight = result.record["fusion_weight"]
     for name, path in result.record.get("files", {}).items():
         if not str(path).endswith(".pt"):
@@ -442,10 +447,12 @@ def check_inputs(cfg: RerankConfig) -> pd.DataFrame:
 class _IndexSplit:
     """A split without `SplitData` (CIRCO) re-ranked through its gallery index."""
 
-    data: Any  # circo_eval.CircoSplit
+    data: Any  # circo_eval.CircoSplit, its queries the ones the candidate file has a list for
     imported: TopK  # the first max(k, 50) imported names per query, split order
     scored: TopK  # its first k with the stage-II scores
     seconds: float
+    dropped: list[str]  # ids of the queries the file lacked (missing_queries="drop")
+    warnings: list[str]
 
     def lists(self, names: np.ndarray) -> dict[int, list[int]]:
         """{query id: the first 50 image ids of `names`} (the server's lists)."""
@@ -454,9 +461,14 @@ class _IndexSplit:
                 for q, row in zip(self.data.queries, names.tolist())}
 
     def final_names(self, fusion_weight: float) -> np.ndarray:
-        """Stage II's order of the first k, then the imported order (as notebook 09's `_final_order`)."""
-        head = self.scored.reranked(fusion_weight).sorted_index_names
-        return np.concatenate([head, self.imported.sorted_index_names[:, head.shape[1]:]], axis=1)
+        """Stage II's order of the first k, then the imported order: the server's 50 names per query."""
+        return self.scored.reranked_then_rest(self.imported, fusion_weight, circo_eval.LIST_LENGTH)
+
+    def first_ranks(self, names: np.ndarray) -> np.ndarray:
+        """(N,) 0-based rank of each query's best-placed ground truth in `names` (-1: none)."""
+        gallery = self.data.gallery
+        return gain.first_ranks(np.array([[gallery.id_of(n) in set(q.gt_img_ids) for n in row]
+                                          for q, row in zip(self.data.queries, names.tolist())], dtype=bool))
 
 
 def _circo_index(cfg: RerankConfig, trained: Stage2TrainConfig, data: Any) -> Any:
@@ -471,11 +483,13 @@ def _circo_index(cfg: RerankConfig, trained: Stage2TrainConfig, data: Any) -> An
 
 def _score_index_split(cfg: RerankConfig, ds: "cdata.Dataset", trained: Stage2TrainConfig, data: Any, file: Path
                        ) -> _IndexSplit:
-    """Import the candidate file (lists of at least max(k, 50)) and score its first k with stage II."""
+    """Import the candidate file (lists of at least max(k, 50); queries without one dropped when
+    `missing_queries` says so) and score the first k with stage II."""
     depth = max(cfg.k, circo_eval.LIST_LENGTH)
     lists = read_ranked_lists(file, cfg.format)
     queries = SplitQueries.from_circo(data.queries, list(data.gallery.names), cfg.split)
-    imported = import_candidates(lists, queries, k=depth, missing_queries="error").topk
+    got = import_candidates(lists, queries, k=depth, missing_queries=cfg.missing_queries)
+    imported, data = got.topk, dataclasses.replace(data, queries=[data.queries[i] for i in got.rows])
     idx = _circo_index(cfg, trained, data)
     head = imported.sorted_index_names[:, :cfg.k]
     absent = sorted({n for n in head.ravel().tolist() if n not in idx})
@@ -487,82 +501,129 @@ def _score_index_split(cfg: RerankConfig, ds: "cdata.Dataset", trained: Stage2Tr
     rows = torch.as_tensor([[idx.positions[n] for n in row] for row in head.tolist()], dtype=torch.long)
     s2 = search.load_stage2(cfg.stage2_run, outputs=cfg.outputs)
     t0 = time.perf_counter()
-    scores = search._stage2_scores(idx, s2, refs, texts, rows, device(), CircoConfig.batch_size,
-                                   cfg.scoring, cfg.max_pairs, "ondemand")
+    scores = search.stage2_scores(idx, s2, refs, texts, rows, device(), CircoConfig.batch_size,
+                                  cfg.scoring, cfg.max_pairs, "ondemand")
     seconds = time.perf_counter() - t0
     first = None if imported.scores is None else imported.scores[:, :cfg.k]  # TREC / JSONL scores: the fusion
     scored = dataclasses.replace(imported, sorted_index_names=head, scores=first, stage2_scores=scores.float())
-    return _IndexSplit(data, imported, scored, seconds)
+    return _IndexSplit(data, imported, scored, seconds, list(got.dropped_queries), list(got.warnings))
+
+
+def _refuse_index_config(cfg: RerankConfig, ds: "cdata.Dataset") -> None:
+    """What a split read through an index cannot do: no candidate file, or queries dropped from a test split."""
+    if not cfg.candidates:
+        raise ValueError(f"RerankConfig on {ds.title}: candidates is empty; expected a ranked-list file")
+    if cfg.split == ds.test_split and cfg.missing_queries == "drop":
+        raise ValueError(f"RerankConfig on {ds.title}: missing_queries='drop' on the {cfg.split} split: the server "
+                         "scores every query, so the file needs a list for each (missing_queries='error' names "
+                         "the ones it lacks)")
 
 
 def rerank_circo(cfg: RerankConfig) -> RerankResult:
     """Re-rank imported candidates of a split without `SplitData` (CIRCO) through its gallery index.
 
-    The split is read by `circo_eval.load_circo` at `data_root`; the candidate file (every query, lists of at least
-    max(k, 50) gallery images) is imported by `import_candidates`; stage II scores its first k with the references
-    and candidates of notebook 09's gallery index (`index`, built when missing); the final lists are 50 long:
-    stage II's order of the first k, then the imported order. Val: the dataset's metrics of the imported and the
-    re-ranked lists; test: the server file, written once `validate_submission` accepts it. Always recomputed.
+    The split is read by `circo_eval.load_circo` at `data_root`; the candidate file (lists of at least max(k, 50)
+    gallery images; every query, or on val `missing_queries="drop"` leaves queries without one out, recorded) is
+    imported by `import_candidates`; stage II scores its first k with the references and candidates of notebook
+    09's gallery index (`index`, built when missing); the final lists are 50 long: stage II's order of the first k,
+    then the imported order. Val: the dataset's metrics of the imported and the re-ranked lists and the analysis;
+    test: the server file, written once `validate_submission` accepts it. A saved record is returned instead when
+    it was made with the same settings, candidate file (content hash), annotation file, stage-II run config and
+    both models' weights (hash).
     """
     s2 = stage2_folder(cfg)
     trained = stage2_run_config(s2, cfg.outputs)
     ds = _check(cfg, trained)
-    load_stage2_run(s2)  # refuses an unfinished run
-    if not cfg.candidates or cfg.missing_queries != "error":
-        raise ValueError(f"RerankConfig on {ds.title}: candidates={cfg.candidates!r}, missing_queries="
-                         f"{cfg.missing_queries!r}; expected a ranked-list file with a list for every query")
+    _refuse_index_config(cfg, ds)
+    load_stage2_run(s2)  # refuses an unfinished run before anything is hashed
     (file,) = candidate_files(cfg, trained, [None])
     if not file.is_file():
         raise FileNotFoundError(f"candidate file not found: {file}")
     data = circo_eval.load_circo(dataset_root(cfg.data_root), cfg.split)
     if cfg.split == ds.eval_split and cfg.max_val_queries:
         data = dataclasses.replace(data, queries=data.queries[:cfg.max_val_queries])
-    split = _score_index_split(cfg, ds, trained, data, file)
     run = result_folder(cfg)
-    run.path.mkdir(parents=True, exist_ok=True)
+    book = StepBook(f"{STEP}_{ds.name}", run)
+
+    def produced_by() -> dict[str, Any]:
+        return {"settings": {k: v for k, v in identity(cfg).items() if k not in ("candidates", "name", "out")},
+                "stage2_config_hash": config_hash(s2.saved_config()),
+                "stage1_weights_sha256": file_sha256(stage1_weights_file(trained)),
+                "stage2_weights_sha256": file_sha256(s2.weights_file),
+                "candidates_sha256": [file_sha256(file)], "annotations_sha256": file_sha256(data.annotation_file)}
+
+    saved = book.reuse_evaluation(produced_by, overwrite=cfg.overwrite)
+    if saved is not None:
+        return RerankResult(saved["imported"], saved["reranked"], saved["k"], run.path, saved, reused=True)
+    book.check_writable(f"re-ranking folder {run.path}")
+    with book.locked():
+        return _rerank_index_and_write(cfg, ds, trained, s2, data, file, run, produced_by())
+
+
+def _rerank_index_and_write(cfg: RerankConfig, ds: "cdata.Dataset", trained: Stage2TrainConfig, s2: RunFolder,
+                            data: Any, file: Path, run: RunFolder, produced_by: dict[str, Any]) -> RerankResult:
+    in_split = len(data.queries)
+    split = _score_index_split(cfg, ds, trained, data, file)
+    data = split.data
     made_by = provenance.record(
         f"{STEP}_{ds.name}", identity(cfg), weights={"stage2": s2.weights_file}, inputs={"candidates": file},
         splits=[data], dataset=ds.name, data_root=data.root, device=device(), precision="fp32",
         outputs=cfg.outputs or None)
     final = split.lists(split.final_names(cfg.fusion_weight))
     imported = reranked = {}
-    analysis: dict[str, Any] = {"ceiling": {}, "outcomes": {}, "outcomes_per_query": {}}
+    analysis: dict[str, Any] = {"ceiling": {}, "outcomes": {}, "outcomes_per_query": {}, "fusion_sweep": None}
     if cfg.split == ds.eval_split:
         before = split.lists(split.imported.sorted_index_names)
         imported = ds.metrics({q: ids[:len(final[q])] for q, ids in before.items()}, data.queries)
         reranked = ds.metrics(final, data.queries)
-        analysis = _index_analysis(data.queries, before, final, cfg.k, cfg.split)
+        analysis = {**_index_analysis(split, cfg.fusion_weight, cfg.split), "fusion_sweep": _index_sweep(cfg, ds, split)}
+    run.path.mkdir(parents=True, exist_ok=True)
     files = {split.data.split: str(dataclasses.replace(split.scored, produced_by=made_by).save(
         run.reranked_file(cfg.split)))}
     if cfg.split == ds.test_split:
         files["reranked"] = str(_index_server_file(ds, data, final, run, made_by))
+    if split.dropped:
+        files["dropped_queries"] = str(_record_lacking(run, [(cfg.split, None, split.dropped)]))
     queries = len(data.queries)
     record = {"imported": imported, "reranked": reranked, "k": cfg.k, "split": cfg.split, "dataset": ds.name,
               "fusion_weight": cfg.fusion_weight, "scoring": cfg.scoring, "format": cfg.format,
               "stage2_run": s2.name, "candidates": [str(file)], "queries": queries,
-              "query_counts": {cfg.split: {"evaluated": queries}}, "warnings": [],
+              "query_counts": {cfg.split: {"in_split": in_split, "evaluated": queries,
+                                           "missing_from_candidates": len(split.dropped),
+                                           "dropped_from_candidates": split.dropped}},
+              "warnings": split.warnings,
               "analysis": {"latency_ms_per_query": 1000.0 * split.seconds / max(queries, 1),
                            "rerank_seconds": split.seconds, **analysis},
-              "provenance": made_by, "files": files}
+              "produced_by": produced_by, "provenance": made_by, "files": files}
     paths.write_json(run.provenance_file, made_by)
     paths.write_json(run.evaluation_file, record)
     return RerankResult(imported, reranked, cfg.k, run.path, record, files=files)
 
 
-def _index_analysis(queries: Sequence[Any], before: Mapping[int, Sequence[int]], after: Mapping[int, Sequence[int]],
-                    k: int, split: str) -> dict[str, Any]:
-    """Ceiling and outcomes of a split with several ground truths per query (`gt_img_ids`): a query's rank is its
-    best-placed ground truth's (`cirlib.eval.gain`), in the imported list and in the final one (both as long as the
-    final lists; past k they agree)."""
-    def ranks(lists: Mapping[int, Sequence[int]]) -> np.ndarray:
-        width = len(after[queries[0].id])
-        return gain.first_ranks(np.array([[i in set(q.gt_img_ids) for i in lists[q.id][:width]] for q in queries],
-                                         dtype=bool))
-    head = gain.first_ranks(np.array([[i in set(q.gt_img_ids) for i in before[q.id][:k]] for q in queries],
-                                     dtype=bool))
-    labels = gain.outcomes(ranks(before), ranks(after))
-    return {"ceiling": {split: gain.ceiling(head, k)}, "outcomes": {split: gain.outcome_counts(labels)},
-            "outcomes_per_query": {split: dict(zip((str(q.id) for q in queries), labels.tolist()))}}
+def _index_sweep(cfg: RerankConfig, ds: "cdata.Dataset", split: _IndexSplit) -> dict[str, Any] | None:
+    """The fusion sweep of the final lists (the imported scores fused with stage II's, as `TopK.reranked`), the best
+    weight by the dataset's `selection_key`; None without imported scores or weights."""
+    weights = [float(w) for w in split_list(cfg.fusion_sweep)]
+    if not weights or split.scored.scores is None:
+        return None
+    score = lambda w: ds.metrics(split.lists(split.final_names(w)), split.data.queries)  # noqa: E731
+    return gain.fusion_sweep(weights, score, ds.selection_key).to_dict()
+
+
+def _index_analysis(split: _IndexSplit, fusion_weight: float, name: str) -> dict[str, Any]:
+    """Ceiling, outcomes and Figure 8's data of a split with several ground truths per query (`gt_img_ids`): a
+    query's rank is its best-placed ground truth's (`cirlib.eval.gain`). Outcomes compare the imported and the final
+    lists (50 long; past k they agree); the rank shift, the imported order and stage II's of the first k."""
+    k, width = split.scored.k, circo_eval.LIST_LENGTH
+    head = split.scored.sorted_index_names
+    labels = gain.outcomes(split.first_ranks(split.imported.sorted_index_names[:, :width]),
+                           split.first_ranks(split.final_names(fusion_weight)))
+    shift = {"k": k, "imported": split.first_ranks(head).tolist(),
+             "reranked": split.first_ranks(split.scored.reranked(fusion_weight).sorted_index_names).tolist()}
+    return {"ceiling": {name: gain.ceiling(split.first_ranks(head), k)},
+            "outcomes": {name: gain.outcome_counts(labels)},
+            "outcomes_per_query": {name: dict(zip((str(q.id) for q in split.data.queries), labels.tolist()))},
+            "rank_shift": {name: shift}}
 
 
 def _index_server_file(ds: "cdata.Dataset", data: Any, lists: dict[int, list[int]], run: RunFolder,

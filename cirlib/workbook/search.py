@@ -336,8 +336,8 @@ def rank(index: str | GalleryIndex, references: Sequence[str | Path | PIL.Image.
     scores1, rows1 = idx.search(q, k, exclude, method=search)
     s2_scores = None
     if s2 is not None:
-        s2_scores = _stage2_scores(idx, s2, images, texts, rows1, dev, batch_size,
-                                   scoring or s2.scoring, max_pairs or s2.max_pairs, stage2_tokens)
+        s2_scores = stage2_scores(idx, s2, images, texts, rows1, dev, batch_size,
+                                  scoring or s2.scoring, max_pairs or s2.max_pairs, stage2_tokens)
     ranked = ranked_list(idx, scores1, rows1, s2_scores, reference_removed=any(e is not None for e in exclude))
     reranked = ranked.reranked(fusion_weight) if ranked is not None and s2_scores is not None else None
     return [QueryResult.from_topk(ranked, reranked, i, idx, reference=label, text=texts[i], reference_in_index=name,
@@ -367,10 +367,11 @@ def _hits(ranked: TopK | None, row: int, idx: GalleryIndex) -> list[Hit]:
             for j, (name, s1) in enumerate(zip(ranked.sorted_index_names[row].tolist(), ranked.scores[row].tolist()))]
 
 
-def _stage2_scores(idx: GalleryIndex, s2: Stage2Source, images, texts, rows1: torch.Tensor, dev, batch_size: int,
-                   scoring: str, max_pairs: int, stage2_tokens: str) -> torch.Tensor:
-    """(N, K) stage-II scores of each query's stage-I candidates (as `rerank`: one `Stage2Model.score` call per
-    batch of queries, over the union of their candidates' tokens)."""
+def stage2_scores(idx: GalleryIndex, s2: Stage2Source, images, texts, rows1: torch.Tensor, dev, batch_size: int,
+                  scoring: str, max_pairs: int, stage2_tokens: str) -> torch.Tensor:
+    """(N, K) stage-II scores of each query's candidates, index rows `rows1` (N, K), with reference `images` (PIL)
+    and `texts` (as `rerank`: one `Stage2Model.score` call per `batch_size` queries, over the union of their
+    candidates' tokens; `stage2_tokens` "ondemand" | "store", see `rank`)."""
     model = s2.model.to(dev).eval()
     transform = fs.transform_of(s2.preprocess)
     store = None

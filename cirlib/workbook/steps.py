@@ -488,7 +488,7 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
                 # only when images were dropped (records made from complete data stay valid)
                 **({"query_counts": counts} if any(sd.dropped for sd in sets) else {})}
 
-    reused = book.reuse(lambda: _saved_evaluation(run, "produced_by", produced_by), overwrite=cfg.overwrite)
+    reused = book.reuse_evaluation(produced_by, overwrite=cfg.overwrite)
     if reused is not None:
         book.on_main(lambda: _warn(reused.get("notes", [])))
         return Comparison(reused["stage1"], reused["stage2"], reused["k"], run.path, reused=True,
@@ -496,13 +496,6 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
     book.check_writable(f"stage-II run folder {run.path} (its evaluation files)")
     with book.locked():  # one writer of the run folder
         return _evaluate_and_write(cfg, book, trained, root, sets, counts, files, produced_by)
-
-
-def _saved_evaluation(run: RunFolder, key: str, wanted) -> dict[str, Any] | None:
-    """The run's saved evaluation record when its `key` entry equals wanted() (None: no record, or another key)."""
-    if not run.evaluation_file.is_file():
-        return None
-    return StepBook.matching(paths.read_json(run.evaluation_file, "stage-II evaluation record"), key, wanted())
 
 
 def _evaluate_and_write(cfg: EvaluateConfig, book: StepBook, trained: Stage2TrainConfig, root: Path, sets, counts,
@@ -567,19 +560,18 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
     store, zt_store = stage2_stores(stage1, stage2, trained.feature_store, [sd], target_ratio=trained.target_ratio,
                                     outputs=cfg.outputs, device=dev)
     gallery, zt_gallery = rerank_galleries(stage1, stage2, sd, transform, store, zt_store, dev)
-    res = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
-                 zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring,
-                 device=dev).reranked(cfg.fusion_weight)
+    scored = rerank(stage1, stage2, tok, sd, tk, gallery, k=min(cfg.k, tk.k), fusion_weight=cfg.fusion_weight,
+                    zt_gallery=zt_gallery, max_pairs=cfg.max_pairs, scoring=cfg.scoring, device=dev)
+    res = scored.reranked(cfg.fusion_weight)
     # Stage II re-orders the first k; the rest of the 50 keep their stage-I order (k = 50 is the original).
-    stage2_lists = np.concatenate([res.sorted_index_names, tk.sorted_index_names[:, res.sorted_index_names.shape[1]:]],
-                                  axis=1)[:, :SUBMISSION_LENGTH]
+    stage2_lists = scored.reranked_then_rest(tk, cfg.fusion_weight, SUBMISSION_LENGTH)
     lists = {
         "stage1": (f"{cfg.submission_name}_stage1", tk.sorted_index_names[:, :SUBMISSION_LENGTH], tk.group_names[:, :3]),
         "stage2": (cfg.submission_name, stage2_lists, res.group_names[:, :3]),
     }
 
     def write() -> dict[str, Path]:
-        written = _write_submissions(sd, lists, run.submission_dir)
+        written = write_submissions(sd, lists, run.submission_dir)
         # the server's files hold the server's format only: what produced them goes in a sidecar beside the folder
         made_by = book.record(cfg, [sd], dataset=trained.dataset, root=root, preset=trained.preset, precision="fp32",
                               seed=None, inputs={p.name: p},
@@ -619,8 +611,18 @@ def _test_topk(p: Path, dataset: str, sd: "cdata.SplitData") -> TopK:
     return tk
 
 
-def _write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
-                       out_dir: Path) -> dict[str, Path]:
+def write_submissions(sd: "cdata.SplitData", lists: dict[str, tuple[str, np.ndarray, np.ndarray]],
+                      out_dir: Path) -> dict[str, Path]:
+    """Write the test server's files of each list set into `out_dir`, each checked by the dataset's
+    `check_submission` after it is written (an error names the file and the problem).
+
+    Args:
+        sd: the test split (every query, in caption-file order).
+        lists: {label: (submission name, (N, 50) names best first, (N, 3) subset names best first)}.
+
+    Returns:
+        {"<label>_recall": path, "<label>_subset": path} per label.
+    """
     ds = cdata.get_dataset(sd)
     written: dict[str, Path] = {}
     for label, (name, recall_lists, subset_lists) in lists.items():
