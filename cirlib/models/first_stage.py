@@ -160,3 +160,4 @@ def first_stage_class(name: str) -> type:
 
 
 import cirlib.models.stage1  # noqa: E402,F401  (registers the built-in "blip" first stage)
+import cirlib.models.sprc  # noqa: E402,F401  (registers SPRC's BLIP-2 retriever, "sprc")

@@ -1,6 +1,7 @@
 """Proof of equality with the original code: recompute an oracle fixture folder with our models and compare.
 
-A fixture folder (like `shared/fixtures/original-tiny/`) holds tensors produced by running the original code:
+A fixture folder (like `shared/fixtures/original-tiny/`) holds tensors produced by running the original code
+(a folder made by running SPRC's code, whose config.json names `sprc_commit`, is checked by `verify_sprc`):
 `config.json`, `inputs.pt`, `expected.pt`, the original checkpoints `stage1_ckpt.pt` / `stage2_ckpt.pt`, a BLIP-like
 pre-training file `blip_pretrain_like.pt`, the stage-II state the original built from it
 (`stage2_from_pretrain_state.pt`) and the PNGs behind `inputs.pt`. Nothing here is specific to one fixture's sizes.
@@ -240,6 +241,10 @@ def _verify(directory: str | Path) -> tuple[list[Result], list[str]]:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {directory} is not an oracle fixture folder")
     raw_cfg = json.loads(cfg_path.read_text())
+    from cirlib.tools.verify_sprc import is_sprc_fixture, verify_sprc  # imports this module's helpers
+
+    if is_sprc_fixture(raw_cfg):
+        return verify_sprc(directory, raw_cfg)
     config = config_from_fixture(raw_cfg)
     inputs = loading.read_checkpoint(directory / "inputs.pt")
     expected = loading.read_checkpoint(directory / "expected.pt")
