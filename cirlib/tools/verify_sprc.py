@@ -18,6 +18,7 @@ from cirlib.models import loading
 from cirlib.models.config import ModelConfig, QFormerConfig, TextConfig, VisionConfig
 from cirlib.models.sprc import SPRCLossWeights, SPRCRetriever, pre_caption
 from cirlib.models.sprc_keys import SPRC_UNUSED, lavis_key
+from cirlib.models.stage1 import Stage1Output
 from cirlib.tools.verify_original import Result, Tolerance, _capture, compare
 
 # fp32 on both sides, same operations in the same order except where transformers groups them differently (q*scale
@@ -25,6 +26,7 @@ from cirlib.tools.verify_original import Result, Tolerance, _capture, compare
 SPRC_HIDDEN = Tolerance(1e-5, 0.0)  # ViT/Q-Former hidden states, losses, gradients
 SPRC_UNIT = Tolerance(1e-6, 0.0)  # unit-norm embeddings and their dot products
 SPRC_STEP = Tolerance(1e-7, 0.0)  # parameters after one AdamW step (a change of at most lr per value)
+GRAD_FLOOR = 1e-4  # |grad| below which an AdamW step's sign is float noise (50x the measured gradient differences)
 EXACT = Tolerance(0.0, 0.0)
 PIXELS = Tolerance(1e-6, 0.0)
 
@@ -66,7 +68,7 @@ class _Flat:
         self.compared: set[str] = set()
 
     def check(self, key: str, actual: Callable[[], torch.Tensor] | torch.Tensor, tol: Tolerance) -> None:
-        if key not in self.expected:
+        if key not in self.expected or key in self.compared:  # absent, or compared already
             return
         self.results.append(compare(key, actual() if callable(actual) else actual, self.expected[key], tol))
         self.compared.add(key)
@@ -157,8 +159,9 @@ def _check_vision(chk: _Flat, model: SPRCRetriever, inputs: Mapping) -> None:
         chk.check(f"{side}_ln_vision", model.ln_vision(feats.tokens), SPRC_HIDDEN)
         if side == "gallery":
             layers = list(model.qformer.encoder.layer)
-            with _capture(layers) as seen_q:
+            with _capture([model.qformer.dropout]) as emb, _capture(layers) as seen_q:
                 hidden = model.image_queries(feats.tokens)
+            chk.check("gallery_embeddings", emb[0][0], SPRC_HIDDEN)
             chk.check("gallery_qformer_layers", lambda: torch.stack([c[0] for c in seen_q]), SPRC_HIDDEN)
             chk.check("gallery_qformer_out", hidden, SPRC_HIDDEN)
             chk.check("gallery_feats", feats.embeds, SPRC_UNIT)
@@ -189,14 +192,21 @@ def _check_query(chk: _Flat, model: SPRCRetriever, inputs: Mapping) -> None:
     chk.check("ranking", torch.argsort(1 - sim, dim=-1), EXACT)
 
 
-def _losses(model: SPRCRetriever, inputs: Mapping, weights: SPRCLossWeights):
+def _losses(chk: _Flat, model: SPRCRetriever, inputs: Mapping, weights: SPRCLossWeights) -> Stage1Output:
+    """SPRC's forward on the loss batch (each query's target from the gallery), checking its intermediates."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     target = inputs["gallery_images"][inputs["train_target_index"]]
     with torch.no_grad():
         ref_tokens = model.encode_image(inputs["ref_images"]).tokens
         target_tokens = model.encode_image(target).tokens
     model.loss_weights = weights
-    return model(ref_tokens, ids, mask, model.embed_tokens(target_tokens))
+    target_embeds = model.embed_tokens(target_tokens)
+    with _capture(list(model.qformer.encoder.layer)) as seen:  # calls: pass 1, pass 2, the relative pass
+        out = model(ref_tokens, ids, mask, target_embeds)
+    chk.check("train_target_feats", target_embeds.detach(), SPRC_UNIT)
+    chk.check("train_fusion_feats", out.query.detach(), SPRC_UNIT)
+    chk.check("train_fusion_hidden", seen[-1][0], SPRC_HIDDEN)
+    return out
 
 
 def _check_losses_and_step(chk: _Flat, model: SPRCRetriever, inputs: Mapping, raw_cfg: Mapping) -> None:
@@ -206,10 +216,10 @@ def _check_losses_and_step(chk: _Flat, model: SPRCRetriever, inputs: Mapping, ra
     fiq = SPRCLossWeights(rtc=float(w.get("fashioniq", {}).get("rtc", 1.0)),
                           align=float(w.get("fashioniq", {}).get("align", 1.0)))
     with torch.no_grad():
-        chk.check("loss_total_fiq", _losses(model, inputs, fiq).loss, SPRC_HIDDEN)
+        chk.check("loss_total_fiq", _losses(chk, model, inputs, fiq).loss, SPRC_HIDDEN)
     for p in model.visual_encoder.parameters():
         p.requires_grad_(False)
-    out = _losses(model, inputs, cirr)
+    out = _losses(chk, model, inputs, cirr)
     for name in ("itc", "rtc", "align"):
         chk.check(f"loss_{name}", out.parts[name].detach(), SPRC_HIDDEN)
     chk.check("loss_total_cirr", out.loss.detach(), SPRC_HIDDEN)
@@ -226,7 +236,27 @@ def _check_losses_and_step(chk: _Flat, model: SPRCRetriever, inputs: Mapping, ra
         step = torch.optim.AdamW(list(trainable.values()), lr=float(opt["lr_step"]), betas=tuple(opt["betas"]),
                                  eps=float(opt["eps"]), weight_decay=float(opt["weight_decay"]))
         step.step()
-        chk.check_dict("after_step", {n: p.detach() for n, p in trainable.items()}, SPRC_STEP)
+        _check_step(chk, {n: p.detach() for n, p in trainable.items()})
+
+
+def _check_step(chk: _Flat, ours: Mapping[str, torch.Tensor]) -> None:
+    """Parameters after one AdamW step, where the step is determined by the gradient: Adam's first step moves each
+    value by about lr * sign(grad), so where |grad| is at the level of float noise (e.g. attention key biases, whose
+    true gradient is zero) either sign is right. Compared: the values whose SPRC gradient is >= GRAD_FLOOR, and the
+    values without a gradient (unchanged); SPRC's unused heads have no counterpart."""
+    want, grads = chk.expected["after_step"], chk.expected.get("grads", {})
+    names = [n for n in want if not SPRC_UNUSED.match(n)]
+    missing = [n for n in names if n not in ours]
+    worst, bad, used, total = 0.0, [], 0, 0
+    for n in (n for n in names if n in ours):
+        keep = grads[n].abs() >= GRAD_FLOOR if n in grads else torch.ones_like(want[n], dtype=torch.bool)
+        r = compare(n, ours[n][keep], want[n][keep], SPRC_STEP)
+        worst, used, total = max(worst, r.max_abs_diff), used + int(keep.sum()), total + keep.numel()
+        bad += [] if r.ok else [n]
+    detail = f"{used}/{total} values with |grad| >= {GRAD_FLOOR:g}" + (f"; missing {missing[:5]}" if missing else "")
+    chk.results.append(Result(f"after_step ({len(names)} tensors)", math.inf if missing else worst, SPRC_STEP,
+                              not missing and not bad, detail + (f"; too far: {bad[:5]}" if bad else "")))
+    chk.compared.add("after_step")
 
 
 def _check_pretrain(chk: _Flat, directory: Path, config: ModelConfig, inputs: Mapping, expected: Mapping) -> None:
