@@ -1,12 +1,16 @@
 """`python -m cirlib.verify_original tests/fixtures/sprc-tiny`: our SPRC first stage against SPRC's own code."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from cirlib.models.sprc import CHECKPOINT_KEY, SPRCRetriever
+from cirlib.models.sprc_keys import SPRC_UNUSED, to_lavis
 from cirlib.tools.verify_original import main, verify
+from cirlib.tools.verify_sprc import sprc_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sprc-tiny"
 
@@ -30,3 +34,10 @@ def test_a_changed_expected_tensor_fails(tmp_path):
     torch.save(expected, folder / "expected.pt")
     bad = [r.name for r in verify(folder) if not r.ok]
     assert bad == ["query_embeds"]
+
+
+def test_our_names_map_onto_sprcs_checkpoint_keys_exactly():
+    theirs = torch.load(FIXTURE / "sprc_ckpt.pt", weights_only=True)[CHECKPOINT_KEY]
+    ours = to_lavis(SPRCRetriever(sprc_config(json.loads((FIXTURE / "config.json").read_text()))).state_dict())
+    assert set(ours) == {k for k in theirs if not SPRC_UNUSED.match(k)}
+    assert all(ours[k].shape == theirs[k].shape for k in ours)

@@ -12,38 +12,46 @@ from collections.abc import Mapping
 
 import torch
 
-# Tensors in LAVIS / SPRC files that SPRC's retrieval and losses never read: the Q-Former's masked-LM head, the ITM
-# head, and BERT's position-ids buffer (checked to be arange by the loader).
+# Tensors in LAVIS / SPRC files that SPRC's retrieval and losses never read: the Q-Former's masked-LM head (its
+# decoder weight is tied to the word embeddings), the ITM head, and BERT's position-ids buffer (an arange).
 SPRC_UNUSED = re.compile(r"^(Qformer\.cls\.|itm_head\.|Qformer\.bert\.embeddings\.position_ids$)")
 
-# (LAVIS pattern, our replacement), applied in order, first match wins; names left unchanged are listed in _SAME.
-_RENAMES: tuple[tuple[str, str], ...] = (
-    (r"^visual_encoder\.cls_token$", "visual_encoder.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "visual_encoder.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "visual_encoder.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"visual_encoder.encoder.layers.\1.layer_norm\2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"visual_encoder.encoder.layers.\1.self_attn.qkv.weight"),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"visual_encoder.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"visual_encoder.encoder.layers.\1.mlp."),
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
-    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),
-    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
-     r"qformer.encoder.layer.\1.\2.attention."),
-    (r"^Qformer\.bert\.encoder\.layer\.", "qformer.encoder.layer."),
+# (LAVIS name, our name), first match wins: "{}" stands for a block/layer number; a name ending in "." is a prefix
+# (the rest of the key is kept), any other name is the whole key. Used in both directions.
+_PAIRS: tuple[tuple[str, str], ...] = (
+    ("visual_encoder.cls_token", "visual_encoder.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "visual_encoder.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "visual_encoder.embeddings.patch_embedding."),
+    ("visual_encoder.blocks.{}.norm{}.", "visual_encoder.encoder.layers.{}.layer_norm{}."),
+    ("visual_encoder.blocks.{}.attn.qkv.weight", "visual_encoder.encoder.layers.{}.self_attn.qkv.weight"),
+    ("visual_encoder.blocks.{}.attn.proj.", "visual_encoder.encoder.layers.{}.self_attn.projection."),
+    ("visual_encoder.blocks.{}.mlp.", "visual_encoder.encoder.layers.{}.mlp."),
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.layernorm."),
+    ("Qformer.bert.embeddings.word_embeddings.", "embeddings.word_embeddings."),
+    ("Qformer.bert.embeddings.position_embeddings.", "embeddings.position_embeddings."),
+    ("Qformer.bert.encoder.layer.{}.attention.self.", "qformer.encoder.layer.{}.attention.attention."),
+    ("Qformer.bert.encoder.layer.{}.crossattention.self.", "qformer.encoder.layer.{}.crossattention.attention."),
+    ("Qformer.bert.encoder.layer.{}.", "qformer.encoder.layer.{}."),
+    *((name, name) for name in ("ln_vision.", "vision_proj.", "text_proj.", "query_tokens", "prompt_tokens", "temp")),
 )
-_SAME = re.compile(r"^(ln_vision|vision_proj|text_proj)\.(weight|bias)$|^(query_tokens|prompt_tokens|temp)$")
 _QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias$")
 _OURS_QKV_BIAS = "visual_encoder.encoder.layers.{}.self_attn.qkv.bias"  # one block's merged q/k/v bias
+_OUR_QKV_BIAS = re.compile(r"^visual_encoder\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
+
+
+def _translate(key: str, column: int) -> str | None:
+    """`key` renamed from column `column` of _PAIRS (0: LAVIS) to the other one; None if no pair matches."""
+    for pair in _PAIRS:
+        src, dst = pair[column], pair[1 - column]
+        pattern = "^" + re.escape(src).replace(re.escape("{}"), r"(\d+)") + ("" if src.endswith(".") else "$")
+        if m := re.match(pattern, key):
+            return dst.format(*m.groups()) + key[m.end():]
+    return None
 
 
 def rename_key(key: str) -> str | None:
     """Our name of a LAVIS key (None if it has none; the q/v biases are merged by `from_lavis`, not renamed)."""
-    if _SAME.match(key):
-        return key
-    for pattern, repl in _RENAMES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
+    return _translate(key, 0)
 
 
 def from_lavis(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -75,28 +83,9 @@ def from_lavis(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return ours, ignored, unmapped
 
 
-# Ours -> LAVIS, for `to_lavis` (each checked to come back through `rename_key`).
-_BACK: tuple[tuple[str, str], ...] = (
-    (r"^visual_encoder\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^visual_encoder\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^visual_encoder\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^visual_encoder\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
-    (r"^visual_encoder\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"visual_encoder.blocks.\1.attn.qkv.weight"),
-    (r"^visual_encoder\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^visual_encoder\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^embeddings\.(word|position)_embeddings\.", r"Qformer.bert.embeddings.\1_embeddings."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
-     r"Qformer.bert.encoder.layer.\1.\2.self."),
-    (r"^qformer\.encoder\.layer\.", "Qformer.bert.encoder.layer."),
-)
-_OUR_QKV_BIAS = re.compile(r"^visual_encoder\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
-
-
 def lavis_key(key: str) -> str:
     """The LAVIS name of one of our keys (not the merged qkv bias); ValueError if it has none."""
-    name = key if _SAME.match(key) else next(
-        (re.sub(p, r, key) for p, r in _BACK if re.match(p, key)), None)
+    name = _translate(key, 1)
     if name is None or rename_key(name) != key:
         raise ValueError(f"{key} has no LAVIS name")
     return name
