@@ -220,3 +220,25 @@ def test_stage1_task_trains_the_gallery_head(tmp_path, tok):
                       selection_key="x", store=store)
     task.training_step(next(iter(task.train_loader(0))))["loss"].backward()
     assert model.vision_proj.weight.grad.abs().sum() > 0 and len(store.seen) >= 5
+
+
+def test_loss_weights_and_sprcs_adam_settings_reach_the_model_and_the_loop():
+    from cirlib.models.sprc import SPRCLossWeights
+    from cirlib.workbook import steps
+    from cirlib.workbook.config import Stage1Config
+    from cirlib.workbook.factories import parse_loss_weights
+
+    assert parse_loss_weights("rtc:1, align:0.5") == {"rtc": 1.0, "align": 0.5} and parse_loss_weights("") == {}
+    with pytest.raises(ValueError, match="'rtc' is not name:number"):
+        parse_loss_weights("rtc")
+    model = _model()
+    model.set_loss_weights({"rtc": 1.0})
+    assert model.loss_weights == SPRCLossWeights(rtc=1.0, align=0.4)
+    with pytest.raises(ValueError, match=r"unknown SPRC loss weight\(s\) \['itm'\]"):
+        model.set_loss_weights({"itm": 1.0})
+    blip = Stage1Model(preset("tiny"))
+    blip.set_loss_weights({})
+    with pytest.raises(ValueError, match="'blip' first stage has no auxiliary losses"):
+        blip.set_loss_weights({"rtc": 1.0})
+    loop = steps._stage1_train_config(Stage1Config(adam_beta2=0.98, adam_eps=1e-7))
+    assert loop.betas == (0.9, 0.98) and loop.eps == 1e-7 and loop.weight_decay == 0.05

@@ -45,7 +45,7 @@ import dataclasses
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -125,6 +125,11 @@ class FirstStage(ABC):
         run's `CIRTokenizer`. Default: the tokenizer as is (BLIP's rule: [ENC] over [CLS], padded to the longest, no
         truncation)."""
         return tokenizer(list(texts))
+
+    def set_loss_weights(self, weights: Mapping[str, float]) -> None:
+        """Weights of the training loss's auxiliary terms by name. Default: none to weigh (an error unless empty)."""
+        if weights:
+            raise ValueError(f"the {self.name!r} first stage has no auxiliary losses to weigh; got {dict(weights)}")
 
     def image_weights(self, outputs: Sequence[str]) -> dict[str, nn.Module | torch.Tensor]:
         """The modules and tensors an image's stored `outputs` ("tokens", "embeds") depend on, by name: hashed into a

@@ -18,6 +18,7 @@ batch: padded keys are masked, so every unpadded position is the same.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,13 @@ class SPRCRetriever(FirstStage, nn.Module):
         self.vision_proj = nn.Linear(config.text.hidden_size, config.projection_dim)
         self.text_proj = nn.Linear(config.text.hidden_size, config.projection_dim)
         self.temp = nn.Parameter(torch.tensor(INITIAL_TEMP))  # unclamped, a divisor (SPRC's)
+
+    def set_loss_weights(self, weights: Mapping[str, float]) -> None:
+        """Weights of rtc and align (itc weighs 1); names left out keep the current weight."""
+        known = {f.name for f in dataclasses.fields(SPRCLossWeights)}
+        if unknown := set(weights) - known:
+            raise ValueError(f"unknown SPRC loss weight(s) {sorted(unknown)}: the weighted terms are {sorted(known)}")
+        self.loss_weights = dataclasses.replace(self.loss_weights, **weights)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the Q-Former's layer activations in the backward pass (same losses and gradients)."""
