@@ -242,3 +242,25 @@ def test_loss_weights_and_sprcs_adam_settings_reach_the_model_and_the_loop():
         blip.set_loss_weights({"rtc": 1.0})
     loop = steps._stage1_train_config(Stage1Config(adam_beta2=0.98, adam_eps=1e-7))
     assert loop.betas == (0.9, 0.98) and loop.eps == 1e-7 and loop.weight_decay == 0.05
+
+
+def test_gradient_checkpointing_keeps_the_loss_and_the_gradients():
+    model = _model().train()
+    for module in model.modules():  # dropout off (its draws would differ), training mode kept (checkpointing needs it)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    tokens = torch.randn(2, model.config.vision.num_tokens, model.config.vision.width)
+    ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(tokens, ids, (ids > 0).long(), model.embed_tokens(tokens.flip(0))).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_gradient_checkpointing(True)
+    assert model.qformer.encoder.layer[0].gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and all(torch.equal(plain[k], checkpointed[k]) for k in plain)

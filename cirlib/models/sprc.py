@@ -130,9 +130,9 @@ class SPRCRetriever(FirstStage, nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the Q-Former's layer activations in the backward pass (same losses and gradients)."""
         if enabled:
-            self.qformer.gradient_checkpointing_enable()
+            self.qformer.activation_checkpointing_enable()
         else:
-            self.qformer.gradient_checkpointing_disable()
+            self.qformer.activation_checkpointing_disable()
 
     # ------------------------------------------------------------------------------------------------------ images
 
