@@ -264,3 +264,19 @@ def test_gradient_checkpointing_keeps_the_loss_and_the_gradients():
     assert model.qformer.encoder.layer[0].gradient_checkpointing
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys() and all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+
+
+def test_the_released_size_is_eva_vit_g_and_a_bert_base_qformer():
+    from transformers import Blip2VisionConfig
+
+    from cirlib.models.sprc import blip2_vision_config
+
+    ours, eva_g = blip2_vision_config(preset("sprc-g")), Blip2VisionConfig()  # transformers' defaults are BLIP-2's EVA-g
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                 "patch_size", "layer_norm_eps", "qkv_bias", "hidden_act"):
+        assert getattr(ours, name) == getattr(eva_g, name), name
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = SPRCRetriever(preset("sprc-g"))
+    assert sum(p.numel() for p in model.visual_encoder.parameters()) == 985_949_440  # 39 of EVA-CLIP-g's 40 blocks
+    assert model.embeddings.word_embeddings.weight.shape == (30523, 768) and model.query_tokens.shape == (1, 32, 768)
+    assert model.ln_vision.eps == 1e-5 and model.vision_proj.weight.shape == (256, 768)

@@ -66,7 +66,8 @@ def pre_caption(caption: str, max_words: int = CAPTION_MAX_WORDS) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
-def _vision_config(config: ModelConfig) -> Blip2VisionConfig:
+def blip2_vision_config(config: ModelConfig) -> Blip2VisionConfig:
+    """transformers' config of the EVA ViT `config.vision` describes (eager attention, q/v biases)."""
     v = config.vision
     cfg = Blip2VisionConfig(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio),
                             num_hidden_layers=v.depth, num_attention_heads=v.num_heads, image_size=v.image_size,
@@ -76,7 +77,8 @@ def _vision_config(config: ModelConfig) -> Blip2VisionConfig:
     return cfg
 
 
-def _qformer_config(config: ModelConfig, q: QFormerConfig) -> Blip2QFormerConfig:
+def blip2_qformer_config(config: ModelConfig, q: QFormerConfig) -> Blip2QFormerConfig:
+    """transformers' config of the Q-Former: BERT sizes from `config.text`, its text FFN on (SPRC feeds it text)."""
     t = config.text
     cfg = Blip2QFormerConfig(
         vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
@@ -108,10 +110,10 @@ class SPRCRetriever(FirstStage, nn.Module):
         q = config.qformer
         self.config = config
         self.loss_weights = loss_weights
-        self.visual_encoder = Blip2VisionModel(_vision_config(config))
+        self.visual_encoder = Blip2VisionModel(blip2_vision_config(config))
         self.visual_encoder.post_layernorm = nn.Identity()  # LAVIS's EVA ViT ends without a norm; ln_vision follows
         self.ln_vision = nn.LayerNorm(config.vision.width, eps=q.ln_vision_eps)
-        qcfg = _qformer_config(config, q)
+        qcfg = blip2_qformer_config(config, q)
         self.embeddings = Blip2TextEmbeddings(qcfg)
         self.qformer = Blip2QFormerModel(qcfg)
         self.query_tokens = _learned_tokens(q.num_query_tokens, config.text.hidden_size, q.initializer_range)
