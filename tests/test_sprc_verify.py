@@ -21,7 +21,8 @@ def test_the_sprc_fixture_verifies_from_the_command_line(capsys):
     assert code == 0, out
     lines = out.splitlines()
     for name in ("ref_vit_blocks", "gallery_feats", "query_embeds", "rtc_feats", "loss_total_cirr", "grads",
-                 "after_step", "pretrain_loaded.similarity", "inputs.input_ids (tokenize_queries)"):
+                 "after_step", "after_step from SPRC", "padding_longest.query_embeds", "pretrain_loaded.similarity",
+                 "inputs.input_ids (tokenize_queries)"):
         assert any(line.startswith(name) and line.rstrip().split("  (")[0].endswith("ok") for line in lines), name
     assert "not recomputed" not in out
 

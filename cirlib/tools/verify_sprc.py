@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cirlib.data.tokenizer import build_tokenizer
 from cirlib.models import loading
 from cirlib.models.config import ModelConfig, QFormerConfig, TextConfig, VisionConfig
 from cirlib.models.sprc import SPRCLossWeights, SPRCRetriever, pre_caption
@@ -106,6 +107,8 @@ def verify_sprc(directory: Path, raw_cfg: Mapping[str, Any]) -> tuple[list[Resul
     with torch.no_grad():
         _check_vision(chk, model, inputs)
         _check_query(chk, model, inputs)
+        _check_padding_longest(chk, model, build_tokenizer(directory / "vocab.txt"), inputs,
+                               model.encode_image(inputs["gallery_images"]).embeds)
     _check_losses_and_step(chk, model, inputs, raw_cfg)
     if (directory / "lavis_pretrain_like.pt").is_file():
         _check_pretrain(chk, directory, config, inputs, expected)
@@ -117,8 +120,6 @@ def verify_sprc(directory: Path, raw_cfg: Mapping[str, Any]) -> tuple[list[Resul
 def _check_text_rules(chk: _Flat, directory: Path, inputs: Mapping, model: SPRCRetriever) -> None:
     """pre_caption and tokenize_queries (on a CIRTokenizer of the fixture's vocab.txt) against SPRC's processor and
     tokenizer; ours pads to the longest text, SPRC to 32: compared after padding ours to SPRC's length."""
-    from cirlib.data.tokenizer import build_tokenizer
-
     tok = build_tokenizer(directory / "vocab.txt")
     for prefix in ("", "probe_"):
         raw, want = inputs.get(f"{prefix}captions_raw"), inputs.get(f"{prefix}captions")
@@ -165,6 +166,24 @@ def _check_vision(chk: _Flat, model: SPRCRetriever, inputs: Mapping) -> None:
             chk.check("gallery_qformer_layers", lambda: torch.stack([c[0] for c in seen_q]), SPRC_HIDDEN)
             chk.check("gallery_qformer_out", hidden, SPRC_HIDDEN)
             chk.check("gallery_feats", feats.embeds, SPRC_UNIT)
+
+
+def _check_padding_longest(chk: _Flat, model: SPRCRetriever, tok: Any, inputs: Mapping,
+                           gallery: torch.Tensor) -> None:
+    """SPRC's `inference` with padding="longest" on the first queries against ours (tokenize_queries pads so)."""
+    want = chk.expected.get("padding_longest")
+    if not isinstance(want, Mapping):
+        return
+    n = want["query_embeds"].shape[0]
+    ids, mask = model.tokenize_queries(tok, list(inputs["captions_raw"][:n]))
+    chk.same("padding_longest.text_length", ids.shape[1] == int(want["text_length"]),
+             f"ours {ids.shape[1]}, SPRC {want['text_length']}")
+    ref_tokens = model.encode_image(inputs["ref_images"][:n]).tokens
+    query = model.encode_query(ref_tokens, ids, mask).embeds
+    chk.results.append(compare("padding_longest.query_embeds", query, want["query_embeds"], SPRC_UNIT))
+    chk.results.append(compare("padding_longest.similarity", model.similarity(query, gallery), want["similarity"],
+                               SPRC_UNIT))
+    chk.compared.add("padding_longest")
 
 
 def _check_query(chk: _Flat, model: SPRCRetriever, inputs: Mapping) -> None:
@@ -233,10 +252,34 @@ def _check_losses_and_step(chk: _Flat, model: SPRCRetriever, inputs: Mapping, ra
     chk.check_dict("grads", {n: p.grad for n, p in trainable.items() if p.grad is not None}, SPRC_HIDDEN)
     opt = raw_cfg.get("optimizer", {})
     if "after_step" in chk.expected and "lr_step" in opt:
-        step = torch.optim.AdamW(list(trainable.values()), lr=float(opt["lr_step"]), betas=tuple(opt["betas"]),
-                                 eps=float(opt["eps"]), weight_decay=float(opt["weight_decay"]))
-        step.step()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        _adamw(list(trainable.values()), opt).step()
         _check_step(chk, {n: p.detach() for n, p in trainable.items()})
+        _check_step_from_stored_grads(chk, model.config, start, opt)
+
+
+def _adamw(params: list[torch.nn.Parameter], opt: Mapping[str, Any]) -> torch.optim.AdamW:
+    """SPRC's optimizer as the fixture's config.json records it (one group, weight decay on every parameter)."""
+    return torch.optim.AdamW(params, lr=float(opt["lr_step"]), betas=tuple(opt["betas"]), eps=float(opt["eps"]),
+                             weight_decay=float(opt["weight_decay"]))
+
+
+def _check_step_from_stored_grads(chk: _Flat, config: ModelConfig, start: Mapping[str, torch.Tensor],
+                                  opt: Mapping[str, Any]) -> None:
+    """The same AdamW step on SPRC's stored gradients, from the checkpoint's weights (`start`): every value."""
+    fresh = SPRCRetriever(config)
+    fresh.load_state_dict(start)
+    params = {lavis_key(n): p for n, p in fresh.named_parameters() if not n.startswith("visual_encoder.")}
+    params = {n: p for n, p in params.items() if n in chk.expected["grads"]}  # SPRC's frozen ViT has none
+    for name, p in params.items():
+        p.grad = chk.expected["grads"][name].clone()
+    _adamw(list(params.values()), opt).step()
+    want = chk.expected["after_step"]
+    parts = [compare(n, p.detach(), want[n], SPRC_STEP) for n, p in params.items()]
+    bad = [r.name for r in parts if not r.ok]
+    chk.results.append(Result(f"after_step from SPRC's grads ({len(parts)} tensors)",
+                              max((r.max_abs_diff for r in parts), default=math.inf), SPRC_STEP, bool(parts) and not bad,
+                              f"too far: {bad[:5]}" if bad else "every value"))
 
 
 def _check_step(chk: _Flat, ours: Mapping[str, torch.Tensor]) -> None:
