@@ -220,6 +220,10 @@ def test_stage1_task_trains_the_gallery_head(tmp_path, tok):
                       selection_key="x", store=store)
     task.training_step(next(iter(task.train_loader(0))))["loss"].backward()
     assert model.vision_proj.weight.grad.abs().sum() > 0 and len(store.seen) >= 5
+    task.symmetric_loss = True  # targets against queries: the max over each target's 32 vectors
+    both = task.training_step(next(iter(task.train_loader(0))))
+    assert torch.isfinite(both["loss"]) and not torch.allclose(both["loss"], both["loss_itc"] + 0.4 * (
+        both["loss_rtc"] + both["loss_align"]))
 
 
 def test_loss_weights_and_sprcs_adam_settings_reach_the_model_and_the_loop():
