@@ -63,6 +63,8 @@ def test_sprc_is_registered_and_configs_round_trip(tmp_path, tok):
     _same_weights(model, SPRCRetriever.from_pretrained(str(tmp_path / "m")), vit_fp16=False)
     with pytest.raises(ValueError, match="needs ModelConfig.qformer"):
         SPRCRetriever(preset("tiny"))
+    with pytest.raises(ValueError, match="no stochastic depth"):
+        SPRCRetriever(dataclasses.replace(preset("sprc-tiny"), stage1_drop_path_rate=0.1))
 
 
 def test_a_released_sprc_checkpoint_loads_every_key(tmp_path):

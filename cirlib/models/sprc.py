@@ -107,6 +107,9 @@ class SPRCRetriever(FirstStage, nn.Module):
         super().__init__()
         if config.qformer is None:
             raise ValueError("the sprc first stage needs ModelConfig.qformer (a QFormerConfig); use a sprc-* preset")
+        if config.stage1_drop_path_rate:
+            raise ValueError(f"stage1_drop_path_rate={config.stage1_drop_path_rate}: the sprc first stage's ViT "
+                             "(transformers' BLIP-2 vision model) has no stochastic depth; SPRC uses 0")
         q = config.qformer
         self.config = config
         self.loss_weights = loss_weights
