@@ -20,7 +20,7 @@ from cirlib.models.config import ModelConfig, QFormerConfig, TextConfig, VisionC
 from cirlib.models.sprc import SPRCLossWeights, SPRCRetriever, pre_caption
 from cirlib.models.sprc_keys import SPRC_UNUSED, lavis_key
 from cirlib.models.stage1 import Stage1Output
-from cirlib.tools.verify_original import Result, Tolerance, _capture, compare
+from cirlib.tools.verify_original import Result, Tolerance, capture_outputs, compare
 
 # fp32 on both sides, same operations in the same order except where transformers groups them differently (q*scale
 # before vs after q.k); measured differences are ~1e-7 (see the fixture README / the report of issue 23).
@@ -153,14 +153,14 @@ def _check_preprocessing(chk: _Flat, directory: Path, inputs: Mapping, raw_cfg: 
 def _check_vision(chk: _Flat, model: SPRCRetriever, inputs: Mapping) -> None:
     blocks = list(model.visual_encoder.encoder.layers)
     for side, key in (("ref", "ref_images"), ("gallery", "gallery_images")):
-        with _capture(blocks) as seen:
+        with capture_outputs(blocks) as seen:
             feats = model.encode_image(inputs[key])
         chk.check(f"{side}_vit_blocks", lambda: torch.stack([calls[0] for calls in seen]), SPRC_HIDDEN)
         chk.check(f"{side}_vit_out", feats.tokens, SPRC_HIDDEN)
         chk.check(f"{side}_ln_vision", model.ln_vision(feats.tokens), SPRC_HIDDEN)
         if side == "gallery":
             layers = list(model.qformer.encoder.layer)
-            with _capture([model.qformer.dropout]) as emb, _capture(layers) as seen_q:
+            with capture_outputs([model.qformer.dropout]) as emb, capture_outputs(layers) as seen_q:
                 hidden = model.image_queries(feats.tokens)
             chk.check("gallery_embeddings", emb[0][0], SPRC_HIDDEN)
             chk.check("gallery_qformer_layers", lambda: torch.stack([c[0] for c in seen_q]), SPRC_HIDDEN)
@@ -190,13 +190,13 @@ def _check_query(chk: _Flat, model: SPRCRetriever, inputs: Mapping) -> None:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     ref, gallery = model.encode_image(inputs["ref_images"]), model.encode_image(inputs["gallery_images"])
     layers = list(model.qformer.encoder.layer)
-    with _capture([model.qformer.dropout]) as emb, _capture(layers) as seen:
+    with capture_outputs([model.qformer.dropout]) as emb, capture_outputs(layers) as seen:
         fused = model.fuse(ref.tokens, ids, mask)
     for i, name in enumerate(("fusion", "text")):  # pass 1, pass 2
         chk.check(f"{name}_embeddings", emb[0][i], SPRC_HIDDEN)
         chk.check(f"{name}_layers", lambda i=i: torch.stack([c[i] for c in seen]), SPRC_HIDDEN)
     chk.check("fusion_hidden", seen[-1][0], SPRC_HIDDEN)
-    with _capture([model.qformer.dropout]) as emb, _capture(layers) as seen:
+    with capture_outputs([model.qformer.dropout]) as emb, capture_outputs(layers) as seen:
         rtc_hidden = model.relative_hidden(ids, mask)
     chk.check("rtc_embeddings", emb[0][0], SPRC_HIDDEN)
     chk.check("rtc_layers", lambda: torch.stack([c[0] for c in seen]), SPRC_HIDDEN)
@@ -220,7 +220,7 @@ def _losses(chk: _Flat, model: SPRCRetriever, inputs: Mapping, weights: SPRCLoss
         target_tokens = model.encode_image(target).tokens
     model.loss_weights = weights
     target_embeds = model.embed_tokens(target_tokens)
-    with _capture(list(model.qformer.encoder.layer)) as seen:  # calls: pass 1, pass 2, the relative pass
+    with capture_outputs(list(model.qformer.encoder.layer)) as seen:  # calls: pass 1, pass 2, the relative pass
         out = model(ref_tokens, ids, mask, target_embeds)
     chk.check("train_target_feats", target_embeds.detach(), SPRC_UNIT)
     chk.check("train_fusion_feats", out.query.detach(), SPRC_UNIT)
