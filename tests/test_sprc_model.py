@@ -286,3 +286,25 @@ def test_the_released_size_is_eva_vit_g_and_a_bert_base_qformer():
     assert sum(p.numel() for p in model.visual_encoder.parameters()) == 985_949_440  # 39 of EVA-CLIP-g's 40 blocks
     assert model.embeddings.word_embeddings.weight.shape == (30523, 768) and model.query_tokens.shape == (1, 32, 768)
     assert model.ln_vision.eps == 1e-5 and model.vision_proj.weight.shape == (256, 768)
+
+
+def test_the_workbook_trains_validates_and_ranks_with_sprc(tmp_path):
+    import json
+
+    from cirlib.data import synth
+    from cirlib.workbook import steps
+    from cirlib.workbook.config import Stage1Config, TopKConfig
+
+    root = synth.generate(synth.SynthConfig(layout="cirr", n_train=16, n_val=6, n_test=2, seed=1), root=tmp_path / "w")
+    out = str(tmp_path / "out")
+    cfg = Stage1Config(stage1_run="sprc", dataset="cirr", data_root=str(root), preset="sprc-tiny", epochs=1,
+                       batch_size=8, lr=1e-4, adam_beta2=0.98, adam_eps=1e-7, loss_weights="rtc:1,align:1",
+                       feature_store="float32", outputs=out, trackers="none", max_steps_per_epoch=2)
+    summary = steps.train_stage1(cfg)
+    assert 0 <= summary.metrics["R@1"] <= 100
+    step = next(json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "epoch")
+    assert step["loss"] == pytest.approx(step["loss_itc"] + step["loss_rtc"] + step["loss_align"], rel=1e-5)
+    assert type(loading.from_pretrained(summary.run_dir / "model")) is SPRCRetriever
+    table = steps.extract_topk(TopKConfig(stage1_run="sprc", topk_k=5, outputs=out))
+    assert table["queries"].tolist() == [6]
