@@ -158,13 +158,13 @@ def test_a_registered_multi_vector_first_stage_is_ranked_by_the_one_search(toy_f
 def test_the_registry_holds_blip_and_refuses_an_unknown_first_stage(tmp_path):
     assert FIRST_STAGES.get("blip") is Stage1Model and "blip" in FIRST_STAGES.names()
     assert type(factory.build_stage1("tiny", 30524)) is Stage1Model
-    with pytest.raises(RegistryError, match=r"unknown first stage 'sprc'.*known are \[.*'blip'"):
-        factory.build_stage1("tiny", 30524, first_stage="sprc")
+    with pytest.raises(RegistryError, match=r"unknown first stage 'nonesuch'.*known are \[.*'blip'"):
+        factory.build_stage1("tiny", 30524, first_stage="nonesuch")
     model = factory.build_stage1("tiny", 30524)
     loading.save_pretrained(model, tmp_path / "blip")
     config = tmp_path / "blip" / loading.CONFIG_FILE
-    config.write_text(config.read_text().replace('"first_stage": "blip"', '"first_stage": "sprc"'))
-    with pytest.raises(loading.CheckpointError, match="first_stage 'sprc' is not registered"):
+    config.write_text(config.read_text().replace('"first_stage": "blip"', '"first_stage": "nonesuch"'))
+    with pytest.raises(loading.CheckpointError, match="first_stage 'nonesuch' is not registered"):
         loading.from_pretrained(tmp_path / "blip")
 
 

@@ -292,7 +292,8 @@ def _read_names(*functions) -> set[str]:
 
 # The code path of each step: the step and the helpers it hands its config to.
 CODE_PATHS = {
-    Stage1Config: (steps.train_stage1, steps.resolve, steps._train_config, factories.build_stage1,
+    Stage1Config: (steps.train_stage1, steps.resolve, steps._train_config, steps._stage1_train_config,
+                   factories.build_stage1,
                    factories.tokenizer_for, factories.data_root, Stage1Config.stage1_folder),
     TopKConfig: (steps.extract_topk, steps.resolve, steps._topk_provenance, TopKConfig.stage1_folder),
     Stage2TrainConfig: (steps.train_stage2, steps.resolve, steps._train_config, steps._stage2_inputs,

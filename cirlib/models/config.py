@@ -17,7 +17,7 @@ class VisionConfig:
     width: int = 768  # token width
     depth: int = 12  # transformer blocks
     num_heads: int = 12  # attention heads
-    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
+    mlp_ratio: float = 4.0  # MLP hidden = int(mlp_ratio * width) (EVA-g: 4.3637 -> 6144)
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon (BLIP ViT)
 
     @property
@@ -41,6 +41,18 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class QFormerConfig:
+    """SPRC's BLIP-2 Q-Former around `ModelConfig.text` (its BERT sizes) and `ModelConfig.vision` (the EVA ViT)."""
+
+    num_query_tokens: int = 32  # learned queries; their outputs are an image's gallery vectors (V = 32)
+    prompt_length: int = 32  # SPRC's prompt tokens (its no-image pass reads the fused query at this index)
+    cross_attention_frequency: int = 2  # a cross-attention to the image in every 2nd layer (0, 2, ...)
+    ln_vision_eps: float = 1e-5  # LAVIS ln_vision (the ViT's own LayerNorms use vision.layer_norm_eps, 1e-6)
+    max_text_length: int = 32  # SPRC's tokenizer truncates texts to this many tokens ([CLS] ... [SEP])
+    initializer_range: float = 0.02  # std of the query/prompt tokens' normal init
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -54,6 +66,7 @@ class ModelConfig:
     # between the two images is an input, not something to learn. Off = [reference ; candidate] only.
     joint_difference: bool = False
     zt_source: str = "stage2_vit"  # stage-II z_t from reference tokens of the "stage2_vit" (original) or "stage1_vit"
+    qformer: QFormerConfig | None = None  # the Q-Former of a BLIP-2 first stage (SPRC); None for BLIP
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,10 +76,11 @@ class ModelConfig:
         d = dict(d)
         vision = VisionConfig(**d.pop("vision", {}))
         text = TextConfig(**d.pop("text", {}))
+        qformer = d.pop("qformer", None)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(vision=vision, text=text, **d)
+        return cls(vision=vision, text=text, qformer=None if qformer is None else QFormerConfig(**qformer), **d)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -80,6 +94,25 @@ PRESETS: dict[str, ModelConfig] = {
         ),
         projection_dim=128,
         reranker="joint",
+    ),
+    # SPRC (chunmeifeng/SPRC): EVA-CLIP ViT-g/14 at 224 px without its last block, BERT-base Q-Former, [DEC] added.
+    "sprc-g": ModelConfig(
+        vision=VisionConfig(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_ratio=4.3637),
+        text=TextConfig(vocab_size=30523),
+        first_stage="sprc",
+        reranker="joint",
+        qformer=QFormerConfig(),
+    ),
+    # SPRC at the fixture's sizes (tests/fixtures/sprc-tiny): 32 queries and 32 text tokens kept, narrow widths.
+    "sprc-tiny": ModelConfig(
+        vision=VisionConfig(image_size=56, patch_size=14, width=48, depth=2, num_heads=4, mlp_ratio=4.3637),
+        text=TextConfig(
+            vocab_size=30523, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        first_stage="sprc",
+        reranker="joint",
+        qformer=QFormerConfig(),
     ),
 }
 

@@ -41,7 +41,7 @@ def load_any_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     if path.is_dir():
         folder = path / "model" if (path / "model").is_dir() else path
         loaded = loading.from_pretrained(folder)
-        stage = Stage2Model if isinstance(model, Stage2Model) else Stage1Model
+        stage = Stage2Model if isinstance(model, Stage2Model) else FirstStage
         if not isinstance(loaded, stage):
             raise loading.CheckpointError(
                 f"{folder} holds a {type(loaded).__name__}, expected a {stage.__name__}: point to the other "
@@ -52,16 +52,21 @@ def load_any_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def build_stage1(preset_name: str, vocab_size: int, *, pretrained: str | os.PathLike | None = None,
-                 init_checkpoint: str | os.PathLike | None = None, first_stage: str = "blip") -> FirstStage:
+                 init_checkpoint: str | os.PathLike | None = None, first_stage: str | None = None) -> FirstStage:
     """A stage-I model: the registered first stage on the preset, then BLIP pre-trained weights and/or a checkpoint.
 
     Args:
         preset_name, vocab_size: as `model_config`.
-        first_stage: a name in `first_stage.FIRST_STAGES` ("blip": `Stage1Model`); RegistryError if unknown.
-        pretrained: a BLIP pre-training file (`model_base.pth`), absolute; None = random init.
+        first_stage: a name in `first_stage.FIRST_STAGES` ("blip": `Stage1Model`, "sprc": `SPRCRetriever`);
+            None = the preset's; RegistryError if unknown.
+        pretrained: the first stage's pre-training file (BLIP `model_base.pth`, LAVIS BLIP-2 for "sprc"),
+            absolute; None = random init.
         init_checkpoint: loaded after `pretrained` (`load_any_checkpoint`), absolute; None = none.
     """
-    model = first_stage_class(first_stage)(model_config(preset_name, vocab_size, first_stage=first_stage))
+    config = model_config(preset_name, vocab_size)
+    if first_stage is not None:
+        config = dataclasses.replace(config, first_stage=first_stage)
+    model = first_stage_class(config.first_stage)(config)
     if pretrained:
         loading.load_blip_pretrained(model, pretrained)
     if init_checkpoint:

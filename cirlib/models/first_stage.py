@@ -45,7 +45,7 @@ import dataclasses
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -126,6 +126,11 @@ class FirstStage(ABC):
         truncation)."""
         return tokenizer(list(texts))
 
+    def set_loss_weights(self, weights: Mapping[str, float]) -> None:
+        """Weights of the training loss's auxiliary terms by name. Default: none to weigh (an error unless empty)."""
+        if weights:
+            raise ValueError(f"the {self.name!r} first stage has no auxiliary losses to weigh; got {dict(weights)}")
+
     def image_weights(self, outputs: Sequence[str]) -> dict[str, nn.Module | torch.Tensor]:
         """The modules and tensors an image's stored `outputs` ("tokens", "embeds") depend on, by name: hashed into a
         feature store's key and put in eval mode while it is built. "tokens": {"visual_encoder"}. With "embeds",
@@ -160,3 +165,4 @@ def first_stage_class(name: str) -> type:
 
 
 import cirlib.models.stage1  # noqa: E402,F401  (registers the built-in "blip" first stage)
+import cirlib.models.sprc  # noqa: E402,F401  (registers SPRC's BLIP-2 retriever, "sprc")

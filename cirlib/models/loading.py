@@ -185,6 +185,8 @@ def load_blip_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRepor
     """
     path = Path(path)
     obj = read_checkpoint(path)
+    if callable(own := getattr(model, "load_pretrained", None)):  # a first stage with its own pre-training format
+        return own(obj, source=f"{path} ({describe_checkpoint(obj)})")
     if not (isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping)):
         hint = ""
         if isinstance(obj, Mapping) and any(k in obj for k in STAGE_KEYS.values()):
@@ -217,7 +219,7 @@ def load_blip_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRepor
         if key not in model_sd and unused.match(key):
             ignored.append(key)
             del sd[key]
-    report = _load_checked(
+    report = load_checked(
         model, sd, source=f"{path} ({describe_checkpoint(obj)})",
         may_be_fresh=_fresh_keys_of(model) if stage == 2 else (lambda k: False),
     )
@@ -254,6 +256,8 @@ def load_original_checkpoint(model: nn.Module, path: str | os.PathLike, contents
     """
     path = Path(path)
     obj = read_checkpoint(path) if contents is None else contents
+    if callable(own := getattr(model, "load_original", None)):  # a first stage with its own checkpoint format
+        return own(obj, source=f"{path} ({describe_checkpoint(obj)})")
     stage = _stage_of(model)
     want = STAGE_KEYS[stage]
     what = describe_checkpoint(obj)
@@ -270,7 +274,7 @@ def load_original_checkpoint(model: nn.Module, path: str | os.PathLike, contents
     epoch = obj.get("epoch")
     if not isinstance(epoch, int):
         raise CheckpointError(f"{path}: 'epoch' should be an int, found {epoch!r}")
-    _load_checked(model, dict(obj[want]), source=f"{path} ({what})", may_be_fresh=lambda k: False)
+    load_checked(model, dict(obj[want]), source=f"{path} ({what})", may_be_fresh=lambda k: False)
     return epoch
 
 
@@ -394,7 +398,7 @@ def from_pretrained(source: str | os.PathLike) -> "Stage1Model | Stage2Model":
 
         model = Stage2Model(config)
     sd = read_safetensors(weights, remedy=RERUN_STEP)
-    _load_checked(model, sd, source=str(weights), may_be_fresh=lambda k: False)
+    load_checked(model, sd, source=str(weights), may_be_fresh=lambda k: False)
     return model.eval()
 
 
@@ -461,7 +465,7 @@ class _Checked:
     initialised: tuple[str, ...]
 
 
-def _load_checked(
+def load_checked(
     model: nn.Module, sd: dict[str, torch.Tensor], *, source: str, may_be_fresh: Callable[[str], bool]
 ) -> _Checked:
     """Load `sd` into `model`: every model key must come from `sd` (or be allowed fresh), every `sd` key must be used.

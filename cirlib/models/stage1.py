@@ -8,7 +8,7 @@ strictly.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -28,6 +28,7 @@ class Stage1Output:
     logits: torch.Tensor  # (B, C) q @ p.T / temp; row i = query i against every target given (C = B in one process)
     loss: torch.Tensor  # () cross-entropy of each row against its own target (column label_offset + i)
     query: torch.Tensor  # (B, P) the normalised query embeddings the logits were computed from
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss terms, when loss is a sum (logged)
 
 
 @FIRST_STAGES.register

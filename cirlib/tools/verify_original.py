@@ -1,6 +1,7 @@
 """Proof of equality with the original code: recompute an oracle fixture folder with our models and compare.
 
-A fixture folder (like `shared/fixtures/original-tiny/`) holds tensors produced by running the original code:
+A fixture folder (like `shared/fixtures/original-tiny/`) holds tensors produced by running the original code
+(a folder made by running SPRC's code, whose config.json names `sprc_commit`, is checked by `verify_sprc`):
 `config.json`, `inputs.pt`, `expected.pt`, the original checkpoints `stage1_ckpt.pt` / `stage2_ckpt.pt`, a BLIP-like
 pre-training file `blip_pretrain_like.pt`, the stage-II state the original built from it
 (`stage2_from_pretrain_state.pt`) and the PNGs behind `inputs.pt`. Nothing here is specific to one fixture's sizes.
@@ -148,7 +149,7 @@ def config_from_fixture(cfg: Mapping[str, Any]) -> ModelConfig:
 
 
 @contextmanager
-def _capture(modules: Sequence[nn.Module], *, inputs: bool = False) -> Iterator[list[list[torch.Tensor]]]:
+def capture_outputs(modules: Sequence[nn.Module], *, inputs: bool = False) -> Iterator[list[list[torch.Tensor]]]:
     """Record each module's first output (or first input) per call: store[i] lists the calls of modules[i]."""
     store: list[list[torch.Tensor]] = [[] for _ in modules]
     handles = []
@@ -240,6 +241,10 @@ def _verify(directory: str | Path) -> tuple[list[Result], list[str]]:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {directory} is not an oracle fixture folder")
     raw_cfg = json.loads(cfg_path.read_text())
+    from cirlib.tools.verify_sprc import is_sprc_fixture, verify_sprc  # imports this module's helpers
+
+    if is_sprc_fixture(raw_cfg):
+        return verify_sprc(directory, raw_cfg)
     config = config_from_fixture(raw_cfg)
     inputs = loading.read_checkpoint(directory / "inputs.pt")
     expected = loading.read_checkpoint(directory / "expected.pt")
@@ -301,11 +306,11 @@ def _check_preprocessing(
 def _check_stage1(chk: _Checker, model: Stage1Model, inputs: Mapping) -> None:
     """The validate.py path (gallery, batched and single queries, ranking) and the training logits."""
     vit_blocks = list(model.visual_encoder.blocks)
-    with _capture(vit_blocks) as blocks_out:
+    with capture_outputs(vit_blocks) as blocks_out:
         gallery = model.encode_image(inputs["gallery_images"])
     ref = model.encode_image(inputs["ref_images"])
     text_layers = list(model.text_encoder.encoder.layer)
-    with _capture([model.text_encoder.embeddings]) as emb_out, _capture(text_layers) as layers_out:
+    with capture_outputs([model.text_encoder.embeddings]) as emb_out, capture_outputs(text_layers) as layers_out:
         query = model.encode_query(ref.tokens, inputs["input_ids"], inputs["attention_mask"])
 
     chk.check("stage1", "ref_tokens", ref.tokens, HIDDEN)
@@ -360,7 +365,7 @@ def _per_query_scores(
         mask = _ones_like_ids(ids)
         z_t = stage1.encode_query(zt_ref_tokens[i:i + 1], ids, mask).hidden  # (1, L, H)
         query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t, ref_tokens=None)
-        with _capture([stage2.cls_head]) as head_out:
+        with capture_outputs([stage2.cls_head]) as head_out:
             s = stage2.score(query, gallery_tokens)  # (1, G)
         scores.append(s.reshape(n_gal))
         logits2.append(torch.cat([h.reshape(-1, 2) for h in head_out[0]]).reshape(n_gal, 2))
@@ -403,7 +408,7 @@ def _check_stage2(chk: _Checker, stage1: Stage1Model, stage2: nn.Module, inputs:
         ids, mask = inputs["train_input_ids"], inputs["train_attention_mask"]
         z_t = stage1.encode_query(ref_tokens[qi], ids, mask).hidden  # (B, L, H), padded batch as in training
         query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t, ref_tokens=None)
-        with _capture([stage2.cls_head]) as head_out:
+        with capture_outputs([stage2.cls_head]) as head_out:
             logits = stage2.score(query, gallery_tokens[ti])  # (B, B)
         b = logits.shape[0]
         chk.check("stage2", "train_logits", logits, HIDDEN)
@@ -443,7 +448,7 @@ def _check_stage2_debug(
     query = RerankQuery(input_ids=ids, attention_mask=mask, z_t=z_t, ref_tokens=None)
     embeddings = getattr(stage2.text_encoder, "embeddings", None)
     hooked = [stage2.cls_head] + ([embeddings] if isinstance(embeddings, nn.Module) else [])
-    with _capture(hooked, inputs=False) as outs, _capture([stage2.cls_head], inputs=True) as head_in:
+    with capture_outputs(hooked, inputs=False) as outs, capture_outputs([stage2.cls_head], inputs=True) as head_in:
         stage2.score(query, gallery_tokens, scoring="pairs")
     chk.check("debug", "stage2_q0_cls_head_input", lambda: head_in[0][0], HIDDEN)
     if len(hooked) > 1:

@@ -22,6 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
+from cirlib.models.first_stage import gallery_similarity
 from cirlib.models.stage2 import RerankQuery
 from cirlib.retrieval.rerank import build_rerank_query
 
@@ -95,7 +96,10 @@ class Stage1Task(_StageTask):
                  symmetric_loss: bool = False, seed: int = 0, num_workers: int = 0,
                  device: torch.device | str = "cpu", store=None):
         """store: a stage-I `FeatureStore` (tokens + embeds of the frozen ViT and vision_proj) holding every training
-        image, or None (the original: both images decoded and encoded at every step)."""
+        image, or None (the original: both images decoded and encoded at every step). A first stage that
+        `trains_gallery_head` (SPRC) reads only tokens from it and embeds the targets under grad.
+
+        The texts go through `model.tokenize_queries` (the first stage's text rules)."""
         if store is not None and train_image_encoder:
             raise ValueError("a feature store holds a frozen ViT's outputs; it cannot serve train_image_encoder=True")
         self.model = model
@@ -112,9 +116,10 @@ class Stage1Task(_StageTask):
         self.device = device
         for p in model.visual_encoder.parameters():
             p.requires_grad_(train_image_encoder)
-        # The original never updates vision_proj (targets are embedded under no_grad); keep that unless the ViT trains.
+        # The original never updates vision_proj (targets are embedded under no_grad); keep that unless the ViT trains
+        # or the first stage's gallery head is part of what it learns (SPRC: ln_vision, Q-Former, vision_proj).
         for p in model.vision_proj.parameters():
-            p.requires_grad_(train_image_encoder)
+            p.requires_grad_(train_image_encoder or model.trains_gallery_head)
 
     def train_mode(self) -> None:
         self.model.train()
@@ -126,18 +131,29 @@ class Stage1Task(_StageTask):
             d.set_epoch(seed)
         return _loader(self.dataset, self.batch_size, seed, self.num_workers)
 
+    def _store_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference tokens and target embeddings from the store (the frozen ViT's eval-mode outputs)."""
+        ref_tokens = self.store.tokens(batch["reference"]).to(self.device)
+        if self.model.trains_gallery_head:  # the gallery head trains: embed the stored target tokens under grad
+            return ref_tokens, self.model.embed_tokens(self.store.tokens(batch["target"]).to(self.device))
+        return ref_tokens, self.store.embeddings(batch["target"]).to(self.device)
+
+    def _image_features(self, batch: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference tokens and target embeddings, both images encoded now. Under grad when the ViT or the gallery
+        head trains (a frozen ViT records no graph either way)."""
+        images = torch.cat([batch["reference_image"], batch["target_image"]]).to(self.device)
+        with torch.set_grad_enabled(self.train_image_encoder or self.model.trains_gallery_head):
+            feats = self.model.encode_image(images)
+        return feats.tokens[:b], feats.embeds[b:]
+
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        ids, mask = self.tokenizer(list(batch["text"]))
+        ids, mask = self.model.tokenize_queries(self.tokenizer, list(batch["text"]))
         ids, mask = ids.to(self.device), mask.to(self.device)
         b = ids.shape[0]
         if self.store is not None:  # the frozen ViT's eval-mode outputs, computed once per image
-            ref_tokens = self.store.tokens(batch["reference"]).to(self.device)
-            target_embeds = self.store.embeddings(batch["target"]).to(self.device)
+            ref_tokens, target_embeds = self._store_features(batch)
         else:
-            images = torch.cat([batch["reference_image"], batch["target_image"]]).to(self.device)
-            with torch.set_grad_enabled(self.train_image_encoder):
-                feats = self.model.encode_image(images)
-            ref_tokens, target_embeds = feats.tokens[:b], feats.embeds[b:]
+            ref_tokens, target_embeds = self._image_features(batch, b)
         # Several processes: each scores its own queries against the targets of ALL processes (gathered with
         # gradient), labels offset by its rank; the loop averages gradients, so N x b trains as one process with N*b.
         all_targets = _global_batch(dist.all_gather_with_grad(target_embeds), b)  # (N*b, P)
@@ -145,10 +161,14 @@ class Stage1Task(_StageTask):
         loss = out.loss
         if self.symmetric_loss:  # also each target against every query of the batch (CLIP-style InfoNCE)
             all_queries = dist.all_gather_with_grad(out.query)
-            logits_t = (all_queries @ target_embeds.t() / self.model.temp).t()  # (b, N*b)
+            if target_embeds.dim() == 3:  # several vectors per image: the max over them (gallery_similarity)
+                logits_t = (gallery_similarity(all_queries, target_embeds) / self.model.temp).t()
+            else:
+                logits_t = (all_queries @ target_embeds.t() / self.model.temp).t()  # (b, N*b)
             labels = torch.arange(dist.rank() * b, dist.rank() * b + b, device=logits_t.device)
             loss = (loss + F.cross_entropy(logits_t, labels)) / 2
-        return {"loss": loss, "temp": self.model.temp.detach()}
+        parts = {f"loss_{name}": value.detach() for name, value in out.parts.items()}
+        return {"loss": loss, "temp": self.model.temp.detach(), **parts}
 
 
 class MinedTripletDataset(Dataset):

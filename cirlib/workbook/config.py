@@ -58,9 +58,9 @@ class Stage1Config:
     categories: str = "dress,shirt,toptee"  # FashionIQ categories, comma-separated (ignored for CIRR)
     missing_images: str = "error"  # "error": stop before training, listing every missing image | "drop": leave out queries whose images are missing (counts recorded)
     tokenizer: str = ""  # vocab.txt or local bert-base-uncased folder; "" = <data_root>/vocab.txt
-    preset: str = "blip-base"  # model preset: "blip-base" | "tiny"
-    pretrained: str = ""  # BLIP pre-trained file (model_base.pth); "" = random initialisation
-    init_checkpoint: str = ""  # an original stage-I checkpoint (BLIP_Retrieval .pt) or our run folder to start from
+    preset: str = "blip-base"  # model preset: "blip-base" | "tiny" | "sprc-g" | "sprc-tiny" (SPRC's BLIP-2 first stage)
+    pretrained: str = ""  # BLIP pre-trained file (model_base.pth; LAVIS's BLIP-2 file for sprc-*); "" = random initialisation
+    init_checkpoint: str = ""  # an original stage-I checkpoint (BLIP_Retrieval .pt; SPRC's .pt for sprc-*) or our run folder to start from
     train_image_encoder: bool = False  # the original freezes the ViT; a world with no pre-trained ViT must train it
     feature_store: str = ""  # "" = off (images decoded and encoded every step, the original) | "float32" | "float16": read the frozen ViT's outputs from a store under <outputs>/features/ (built once; needs train_image_encoder=False)
     symmetric_loss: bool = False  # add the target-to-query direction to the in-batch loss (original: query-to-target only)
@@ -70,6 +70,9 @@ class Stage1Config:
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
+    adam_beta2: float = 0.999  # AdamW beta2 (original: torch's 0.999; SPRC: 0.98)
+    adam_eps: float = 1e-8  # AdamW epsilon (original: torch's 1e-8; SPRC: 1e-7)
+    loss_weights: str = ""  # the first stage's auxiliary loss weights "name:value,..." ("" = its defaults; SPRC: "rtc:0.4,align:0.4" CIRR, the default, "rtc:1,align:1" FashionIQ; BLIP has none)
     max_grad_norm: float = 0.0  # clip the global gradient norm to this (0 = off, the original)
     batch_size: int = 512  # training triplets per optimiser step and process (several processes: global batch is processes x batch_size)
     grad_accumulation_steps: int = 1  # micro-batches per optimiser step

@@ -13,6 +13,7 @@ from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.data.tokenizer import build_tokenizer
 from cirlib.models import factory, loading
+from cirlib.models.first_stage import FirstStage
 from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
 from cirlib.run_folder import RunFolder, RunFolderError
@@ -54,13 +55,28 @@ def tokenizer_for(cfg: Any, root: Path):
     return build_tokenizer(path)
 
 
-def build_stage1(cfg: Stage1Config, tokenizer) -> Stage1Model:
-    """A stage-I model as `cfg` names it (preset, BLIP pre-trained file, checkpoint to start from)."""
+def build_stage1(cfg: Stage1Config, tokenizer) -> FirstStage:
+    """A stage-I model as `cfg` names it (preset, pre-trained file, checkpoint to start from, loss weights)."""
     model = factory.build_stage1(cfg.preset, tokenizer.vocab_size,
                                  pretrained=abs_path(cfg.pretrained) if cfg.pretrained else None,
                                  init_checkpoint=abs_path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.set_loss_weights(parse_loss_weights(cfg.loss_weights))
     return model
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """`loss_weights` ("rtc:0.4,align:0.4"; "" = none) as {name: weight}; ValueError naming the bad item."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition(":")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"loss_weights={text!r}: {item!r} is not name:number (e.g. 'rtc:0.4,align:0.4')")
+    return weights
 
 
 def build_stage2(cfg: Stage2TrainConfig, tokenizer, stage1: Stage1Model | None) -> Stage2Model:

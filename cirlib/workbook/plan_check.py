@@ -51,7 +51,9 @@ def check_plan(configs: Sequence[Any]) -> None:
         elif isinstance(cfg, Stage2TrainConfig):
             planned[("stage2", cfg.stage2_run)] = cfg
         try:
-            if isinstance(cfg, (Stage1Config, Stage2TrainConfig)) and cfg.epochs > 0:
+            if isinstance(cfg, Stage1Config) and cfg.epochs > 0:
+                steps._stage1_train_config(cfg)
+            elif isinstance(cfg, Stage2TrainConfig) and cfg.epochs > 0:
                 steps._train_config(cfg)
             if isinstance(cfg, (TopKConfig, Stage2TrainConfig, EvaluateConfig, SubmissionConfig)):
                 found = _dataset_of(cfg, planned)

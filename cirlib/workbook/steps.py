@@ -78,6 +78,11 @@ def _train_config(cfg) -> TrainConfig:
     )
 
 
+def _stage1_train_config(cfg: Stage1Config) -> TrainConfig:
+    """The loop's settings of a stage-I run: `_train_config` plus its AdamW beta2 and epsilon."""
+    return dataclasses.replace(_train_config(cfg), betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
 def _training_precision(cfg, dev) -> str:
     """The precision a training run computes in ("auto" resolved); evaluation alone (epochs=0) runs in fp32."""
     return resolve_precision(cfg.precision, dev) if cfg.epochs > 0 else "fp32"
@@ -151,7 +156,7 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
                            precision=precision, seed=cfg.seed, weights={**read, **weights}, **provenance_of(store))
 
     if cfg.epochs > 0 and not cfg.overwrite:
-        refuse_other_config(run.path, _train_config(cfg))  # before config.json changes: a refusal changes nothing
+        refuse_other_config(run.path, _stage1_train_config(cfg))  # before config.json changes: a refusal changes nothing
     book.start(ident, record)
     epochs_completed = 0
     if cfg.epochs > 0:
@@ -159,7 +164,7 @@ def train_stage1(cfg: Stage1Config) -> RunSummary:
                           batch_size=cfg.batch_size, train_image_encoder=cfg.train_image_encoder,
                           validate_fn=validate, selection_key="selection", symmetric_loss=cfg.symmetric_loss,
                           seed=cfg.seed, num_workers=cfg.num_workers, device=dev, store=store)
-        result = fit(task, _train_config(cfg), run.path, overwrite=cfg.overwrite)
+        result = fit(task, _stage1_train_config(cfg), run.path, overwrite=cfg.overwrite)
         result.load_best_into(model)
         epochs_completed = result.epochs_completed
     weights = book.decide(lambda: _save_model(run, model, tok))
