@@ -267,7 +267,8 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
                 for i, tk in zip(todo, topks):
                     made_by = book.record(cfg, [sets[i]], dataset=trained["dataset"], root=root,
                                           preset=trained["preset"], precision="fp32", seed=None,
-                                          weights={"stage1": run.weights_file}, **provenance_of(store))
+                                          weights={"stage1": run.weights_file}, first_stage=model.name,
+                                          **provenance_of(store))
                     dataclasses.replace(tk, provenance=wanted[i], produced_by=made_by).save(
                         run.topk_file(split, sets[i].category))
 
