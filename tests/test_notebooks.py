@@ -328,6 +328,27 @@ def test_missing_inputs_fail_early_naming_what_makes_them(tmp_path):
         inputs.check_inputs(s2, "extract_topk")
 
 
+def test_the_sprc_parameter_file_makes_every_notebooks_config_and_passes_the_plan_check():
+    """params/sprc_cirr.yaml: SPRC's retriever (sprc-g, SPRC's CIRR settings) as stage I, the joint re-ranker at
+    blip-base over its train/val/test1 top-K as stage II; every planned notebook's config builds from it."""
+    from cirlib.run import launch
+    from cirlib.workbook.plan_check import check_plan
+
+    data, batch_name = batch.load_params(paths.REPO_ROOT / "params" / "sprc_cirr.yaml")
+    assert batch_name == "sprc_cirr"
+    plan = _plan(data)
+    configs = {stem: NOTEBOOKS[stem](**values) for stem, values in plan.items()}
+    s1, s2 = configs["01_stage1_train"], configs["03_stage2_train"]
+    assert (s1.preset, s1.batch_size, s1.lr, s1.adam_beta2, s1.adam_eps, s1.weight_decay, s1.loss_weights) == (
+        "sprc-g", 128, 1e-5, 0.98, 1e-7, 0.05, "")
+    assert (s2.preset, s2.reranker, s2.init, s2.vision_from_stage1, s2.stage1_run) == (
+        "blip-base", "joint", "pretrained", False, s1.stage1_run)
+    assert s2.hard_negatives > 0 and configs["02_stage1_topk"].topk_splits == "train,val,test1"
+    check_plan(launch.step_configs(data, launch.parse_steps("all"), {}))
+    with pytest.raises(ValueError, match="needs BLIP z_t; first stage 'sprc' gives none"):
+        check_plan(launch.step_configs(data, launch.parse_steps("all"), {"reranker": "dual"}))
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
