@@ -135,7 +135,8 @@ def _misfit(source: nn.Module | None, target: nn.Module, *, partial: bool) -> st
     return None
 
 
-def check_stages_fit(stage1: nn.Module, stage2: Stage2Model, *, init: str = "", vision_from_stage1: bool = False) -> None:
+def check_stages_fit(stage1: nn.Module, stage2: Stage2Model, *, init: str = "",
+                     vision_from_stage1: bool = False) -> None:
     """Refuse (ValueError naming the option) a stage II that reads what this first stage does not give: BLIP z_t
     (`first_stage.require_blip_zt`), a text encoder to start from (init="stage1"), or a ViT of the stage-II ViT's
     names and shapes (vision_from_stage1). Works on meta-device models (`check_presets_fit`)."""
@@ -148,8 +149,8 @@ def check_stages_fit(stage1: nn.Module, stage2: Stage2Model, *, init: str = "", 
                              f"stage {name!r}: its text encoder {why}: use `init: pretrained` (or scratch)")
     if vision_from_stage1:
         if why := _misfit(getattr(stage1, "visual_encoder", None), stage2.visual_encoder, partial=False):
-            raise ValueError(f"vision_from_stage1=True copies stage I's ViT into stage II; first stage {name!r}: its ViT "
-                             f"{why}: set `vision_from_stage1: false` (stage II's ViT then comes from its init)")
+            raise ValueError(f"vision_from_stage1=True copies stage I's ViT into stage II; first stage {name!r}: "
+                             f"its ViT {why}: set `vision_from_stage1: false` (stage II's ViT then comes from its init)")
 
 
 def check_presets_fit(stage1: ModelConfig, stage2: ModelConfig, *, init: str = "",

@@ -1,5 +1,6 @@
 """Check a plan of steps before the first one runs: each step's settings against the TrainConfig it makes and the
-dataset it runs on (and a stage II against the first stage it reads: `factories.check_stage2_fits`), so that `python -m cirlib.launch all` (or a batch) refuses `--set k=16` on FashionIQ before
+dataset it runs on, and a stage II against the first stage it reads (`factories.check_stage2_fits`), so that
+`python -m cirlib.launch all` (or a batch) refuses `--set k=16` on FashionIQ, or the dual re-ranker over SPRC, before
 stage I trains, not after it.
 
 The dataset of a step that reads a run folder (top-k extraction, evaluation, submission) is the one the plan's own
