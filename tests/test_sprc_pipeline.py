@@ -16,13 +16,14 @@ import yaml
 from cirlib import paths
 from cirlib.data import synth
 from cirlib.data.synth import SynthConfig, vocabulary
-from cirlib.models import factory
+from cirlib.models import factory, loading
 from cirlib.models.config import preset
 from cirlib.models.sprc import CHECKPOINT_KEY, SPRCRetriever
 from cirlib.models.sprc_keys import to_lavis
 from cirlib.models.stage1 import Stage1Model
 from cirlib.retrieval.rerank import build_rerank_query
 from cirlib.retrieval.topk import TopK
+from cirlib.run_folder import RunFolder
 from cirlib.workbook import factories, inputs
 from cirlib.workbook.config import Stage1Config, Stage2TrainConfig
 from cirlib.workbook.plan_check import PlanError, check_plan
@@ -121,6 +122,24 @@ def test_a_stage2_run_reads_an_sprc_format_checkpoint_as_its_first_stage(tok, wo
         inputs.check_inputs(dataclasses.replace(cfg, reranker="dual"), "train_stage2")
     with pytest.raises(ValueError, match="vision_from_stage1=True"):
         factories.check_stage2_fits(dataclasses.replace(cfg, vision_from_stage1=True))
+
+
+def test_a_saved_dual_run_over_sprc_is_refused_when_loaded(tok, world, tmp_path):
+    """A finished dual run naming an SPRC stage I (made before this check, or by hand): evaluation, submission,
+    search and re-ranking load it through `load_stages`, which refuses it; a joint run over it loads."""
+    _sprc_file(_sprc(tok.vocab_size), tmp_path / "sprc_cirr.pt")
+    trained = Stage2TrainConfig(stage1_checkpoint=str(tmp_path / "sprc_cirr.pt"), stage1_preset="sprc-tiny",
+                                data_root=str(world), preset="tiny", init="scratch")
+    runs = {}
+    for reranker in ("dual", "joint"):
+        runs[reranker] = RunFolder.of("stage2", reranker, tmp_path / "runs")
+        model = factory.build_stage2("tiny", tok.vocab_size, reranker=reranker, init="scratch")
+        loading.save_pretrained(model, runs[reranker].model_dir)
+        runs[reranker].completion_file.write_text("{}")
+    with pytest.raises(ValueError, match=ZT):
+        factories.load_stages(dataclasses.replace(trained, reranker="dual"), runs["dual"])
+    stage1, _, stage2 = factories.load_stages(dataclasses.replace(trained, reranker="joint"), runs["joint"])
+    assert (stage1.name, stage2.name) == ("sprc", "joint")
 
 
 def _launch(params: dict, tmp_path, steps: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,6 @@ from torch import nn
 from cirlib.models import loading
 from cirlib.models.config import ModelConfig, preset
 from cirlib.models.first_stage import FirstStage, first_stage_class, require_blip_zt
-from cirlib.models.stage1 import Stage1Model
 from cirlib.models.stage2 import Stage2Model
 
 STAGE2_INITS = ("pretrained", "scratch", "stage1")  # where a stage-II model's weights start from

@@ -14,7 +14,7 @@ from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.data.tokenizer import build_tokenizer
 from cirlib.models import factory, loading
-from cirlib.models.first_stage import FirstStage
+from cirlib.models.first_stage import FirstStage, require_blip_zt
 from cirlib.models.config import ModelConfig, preset
 from cirlib.models.stage2 import Stage2Model
 from cirlib.run_folder import RunFolder, RunFolderError
@@ -143,6 +143,15 @@ def stage1_for(cfg: Stage2TrainConfig) -> tuple[FirstStage, Any]:
         loading.load_original_checkpoint(model, abs_path(cfg.stage1_checkpoint))
         return model, tok
     return load_stage1_run(cfg.stage1_folder)
+
+
+def load_stages(trained: Stage2TrainConfig, run: RunFolder | str | os.PathLike) -> tuple[FirstStage, Any, Stage2Model]:
+    """The frozen stage I and tokenizer a stage-II run was trained over (`stage1_for(trained)`) and the run's trained
+    stage II; a re-ranker that reads BLIP z_t over a first stage that gives none is refused (ValueError)."""
+    stage1, tok = stage1_for(trained)
+    stage2 = load_stage2_run(run)
+    require_blip_zt(stage1, stage2)
+    return stage1, tok, stage2
 
 
 def planned_stage1_config(cfg: Stage2TrainConfig, stage1: Stage1Config | None = None) -> ModelConfig | None:
