@@ -24,7 +24,7 @@ from cirlib.models.stage1 import Stage1Model
 from cirlib.retrieval.rerank import build_rerank_query
 from cirlib.retrieval.topk import TopK
 from cirlib.run_folder import RunFolder
-from cirlib.workbook import factories, inputs
+from cirlib.workbook import factories, inputs, search
 from cirlib.workbook.config import Stage1Config, Stage2TrainConfig
 from cirlib.workbook.plan_check import PlanError, check_plan
 
@@ -114,6 +114,9 @@ def test_a_stage2_run_reads_an_sprc_format_checkpoint_as_its_first_stage(tok, wo
         want = v.half().float() if k.startswith("visual_encoder.") else v
         assert torch.equal(stage1.state_dict()[k], want), k
     assert factories.build_stage2(cfg, tok2, stage1).name == "joint"
+    # the search CLI's gallery index reads the same file into the preset's first stage
+    found = search.load_stage1(str(tmp_path / "sprc_cirr.pt"), preset="sprc-tiny", tokenizer=str(world / "vocab.txt"))
+    assert type(found.model) is SPRCRetriever and torch.equal(found.model.query_tokens, stage1.query_tokens)
     factories.check_stage2_fits(cfg)
     # the input check of notebook 03 refuses the dual re-ranker over it before anything is built
     (tmp_path / "topk_val.pt").write_bytes(b"")
