@@ -5,8 +5,9 @@ its training data, a `training_step` returning a loss dict, a `validate` returni
 the best checkpoint); `fit(task, cfg, run_dir)` does the rest:
 
 - AdamW over the task's trainable parameters in one group, as the original does, with the learning-rate schedule of
-  `cfg.schedule` (`cirlib.train.schedules`: torch's LambdaLR over `lr_at`; the default is the original's per-epoch
-  cosine, including its rise past `max_epoch`);
+  `cfg.schedule` (`cirlib.train.schedules`: torch's LambdaLR over `lr_at`, or torch's OneCycleLR for SPRC's
+  "onecycle", which also cycles AdamW's beta1; the default is the original's per-epoch cosine, including its rise
+  past `max_epoch`);
 - data parallelism through `accelerate.Accelerator.prepare`: the task's training step runs as the forward of one
   module holding `task.model` (`_TrainingStep`), which Accelerate wraps in DistributedDataParallel on several
   processes, so DDP broadcasts the start weights and averages gradients. `cfg.batch_size` is per process: N processes
@@ -65,7 +66,7 @@ from cirlib.train.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, checkp
                                       write_checkpoint)
 from cirlib.train.metrics_log import MetricsLog, read_metrics
 from cirlib.train.runtime import RuntimeInfo, resolve_precision, runtime_info, seed_everything
-from cirlib.train.schedules import SCHEDULES, lr_at, make_scheduler, warmup_steps_for
+from cirlib.train.schedules import SCHEDULES, cycles_beta1, lr_at, make_scheduler, warmup_steps_for
 
 __all__ = ["TrainConfig", "Task", "FitResult", "fit", "lr_at", "warmup_steps_for", "epoch_seed", "checkpoint_dir",
            "load_weights", "read_metrics", "CheckpointError", "SCHEDULES", "TRACKERS", "parse_trackers",
@@ -99,12 +100,20 @@ class TrainConfig:
     # "cosine_per_epoch": the original; lr = min_lr + 0.5*(lr0-min_lr)*(1+cos(pi*epoch/max_epoch)) set at the start of
     # each epoch, which RISES again past max_epoch. "cosine_per_epoch_clamped": the same, held at min_lr past max_epoch.
     # "cosine_per_step": linear warm-up then cosine over max_epoch epochs of optimizer steps, held at min_lr after.
-    # "constant": lr0 throughout.
+    # "constant": lr0 throughout. "onecycle": torch's OneCycleLR (SPRC's), a cycle of max_epoch epochs rising from
+    # lr/div_factor to lr over its first pct_start, then falling to lr/(div_factor*final_div_factor), both by cosine.
     schedule: str = "cosine_per_epoch"
-    max_epoch: int | None = None  # cosine horizon in epochs (the original's blip_max_epoch); None = epochs
+    # The schedule's horizon in epochs: the cosine period (the original's blip_max_epoch), or onecycle's cycle, which
+    # may be longer than the run but not shorter (SPRC CIRR: 80 epochs, of which it trains 50); None = epochs.
+    max_epoch: int | None = None
     min_lr: float = 0.0  # floor of the cosine (original: 0)
     warmup_steps: int = 0  # cosine_per_step only: linear warm-up over this many optimizer steps
     warmup_epochs: int = 0  # cosine_per_step only: warm-up given in epochs instead (not both)
+    # onecycle only (torch's OneCycleLR arguments and defaults; SPRC CIRR: 0.02, 25, FashionIQ: 1.5/epochs, 100):
+    onecycle_pct_start: float = 0.3  # share of the cycle spent rising to lr, in (0, 1)
+    onecycle_div_factor: float = 25.0  # the cycle starts at lr / div_factor (>= 1)
+    onecycle_final_div_factor: float = 1e4  # and ends at lr / (div_factor * final_div_factor) (>= 1)
+    onecycle_momentum: bool = True  # cycle AdamW's beta1 0.95 -> 0.85 -> 0.95 against the lr (betas[0] unused)
     grad_accumulation_steps: int = 1  # micro-batches per optimizer step (original: 1)
     precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     max_grad_norm: float | None = None  # clip the global gradient norm; None = off (the original)
@@ -141,6 +150,7 @@ class TrainConfig:
             self.schedule == "cosine_per_step" or not (self.warmup_steps or self.warmup_epochs),
             f"warm-up is only defined for schedule='cosine_per_step' (got schedule={self.schedule!r})",
         )
+        self._check_onecycle(need)
         need(self.grad_accumulation_steps >= 1,
              f"grad_accumulation_steps must be >= 1, got {self.grad_accumulation_steps}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r}")
@@ -162,9 +172,30 @@ class TrainConfig:
         # JSON round-trips give lists; keep the frozen value hashable and comparable.
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
+    def _check_onecycle(self, need: Any) -> None:
+        """The onecycle fields: set only with schedule="onecycle", in the ranges torch's OneCycleLR computes."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("onecycle_")}
+        changed = [n for n, default in defaults.items() if getattr(self, n) != default]
+        if self.schedule != "onecycle":
+            need(not changed, f"{', '.join(changed)} only apply to schedule='onecycle' (got schedule="
+                              f"{self.schedule!r}); leave them at their defaults")
+            return
+        need(isinstance(self.onecycle_pct_start, (int, float)) and 0 < self.onecycle_pct_start < 1,
+             f"onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start!r}")
+        for name in ("onecycle_div_factor", "onecycle_final_div_factor"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and value >= 1, f"{name} must be >= 1, got {value!r}")
+        need(isinstance(self.onecycle_momentum, bool),
+             f"onecycle_momentum must be True or False, got {self.onecycle_momentum!r}")
+        need(self.min_lr == 0, f"min_lr={self.min_lr} is not used by schedule='onecycle' (its floor is lr / "
+                               "(onecycle_div_factor * onecycle_final_div_factor)); leave it 0")
+        need(self.cosine_epochs >= self.epochs,
+             f"schedule='onecycle' cannot run past its cycle: max_epoch={self.cosine_epochs} epochs, epochs="
+             f"{self.epochs}; set max_epoch >= epochs (None = epochs)")
+
     @property
     def cosine_epochs(self) -> int:
-        """The cosine horizon in epochs: max_epoch, or epochs when it is None."""
+        """The schedule's horizon in epochs (cosine period or onecycle's cycle): max_epoch, or epochs when None."""
         return self.max_epoch if self.max_epoch is not None else self.epochs
 
     def to_dict(self) -> dict[str, Any]:
@@ -500,7 +531,7 @@ def _config_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     # set to the run's horizon keeps it, whatever `epochs` becomes.
     if saved_cfg.schedule != "constant" and saved_cfg.cosine_epochs != cfg.cosine_epochs:
         keep = (f"set max_epoch={saved_cfg.cosine_epochs} to extend it under its own schedule, or "
-                if saved_cfg.max_epoch is None and cfg.max_epoch is None else "")
+                if saved_cfg.max_epoch is None and cfg.max_epoch is None and cfg.schedule != "onecycle" else "")
         diffs.append(
             f"cosine horizon (max_epoch): {saved_cfg.cosine_epochs} epochs in the run vs {cfg.cosine_epochs} now: "
             f"the steps trained so far followed the run's horizon; {keep}start a new run from this one's weights "
@@ -985,12 +1016,12 @@ class _Trainer:
                 self.epoch_means.add(out)
                 if not acc.sync_gradients:
                     continue
-                lr = self._optimizer_step()
+                used = self._optimizer_step()
                 p.global_step += 1
                 steps_in_epoch += 1
                 bar.update(1)
                 if p.global_step % cfg.log_every == 0:
-                    self._log_window(epoch, lr, bar)
+                    self._log_window(epoch, used, bar)
                 if cfg.time_budget_s is not None:
                     stop = _agreed(acc, time.monotonic() - self.t_start > cfg.time_budget_s)
                 if stop or steps_in_epoch >= steps_per_epoch:
@@ -1036,9 +1067,13 @@ class _Trainer:
             self.acc.backward(self.precision.scale(out["loss"]))
         return out
 
-    def _optimizer_step(self) -> float:
-        """Clip, step, zero the gradients, advance the schedule; returns the lr the step used."""
-        lr = float(self.optimizer.param_groups[0]["lr"])
+    def _optimizer_step(self) -> dict[str, float]:
+        """Clip, step, zero the gradients, advance the schedule; returns the lr the step used ("lr"), and its AdamW
+        beta1 ("beta1") when the schedule cycles it."""
+        group = self.optimizer.param_groups[0]
+        used = {"lr": float(group["lr"])}
+        if cycles_beta1(self.cfg):
+            used["beta1"] = float(group["betas"][0])
         scaler = self.precision.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # clip (and compare) true gradients
@@ -1051,15 +1086,15 @@ class _Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return lr
+        return used
 
-    def _log_window(self, epoch: int, lr: float, bar: Any) -> None:
+    def _log_window(self, epoch: int, used: dict[str, float], bar: Any) -> None:
         means = self.window.reduced_means(self.acc)
         self.window.reset()
         _check_finite(means, epoch, self.progress.global_step)
-        self._emit({"kind": "train", "epoch": epoch, "step": self.progress.global_step, "lr": lr, **means,
+        self._emit({"kind": "train", "epoch": epoch, "step": self.progress.global_step, **used, **means,
                     "time": round(self._elapsed(), 3)})
-        bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{lr:.3g}")
+        bar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{used['lr']:.3g}")
 
     def _end_epoch(self, epoch: int) -> None:
         """Log the epoch, save checkpoints/last, THEN validate: a failing validation never loses the epoch."""

@@ -65,9 +65,13 @@ class Stage1Config:
     feature_store: str = ""  # "" = off (images decoded and encoded every step, the original) | "float32" | "float16": read the frozen ViT's outputs from a store under <outputs>/features/ (built once; needs train_image_encoder=False)
     symmetric_loss: bool = False  # add the target-to-query direction to the in-batch loss (original: query-to-target only)
     epochs: int = 20  # training epochs (0 = evaluate only)
-    max_epoch: int = 20  # cosine period in epochs (original: 20 FashionIQ, 10 CIRR)
-    schedule: str = "cosine_per_epoch"  # "cosine_per_epoch" (original, rises past max_epoch) | "cosine_per_epoch_clamped" | "cosine_per_step"
+    max_epoch: int = 20  # cosine period in epochs (original: 20 FashionIQ, 10 CIRR); onecycle: the cycle's length, at least epochs (SPRC: 80 CIRR, its 30 epochs FashionIQ)
+    schedule: str = "cosine_per_epoch"  # "cosine_per_epoch" (original, rises past max_epoch) | "cosine_per_epoch_clamped" | "cosine_per_step" | "onecycle" (SPRC's: torch's OneCycleLR over max_epoch epochs)
     warmup_steps: int = 0  # linear warm-up steps (cosine_per_step only)
+    onecycle_pct_start: float = 0.3  # onecycle only: share of the cycle rising to lr (torch's default 0.3; SPRC: 0.02 CIRR, 1.5/epochs FashionIQ)
+    onecycle_div_factor: float = 25.0  # onecycle only: the cycle starts at lr / div_factor (SPRC: 25 CIRR, 100 FashionIQ)
+    onecycle_final_div_factor: float = 10000.0  # onecycle only: and ends at lr / (div_factor x final_div_factor) (torch's and SPRC's 1e4)
+    onecycle_momentum: bool = True  # onecycle only: AdamW's beta1 cycles 0.95 -> 0.85 -> 0.95 against the lr, as torch and SPRC do (false: beta1 stays 0.9)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
     adam_beta2: float = 0.999  # AdamW beta2 (original: torch's 0.999; SPRC: 0.98)

@@ -79,8 +79,13 @@ def _train_config(cfg) -> TrainConfig:
 
 
 def _stage1_train_config(cfg: Stage1Config) -> TrainConfig:
-    """The loop's settings of a stage-I run: `_train_config` plus its AdamW beta2 and epsilon."""
-    return dataclasses.replace(_train_config(cfg), betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps)
+    """The loop's settings of a stage-I run: `_train_config` plus its AdamW beta2 and epsilon and the onecycle
+    schedule's settings."""
+    return dataclasses.replace(
+        _train_config(cfg), betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+        onecycle_pct_start=cfg.onecycle_pct_start, onecycle_div_factor=cfg.onecycle_div_factor,
+        onecycle_final_div_factor=cfg.onecycle_final_div_factor, onecycle_momentum=cfg.onecycle_momentum,
+    )
 
 
 def _training_precision(cfg, dev) -> str:
