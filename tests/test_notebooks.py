@@ -341,6 +341,8 @@ def test_the_sprc_parameter_file_makes_every_notebooks_config_and_passes_the_pla
     s1, s2 = configs["01_stage1_train"], configs["03_stage2_train"]
     assert (s1.preset, s1.batch_size, s1.lr, s1.adam_beta2, s1.adam_eps, s1.weight_decay, s1.loss_weights) == (
         "sprc-g", 128, 1e-5, 0.98, 1e-7, 0.05, "")
+    assert (s1.schedule, s1.epochs, s1.max_epoch, s1.onecycle_pct_start, s1.onecycle_div_factor) == (
+        "onecycle", 50, 80, 0.02, 25.0)
     assert (s2.preset, s2.reranker, s2.init, s2.vision_from_stage1, s2.stage1_run) == (
         "blip-base", "joint", "pretrained", False, s1.stage1_run)
     assert s2.hard_negatives > 0 and configs["02_stage1_topk"].topk_splits == "train,val,test1"
