@@ -328,6 +328,29 @@ def test_missing_inputs_fail_early_naming_what_makes_them(tmp_path):
         inputs.check_inputs(s2, "extract_topk")
 
 
+def test_the_sprc_parameter_file_makes_every_notebooks_config_and_passes_the_plan_check():
+    """params/sprc_cirr.yaml: SPRC's retriever (sprc-g, SPRC's CIRR settings) as stage I, the joint re-ranker at
+    blip-base over its train/val/test1 top-K as stage II; every planned notebook's config builds from it."""
+    from cirlib.run import launch
+    from cirlib.workbook.plan_check import check_plan
+
+    data, batch_name = batch.load_params(paths.REPO_ROOT / "params" / "sprc_cirr.yaml")
+    assert batch_name == "sprc_cirr"
+    plan = _plan(data)
+    configs = {stem: NOTEBOOKS[stem](**values) for stem, values in plan.items()}
+    s1, s2 = configs["01_stage1_train"], configs["03_stage2_train"]
+    assert (s1.preset, s1.batch_size, s1.lr, s1.adam_beta2, s1.adam_eps, s1.weight_decay, s1.loss_weights) == (
+        "sprc-g", 128, 1e-5, 0.98, 1e-7, 0.05, "")
+    assert (s1.schedule, s1.epochs, s1.max_epoch, s1.onecycle_pct_start, s1.onecycle_div_factor) == (
+        "onecycle", 50, 80, 0.02, 25.0)
+    assert (s2.preset, s2.reranker, s2.init, s2.vision_from_stage1, s2.stage1_run) == (
+        "blip-base", "joint", "pretrained", False, s1.stage1_run)
+    assert s2.hard_negatives > 0 and configs["02_stage1_topk"].topk_splits == "train,val,test1"
+    check_plan(launch.step_configs(data, launch.parse_steps("all"), {}))
+    with pytest.raises(ValueError, match="needs BLIP z_t; first stage 'sprc' gives none"):
+        check_plan(launch.step_configs(data, launch.parse_steps("all"), {"reranker": "dual"}))
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -429,6 +452,50 @@ def test_explorer_reproduces_the_saved_stage2_ranking(smoke_batch):
         assert sorted(ranking.final_names) == sorted(ranking.stage1_names)
     fused = ex.ranking(0, 10, fusion_weight=1.0)  # stage I alone: the file's order back
     assert list(fused.final_names) == list(fused.stage1_names)
+
+
+# ------------------------------------------------------------------------------------------------ SPRC end to end
+
+
+@pytest.fixture(scope="module")
+def sprc_smoke_batch(tmp_path_factory):
+    """SPRC (sprc-tiny) as stage I through notebooks 01 and 02, the tiny joint re-ranker over its top-k through 03
+    and 04; a small CIRR world, smoke=True (notebook 10 is left out: it re-ranks any top-k file alike, and its
+    kernel would add a fifth to the batch's time)."""
+    tmp = tmp_path_factory.mktemp("sprc_workbook")
+    world = synth.generate(synth.SynthConfig(layout="cirr", n_train=16, n_val=8, n_test=2, seed=1),
+                           root=tmp / "cirr_dataset")
+    params = {
+        "batch_name": "pytest_sprc_smoke", "run": "01,02,03,04", "smoke": True, "dataset": "cirr",
+        "data_root": str(world), "outputs": str(tmp / "outputs"), "precision": "fp32", "stage1_run": "sprc",
+        "stage2_run": "joint", "topk_k": 10, "topk_splits": "val", "k": 8,
+        "notebooks": {"01_stage1_train": {"preset": "sprc-tiny", "feature_store": "float32"},
+                      "03_stage2_train": {"preset": "tiny", "reranker": "joint", "init": "scratch",
+                                          "vision_from_stage1": False, "scoring": "pairs"}},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    executed = batch.run_batch(tmp / "params.yaml", output_dir=tmp / "executed", cell_timeout_s=600)
+    return {"executed": executed, "outputs": tmp / "outputs"}
+
+
+@pytest.mark.notebooks
+def test_the_notebooks_rerank_sprcs_topk_with_our_stage2(sprc_smoke_batch):
+    out = sprc_smoke_batch["outputs"]
+    assert [p.stem for p in sprc_smoke_batch["executed"]] == ["01_stage1_train", "02_stage1_topk", "03_stage2_train",
+                                                              "04_stage2_evaluate"]
+    for p in sprc_smoke_batch["executed"]:
+        book = nbformat.read(p, as_version=4)
+        assert not [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert json.loads((out / "stage1/sprc/model/config.json").read_text())["first_stage"] == "sprc"
+    from cirlib.retrieval.topk import TopK
+
+    made_by = TopK.load(out / "stage1/sprc/topk_val.pt").produced_by
+    assert (made_by["first_stage"], made_by["preset"]) == ("sprc", "sprc-tiny")
+    record = json.loads((out / "stage2/joint/metrics.json").read_text())
+    assert record["k"] == 8 and set(record["stage1"]) >= {"R@1", "R@5", "Rsubset@1"}
+    assert set(record["stage2"]) >= {"R@1", "R@5", "Rsubset@1"}
+    assert str(out / "stage1/sprc/topk_val.pt") in json.dumps(record["produced_by"])
+    print("stage I", record["stage1"], "stage II", record["stage2"])
 
 
 # ------------------------------------------------------------------------------------------------ FashionIQ end to end

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cirlib.models import loading
 from cirlib.models.config import ModelConfig, preset
-from cirlib.models.first_stage import FirstStage, first_stage_class
-from cirlib.models.stage1 import Stage1Model
+from cirlib.models.first_stage import FirstStage, first_stage_class, require_blip_zt
 from cirlib.models.stage2 import Stage2Model
 
 STAGE2_INITS = ("pretrained", "scratch", "stage1")  # where a stage-II model's weights start from
@@ -76,7 +76,7 @@ def build_stage1(preset_name: str, vocab_size: int, *, pretrained: str | os.Path
 
 def build_stage2(preset_name: str, vocab_size: int, *, reranker: str, joint_difference: bool = False,
                  init: str = "pretrained", pretrained: str | os.PathLike | None = None,
-                 stage1: Stage1Model | None = None, vision_from_stage1: bool = False,
+                 stage1: FirstStage | None = None, vision_from_stage1: bool = False,
                  init_checkpoint: str | os.PathLike | None = None) -> Stage2Model:
     """A stage-II model: the preset with its architecture, then its initialisation.
 
@@ -94,6 +94,8 @@ def build_stage2(preset_name: str, vocab_size: int, *, reranker: str, joint_diff
     if init not in STAGE2_INITS:
         raise ValueError(f"unknown stage-II init {init!r}: one of {STAGE2_INITS}")
     model = Stage2Model(model_config(preset_name, vocab_size, reranker=reranker, joint_difference=joint_difference))
+    if stage1 is not None:
+        check_stages_fit(stage1, model, init=init, vision_from_stage1=vision_from_stage1)
     if init == "pretrained":
         if not pretrained:
             raise ValueError("init='pretrained' needs a BLIP pre-training file (model_base.pth); "
@@ -113,3 +115,48 @@ def build_stage2(preset_name: str, vocab_size: int, *, reranker: str, joint_diff
     if init_checkpoint:
         load_any_checkpoint(model, init_checkpoint)
     return model
+
+
+def _misfit(source: nn.Module | None, target: nn.Module, *, partial: bool) -> str | None:
+    """Why `source`'s weights cannot be copied into `target` (None when they can): no such module, no weight names in
+    common, a shape that differs, or (unless `partial`) weight names that differ."""
+    if not isinstance(source, nn.Module):
+        return "is missing"
+    src = {k: tuple(v.shape) for k, v in source.state_dict().items()}
+    dst = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    common = sorted(set(src) & set(dst))
+    if not common:
+        return "shares no weight names with it"
+    if bad := [k for k in common if src[k] != dst[k]]:
+        return f"has other shapes ({bad[0]}: {src[bad[0]]} vs {dst[bad[0]]})"
+    if not partial and set(src) != set(dst):
+        return f"has other weight names (e.g. {sorted(set(src) ^ set(dst))[:3]})"
+    return None
+
+
+def check_stages_fit(stage1: nn.Module, stage2: Stage2Model, *, init: str = "",
+                     vision_from_stage1: bool = False) -> None:
+    """Refuse (ValueError naming the option) a stage II that reads what this first stage does not give: BLIP z_t
+    (`first_stage.require_blip_zt`), a text encoder to start from (init="stage1"), or a ViT of the stage-II ViT's
+    names and shapes (vision_from_stage1). Works on meta-device models (`check_presets_fit`)."""
+    require_blip_zt(stage1, stage2)
+    name = getattr(stage1, "name", type(stage1).__name__)
+    text = getattr(stage2, "text_encoder", None)
+    if init == "stage1" and isinstance(text, nn.Module):
+        if why := _misfit(getattr(stage1, "text_encoder", None), text, partial=True):
+            raise ValueError(f"init='stage1' copies stage I's text encoder into the {stage2.name!r} re-ranker; first "
+                             f"stage {name!r}: its text encoder {why}: use `init: pretrained` (or scratch)")
+    if vision_from_stage1:
+        if why := _misfit(getattr(stage1, "visual_encoder", None), stage2.visual_encoder, partial=False):
+            raise ValueError(f"vision_from_stage1=True copies stage I's ViT into stage II; first stage {name!r}: "
+                             f"its ViT {why}: set `vision_from_stage1: false` (stage II's ViT then comes from its init)")
+
+
+def check_presets_fit(stage1: ModelConfig, stage2: ModelConfig, *, init: str = "",
+                      vision_from_stage1: bool = False) -> None:
+    """`check_stages_fit` on two model configs, without weights (both built on the meta device): for plans and input
+    checks before any model exists."""
+    with torch.device("meta"):
+        first = first_stage_class(stage1.first_stage)(stage1)
+        second = Stage2Model(stage2)
+    check_stages_fit(first, second, init=init, vision_from_stage1=vision_from_stage1)

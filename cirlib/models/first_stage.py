@@ -36,8 +36,10 @@ What the pipeline asks of a first stage beyond encoding, with defaults a subclas
 
 Generic in the pipeline: exact and FAISS search of single- and multi-vector galleries (`search.search_gallery`),
 the feature store (any per-image embedding shape, (E,) or (V, E); key from the hooks above), the gallery index and
-top-k files. Not generic: stage II's z_t (`QueryFeatures.hidden` is the BLIP text encoder's state the dual re-ranker
-reads; a first stage whose hidden state is something else needs the joint re-ranker).
+top-k files. Not generic: stage II's z_t. `QueryFeatures.hidden` is what the dual re-ranker reads as z_t only where a
+first stage declares it a BLIP text encoder's last hidden state (`gives_blip_zt`, BLIP: True); over any other first
+stage (SPRC: its Q-Former's no-image pass) a re-ranker that `needs_z_t` is refused (`require_blip_zt`) and the joint
+re-ranker, which reads no z_t, is the one to use.
 """
 from __future__ import annotations
 
@@ -96,6 +98,9 @@ class FirstStage(ABC):
     # feature store then holds tokens only, and targets are `embed_tokens(tokens)` with grad); False (BLIP) when
     # they are frozen there, so stored embeddings stay valid through training.
     trains_gallery_head: bool = False
+    # True when `encode_query(...).hidden` is a BLIP text encoder's last hidden state over the reference (z_t, the
+    # dual re-ranker's stream-0 input, hidden size = the re-ranker's text width); False for any other hidden state.
+    gives_blip_zt: bool = False
 
     @classmethod
     def from_pretrained(cls, source: str) -> "FirstStage":
@@ -157,6 +162,19 @@ class FirstStage(ABC):
         without the model, so a first stage chooses its rule by the shape of its gallery embeddings, not by
         overriding this."""
         return gallery_similarity(query, gallery)
+
+
+def require_blip_zt(stage1: Any, stage2: Any) -> None:
+    """Refuse (ValueError) a re-ranker that `needs_z_t` over a first stage that does not declare `gives_blip_zt`.
+
+    Args:
+        stage1: the first stage (an instance or its class).
+        stage2: the re-ranker (a `Stage2Model`, or any object with `name` and `needs_z_t`).
+    """
+    if getattr(stage2, "needs_z_t", False) and not getattr(stage1, "gives_blip_zt", False):
+        name = getattr(stage1, "name", type(stage1).__name__)
+        raise ValueError(f"the re-ranker {stage2.name!r} needs BLIP z_t; first stage {name!r} gives none: "
+                         "use `reranker: joint` (which needs no z_t)")
 
 
 def first_stage_class(name: str) -> type:

@@ -102,6 +102,7 @@ class SPRCRetriever(FirstStage, nn.Module):
 
     name = "sprc"
     trains_gallery_head = True  # ln_vision, the Q-Former and vision_proj make the gallery vectors and train
+    gives_blip_zt = False  # encode_query(...).hidden is the Q-Former's no-image pass, not a BLIP z_t
 
     def __init__(self, config: ModelConfig, loss_weights: SPRCLossWeights = SPRCLossWeights()):
         super().__init__()

@@ -40,6 +40,7 @@ class Stage1Model(FirstStage, nn.Module):
     """
 
     name = "blip"
+    gives_blip_zt = True  # encode_query(...).hidden is the text encoder's last hidden state: the dual re-ranker's z_t
 
     def __init__(self, config: ModelConfig, gradient_checkpointing: bool = False):
         """Args: gradient_checkpointing: see `set_gradient_checkpointing` (not part of the config: it changes memory

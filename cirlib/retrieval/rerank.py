@@ -23,6 +23,7 @@ import torch
 
 from cirlib import data as cdata
 from cirlib import distributed as dist
+from cirlib.models.first_stage import require_blip_zt
 from cirlib.models.stage2 import RerankQuery
 from cirlib.progress import progress_bar
 from cirlib.retrieval.search import GalleryFeatures, query_texts
@@ -157,7 +158,9 @@ def build_rerank_query(stage1, stage2, tokenizer, texts: Sequence[str], ref_toke
     """The stage-II query of B queries: the one construction that evaluation, training and search use.
 
     Args:
-        stage1: the stage-I model; its text side gives z_t to a re-ranker that `needs_z_t` (else unused, may be None).
+        stage1: the stage-I model; its text side gives z_t to a re-ranker that `needs_z_t` (else unused, may be None;
+            never run for it: a joint re-ranker over SPRC computes no stage-I query). One that does not declare
+            `gives_blip_zt` is refused for a re-ranker that needs z_t.
         stage2: the re-ranker (`Stage2Model`); what it declares it reads decides what is computed.
         tokenizer: texts -> (input_ids, attention_mask).
         texts: the B modification texts.
@@ -170,6 +173,7 @@ def build_rerank_query(stage1, stage2, tokenizer, texts: Sequence[str], ref_toke
     ids, mask = ids.to(device), mask.to(device)
     z_t = None
     if stage2.needs_z_t:
+        require_blip_zt(stage1, stage2)
         zt_ref = ref_tokens if zt_ref_tokens is None else zt_ref_tokens.to(device)
         z_t = stage1.encode_query(zt_ref, ids, mask).hidden
     return stage2.make_query(ids, mask, ref_tokens=ref_tokens, z_t=z_t)

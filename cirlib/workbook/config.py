@@ -129,7 +129,8 @@ class Stage2TrainConfig:
 
     stage2_run: str = "stage2"  # run folder: <outputs>/stage2/<stage2_run>/
     stage1_run: str = "stage1"  # stage-I run under <outputs>/stage1/ (its model and top-k files), or hf:<repo id> / an exported folder
-    stage1_checkpoint: str = ""  # or an original stage-I checkpoint file (BLIP_Retrieval); overrides stage1_run's model
+    stage1_checkpoint: str = ""  # or an original stage-I checkpoint file (BLIP_Retrieval; SPRC's .pt with stage1_preset sprc-g); overrides stage1_run's model
+    stage1_preset: str = ""  # with stage1_checkpoint: the first stage's model preset, which names it (empty: preset; sprc-g for SPRC)
     topk_path: str = ""  # validation top-k file to re-rank ("" = the stage-I run's); original files accepted
     dataset: str = "cirr"  # "cirr" | "fashioniq"
     data_root: str = ""  # dataset root; "" = $CIR_DATA

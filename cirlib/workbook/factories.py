@@ -2,6 +2,7 @@
 saved runs' models, the dataset root and tokenizer a config names."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,8 @@ from cirlib import distributed as dist
 from cirlib import paths
 from cirlib.data.tokenizer import build_tokenizer
 from cirlib.models import factory, loading
-from cirlib.models.first_stage import FirstStage
-from cirlib.models.stage1 import Stage1Model
+from cirlib.models.first_stage import FirstStage, require_blip_zt
+from cirlib.models.config import ModelConfig, preset
 from cirlib.models.stage2 import Stage2Model
 from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.workbook.config import Stage1Config, Stage2TrainConfig
@@ -79,7 +80,7 @@ def parse_loss_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def build_stage2(cfg: Stage2TrainConfig, tokenizer, stage1: Stage1Model | None) -> Stage2Model:
+def build_stage2(cfg: Stage2TrainConfig, tokenizer, stage1: FirstStage | None) -> Stage2Model:
     """A stage-II model as `cfg` names it: preset + architecture, then its initialisation (BLIP file, scratch, or a
     copy of stage I's text encoder), stage I's ViT when `vision_from_stage1`, and a checkpoint to start from."""
     if cfg.joint_difference and cfg.scoring != "pairs":
@@ -110,7 +111,7 @@ def finished_model_dir(run: RunFolder, made_by: str) -> Path:
     return folder
 
 
-def load_stage1_run(run: RunFolder | str | os.PathLike) -> tuple[Stage1Model, Any]:
+def load_stage1_run(run: RunFolder | str | os.PathLike) -> tuple[FirstStage, Any]:
     """The stage-I model and tokenizer saved by `train_stage1` (a RunFolder, or a run folder's path)."""
     folder = finished_model_dir(_folder(run), "01_stage1_train")
     return loading.from_pretrained(folder), build_tokenizer(folder)
@@ -126,12 +127,57 @@ def stage1_weights_file(cfg: Stage2TrainConfig) -> Path:
     return abs_path(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else cfg.stage1_folder.weights_file
 
 
-def stage1_for(cfg: Stage2TrainConfig):
-    """The frozen stage-I model and tokenizer: our run, or an original checkpoint file with the run's tokenizer."""
+def stage1_preset(cfg: Stage2TrainConfig) -> str:
+    """The preset of the first stage an original checkpoint (`stage1_checkpoint`) is read into: `stage1_preset`, else
+    the stage-II `preset`."""
+    return cfg.stage1_preset or cfg.preset
+
+
+def stage1_for(cfg: Stage2TrainConfig) -> tuple[FirstStage, Any]:
+    """The frozen stage-I model and tokenizer: our run, or an original checkpoint file (BLIP's, or the format of the
+    first stage `stage1_preset` names, e.g. SPRC's) read into that preset's first stage, with the run's tokenizer."""
     if cfg.stage1_checkpoint:
         root = data_root(cfg)
         tok = tokenizer_for(cfg, root)
-        model = Stage1Model(factory.model_config(cfg.preset, tok.vocab_size))
+        model = factory.build_stage1(stage1_preset(cfg), tok.vocab_size)
         loading.load_original_checkpoint(model, abs_path(cfg.stage1_checkpoint))
         return model, tok
     return load_stage1_run(cfg.stage1_folder)
+
+
+def load_stages(trained: Stage2TrainConfig, run: RunFolder | str | os.PathLike) -> tuple[FirstStage, Any, Stage2Model]:
+    """The frozen stage I and tokenizer a stage-II run was trained over (`stage1_for(trained)`) and the run's trained
+    stage II; a re-ranker that reads BLIP z_t over a first stage that gives none is refused (ValueError)."""
+    stage1, tok = stage1_for(trained)
+    stage2 = load_stage2_run(run)
+    require_blip_zt(stage1, stage2)
+    return stage1, tok, stage2
+
+
+def planned_stage1_config(cfg: Stage2TrainConfig, stage1: Stage1Config | None = None) -> ModelConfig | None:
+    """The model config of the first stage a stage-II config will read, before any model is loaded: the preset of an
+    original checkpoint, of the plan's stage-I step (`stage1`), or the finished run's saved config.json; None when
+    none of these exists yet."""
+    vocab = preset(cfg.preset).text.vocab_size  # one tokenizer serves both stages: any one vocabulary size will do
+    if cfg.stage1_checkpoint:
+        return factory.model_config(stage1_preset(cfg), vocab)
+    if stage1 is not None:
+        return factory.model_config(stage1.preset, vocab)
+    saved = cfg.stage1_folder.model_dir / loading.CONFIG_FILE
+    if not saved.is_file():
+        return None
+    raw = json.loads(saved.read_text(encoding="utf-8"))
+    raw.pop("stage", None)
+    return ModelConfig.from_dict(raw)
+
+
+def check_stage2_fits(cfg: Stage2TrainConfig, stage1: Stage1Config | None = None) -> None:
+    """Refuse (ValueError) a stage-II config whose re-ranker, init or `vision_from_stage1` reads what its first stage
+    does not give (`factory.check_presets_fit`, on meta-device models); nothing to check while that first stage is
+    unknown (no plan step, checkpoint or finished run)."""
+    first = planned_stage1_config(cfg, stage1)
+    if first is None:
+        return
+    second = factory.model_config(cfg.preset, first.text.vocab_size, reranker=cfg.reranker,
+                                  joint_difference=cfg.joint_difference)
+    factory.check_presets_fit(first, second, init=cfg.init, vision_from_stage1=cfg.vision_from_stage1)

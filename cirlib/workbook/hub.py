@@ -37,7 +37,7 @@ from cirlib.run_folder import RunFolder, RunFolderError, file_sha256
 from cirlib.workbook import published, steps
 from cirlib.workbook.config import EvaluateConfig, Stage1Config, identity
 from cirlib.workbook.evaluation import EVAL_SPLIT, evaluate_stage1, step_sets
-from cirlib.workbook.factories import device, load_stage1_run, stage1_for
+from cirlib.workbook.factories import device, load_stage1_run, stage1_for, stage1_preset
 
 TOLERANCE = 0.01  # percentage points a re-evaluated metric may differ from the card's (float summation order)
 PROTOCOL_KEYS = ("stage", "k", "fusion_weight", "scoring", "max_val_queries")  # what verify re-evaluates with
@@ -120,7 +120,7 @@ def _export_stage2_inputs(run: RunFolder, tmp: Path, evaluation: dict[str, Any])
     loading.save_pretrained(stage1, s1_dir, tokenizer=tok)
     if trained.stage1_checkpoint:  # the original's stage I: a run config of its own settings
         s1_config = identity(Stage1Config(stage1_run="original", dataset=trained.dataset,
-                                          categories=trained.categories, preset=trained.preset,
+                                          categories=trained.categories, preset=stage1_preset(trained),
                                           target_ratio=trained.target_ratio, epochs=0))
         s1_name = Path(trained.stage1_checkpoint).name
     else:

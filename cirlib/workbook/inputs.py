@@ -12,7 +12,7 @@ from cirlib import paths
 from cirlib.run_folder import RunFolder
 from cirlib.workbook.config import (AnalysisConfig, DataConfig, EvaluateConfig, ExplorerConfig, Stage1Config, Stage2TrainConfig,
                                     SubmissionConfig, TopKConfig)
-from cirlib.workbook.factories import abs_path
+from cirlib.workbook.factories import abs_path, check_stage2_fits
 from cirlib.workbook.figures import label_sources
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -134,7 +134,8 @@ def required_inputs(cfg: Any, step: str) -> list[Input]:
 
 
 def check_inputs(cfg: Any, step: str) -> pd.DataFrame:
-    """A table of the step's inputs; raises FileNotFoundError naming every missing one and what produces it.
+    """A table of the step's inputs; raises FileNotFoundError naming every missing one and what produces it, and
+    ValueError when a stage II reads what its first stage does not give (`factories.check_stage2_fits`).
 
     Args:
         cfg: the step's config.
@@ -147,4 +148,7 @@ def check_inputs(cfg: Any, step: str) -> pd.DataFrame:
     if missing:
         lines = "\n".join(f"  - {i.what}: {i.path} (made by {i.made_by})" for i in missing)
         raise FileNotFoundError(f"{step}: {len(missing)} input(s) missing:\n{lines}")
+    trained = cfg if step == "train_stage2" else _trained_stage2(cfg) if step in ("evaluate", "submit_cirr") else None
+    if trained is not None:
+        check_stage2_fits(trained)
     return table

@@ -1,5 +1,6 @@
 """Check a plan of steps before the first one runs: each step's settings against the TrainConfig it makes and the
-dataset it runs on, so that `python -m cirlib.launch all` (or a batch) refuses `--set k=16` on FashionIQ before
+dataset it runs on, and a stage II against the first stage it reads (`factories.check_stage2_fits`), so that
+`python -m cirlib.launch all` (or a batch) refuses `--set k=16` on FashionIQ, or the dual re-ranker over SPRC, before
 stage I trains, not after it.
 
 The dataset of a step that reads a run folder (top-k extraction, evaluation, submission) is the one the plan's own
@@ -15,6 +16,7 @@ from cirlib.workbook import steps
 from cirlib.workbook.published import resolve_run
 from cirlib.workbook.config import EvaluateConfig, Stage1Config, Stage2TrainConfig, SubmissionConfig, TopKConfig
 from cirlib.workbook.evaluation import refuse_unsupported
+from cirlib.workbook.factories import check_stage2_fits
 
 
 class PlanError(ValueError):
@@ -55,6 +57,8 @@ def check_plan(configs: Sequence[Any]) -> None:
                 steps._stage1_train_config(cfg)
             elif isinstance(cfg, Stage2TrainConfig) and cfg.epochs > 0:
                 steps._train_config(cfg)
+            if isinstance(cfg, Stage2TrainConfig):
+                check_stage2_fits(cfg, planned.get(("stage1", cfg.stage1_run)))
             if isinstance(cfg, (TopKConfig, Stage2TrainConfig, EvaluateConfig, SubmissionConfig)):
                 found = _dataset_of(cfg, planned)
                 if found is not None:

@@ -49,7 +49,7 @@ from cirlib.workbook.bookkeeping import StepBook
 from cirlib.workbook.config import CircoConfig, RerankConfig, Stage2TrainConfig, identity, split_list
 from cirlib.workbook.evaluation import (EVAL_SPLIT, query_counts, refuse_unsupported, rerank_galleries,
                                         step_sets)
-from cirlib.workbook.factories import (abs_path, data_root, dataset_root, device, load_stage2_run, stage1_for,
+from cirlib.workbook.factories import (abs_path, data_root, dataset_root, device, load_stage2_run, load_stages,
                                        stage1_weights_file)
 from cirlib.workbook.steps import SUBMISSION_LENGTH, resolve, stage2_run_config, write_submissions
 from cirlib.workbook.stores import provenance_of, stage2_stores
@@ -251,8 +251,7 @@ class _Split:
 def _score_splits(cfg: RerankConfig, trained: Stage2TrainConfig, s2: RunFolder, sets, files: list[Path], dev
                   ) -> tuple[list[_Split], float, Any]:
     """Import and re-rank every split; returns the splits, the seconds spent re-ranking, and the stores used."""
-    stage1, tok = stage1_for(trained)
-    stage2 = load_stage2_run(s2)
+    stage1, tok, stage2 = load_stages(trained, s2)
     stage1.to(dev)
     stage2.to(dev)
     ds = cdata.get_dataset(trained.dataset)

@@ -31,7 +31,6 @@ from cirlib import plots, provenance
 from cirlib.data.tokenizer import build_tokenizer
 from cirlib.models import factory, loading
 from cirlib.models.first_stage import FirstStage
-from cirlib.models.stage1 import Stage1Model
 from cirlib.progress import progress_bar
 from cirlib.retrieval import feature_store as fs
 from cirlib.retrieval.rerank import build_rerank_query
@@ -42,7 +41,7 @@ from cirlib.run_folder import RunFolder, RunFolderError
 from cirlib.workbook.config import SearchConfig
 from cirlib.workbook.published import resolve_run
 from cirlib.workbook.steps import stage2_run_config
-from cirlib.workbook.factories import abs_path, device as default_device, load_stage1_run, load_stage2_run, stage1_for
+from cirlib.workbook.factories import abs_path, device as default_device, load_stage1_run, load_stages
 
 ORIGINAL_TARGET_RATIO = 1.25  # the original's TargetPad threshold, for its released checkpoints
 STAGE2_TOKENS = ("ondemand", "store")
@@ -68,7 +67,7 @@ class Stage2Source:
     preprocessing and scoring path."""
 
     model: Any
-    stage1: Stage1Model
+    stage1: FirstStage
     tokenizer: Any
     preprocess: dict[str, Any]
     scoring: str
@@ -114,14 +113,14 @@ def load_stage1(stage1: str | Mapping[str, Any], *, outputs: str = "", preset: s
             raise GalleryIndexError(f"the index records no stage I it can reload ({dict(stage1)}): pass stage1=")
         return load_stage1(stage1["run"], target_ratio=target_ratio)
     path = abs_path(stage1)
-    if path.is_file():  # an original released checkpoint (BLIP_Retrieval)
+    if path.is_file():  # an original released checkpoint, read into the preset's first stage (BLIP_Retrieval; SPRC's)
         if not tokenizer:
             raise ValueError(f"stage I {path} is a checkpoint file: give the tokenizer too (tokenizer= / --tokenizer: "
                              "a vocab.txt or a local bert-base-uncased folder)")
         tok = build_tokenizer(abs_path(tokenizer))
 
-        def load() -> Stage1Model:
-            model = Stage1Model(factory.model_config(preset, tok.vocab_size))
+        def load() -> FirstStage:
+            model = factory.build_stage1(preset, tok.vocab_size)
             loading.load_original_checkpoint(model, path)
             return model.eval()
 
@@ -151,9 +150,8 @@ def load_stage2(stage2: str, *, outputs: str = "") -> Stage2Source:
     trained = stage2_run_config(run, str(run.outputs))
 
     def load():
-        model = load_stage2_run(run).eval()
-        s1, tok = stage1_for(trained)
-        return model, s1.eval(), tok
+        s1, tok, model = load_stages(trained, run)
+        return model.eval(), s1.eval(), tok
 
     model, s1, tok = _cached(("run2", str(run.path)), run.weights_file if run.weights_file.exists() else run.path,
                              load)

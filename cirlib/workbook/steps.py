@@ -47,7 +47,7 @@ from cirlib.workbook.evaluation import (EVAL_SPLIT, evaluate_stage1, evaluate_st
                                         rerank_galleries, stage1_change_notes, step_sets, val_topk_paths)
 from cirlib.workbook.factories import (abs_path, build_stage1, build_stage2, data_root, dataset_root, device,  # noqa: F401
                                        load_stage1_run,
-                                       load_stage2_run, stage1_for, stage1_weights_file, tokenizer_for)
+                                       load_stage2_run, load_stages, stage1_for, stage1_weights_file, tokenizer_for)
 from cirlib.workbook.stores import check_feature_store, provenance_of, stage1_store, stage2_stores
 
 SUBMISSION_LENGTH = 50  # names per query in a CIRR recall submission
@@ -272,7 +272,8 @@ def extract_topk(cfg: TopKConfig) -> pd.DataFrame:
                 for i, tk in zip(todo, topks):
                     made_by = book.record(cfg, [sets[i]], dataset=trained["dataset"], root=root,
                                           preset=trained["preset"], precision="fp32", seed=None,
-                                          weights={"stage1": run.weights_file}, **provenance_of(store))
+                                          weights={"stage1": run.weights_file}, first_stage=model.name,
+                                          **provenance_of(store))
                     dataclasses.replace(tk, provenance=wanted[i], produced_by=made_by).save(
                         run.topk_file(split, sets[i].category))
 
@@ -511,8 +512,7 @@ def evaluate(cfg: EvaluateConfig) -> Comparison:
 def _evaluate_and_write(cfg: EvaluateConfig, book: StepBook, trained: Stage2TrainConfig, root: Path, sets, counts,
                         files: list[Path], produced_by) -> Comparison:
     run, dev = book.run, device()
-    stage1, tok = stage1_for(trained)
-    stage2 = load_stage2_run(run)
+    stage1, tok, stage2 = load_stages(trained, run)
     stage1.to(dev)
     stage2.to(dev)
     topks = load_val_topks(files, sets, cfg.k)
@@ -559,8 +559,7 @@ def submit_cirr(cfg: SubmissionConfig) -> dict[str, Path]:
                    run)[ds.test_split][0]
     _refuse_dropped_queries(sd, run, root)
     dev = device()
-    stage1, tok = stage1_for(trained)
-    stage2 = load_stage2_run(run)
+    stage1, tok, stage2 = load_stages(trained, run)
     stage1.to(dev).eval()
     stage2.to(dev).eval()
     p = trained.stage1_folder.topk_file(sd.split)
