@@ -55,7 +55,9 @@ MODEL_ARGS = {"vit_model": "eva_clip_g", "img_size": 56, "drop_path_rate": 0, "u
               "vit_precision": "fp32", "freeze_vit": True, "num_query_token": 32, "cross_attention_freq": 2,
               "embed_dim": 256, "max_txt_len": 32}
 TARGET_RATIO = 1.25  # SPRC's --target-ratio default
-LOSS_WEIGHTS = {"cirr": {"itc": 1.0, "rtc": 0.4, "align": 0.4}, "fashioniq": {"itc": 1.0, "rtc": 1.0, "align": 1.0}}
+# SPRC's weightings, keyed by the expected tensor holding each total: CIRR itc + 0.4 rtc + 0.4 align; FashionIQ summed
+LOSS_WEIGHTS = {"loss_total_cirr": {"itc": 1.0, "rtc": 0.4, "align": 0.4},
+                "loss_total_fiq": {"itc": 1.0, "rtc": 1.0, "align": 1.0}}
 OPTIMIZER = {"betas": (0.9, 0.98), "eps": 1e-7, "weight_decay": 0.05}  # blip_fine_tune_2.py
 LR_STEP = 1e-3  # the recorded step's lr: large enough that the update is visible in fp32 (SPRC's first step is tiny)
 CIRR_MAX_LR = 2e-5
@@ -347,7 +349,7 @@ def loss_and_step(model: Any, rec: Recorder, samples: dict[str, Any]) -> dict[st
 
     rec.clear()
     losses = model(samples)
-    w = LOSS_WEIGHTS["cirr"]
+    w = LOSS_WEIGHTS["loss_total_cirr"]
     total = w["itc"] * losses["loss_itc"] + w["rtc"] * losses["loss_rtc"] + w["align"] * losses["loss_align"]
     out: dict[str, Any] = {k: v.detach().clone() for k, v in losses.items()}
     out["loss_total_cirr"] = total.detach().clone()

@@ -228,12 +228,21 @@ def _losses(chk: _Flat, model: SPRCRetriever, inputs: Mapping, weights: SPRCLoss
     return out
 
 
+def _loss_weights(raw_cfg: Mapping, total: str) -> SPRCLossWeights:
+    """The weighting behind the expected tensor `total` (config.json's "loss_weights", keyed by tensor name)."""
+    try:
+        w = raw_cfg["loss_weights"][total]
+        if float(w["itc"]) != 1.0:
+            raise ValueError(f"itc weighs {w['itc']}, SPRC's weigh it 1")
+        return SPRCLossWeights(rtc=float(w["rtc"]), align=float(w["align"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"config.json: loss_weights[{total!r}] should be {{'itc': 1, 'rtc': w, 'align': w}}: "
+                         f"{err!r}") from err
+
+
 def _check_losses_and_step(chk: _Flat, model: SPRCRetriever, inputs: Mapping, raw_cfg: Mapping) -> None:
     """The three losses, both weightings, the gradients of the CIRR total and one AdamW step (eval mode)."""
-    w = raw_cfg.get("loss_weights", {})
-    cirr = SPRCLossWeights(rtc=float(w.get("cirr", {}).get("rtc", 0.4)), align=float(w.get("cirr", {}).get("align", 0.4)))
-    fiq = SPRCLossWeights(rtc=float(w.get("fashioniq", {}).get("rtc", 1.0)),
-                          align=float(w.get("fashioniq", {}).get("align", 1.0)))
+    cirr, fiq = (_loss_weights(raw_cfg, total) for total in ("loss_total_cirr", "loss_total_fiq"))
     with torch.no_grad():
         chk.check("loss_total_fiq", _losses(chk, model, inputs, fiq).loss, SPRC_HIDDEN)
     for p in model.visual_encoder.parameters():
