@@ -187,3 +187,32 @@ def test_no_module_imports_another_modules_private_names(tmp_path):
     assert found == [], "make these public helpers (with docstrings) where they belong:\n" + "\n".join(found)
     (tmp_path / "m.py").write_text("from cirlib.workbook.steps import resolve, _hidden\n")
     assert private_imports(tmp_path / "m.py", "m") == ["m imports cirlib.workbook.steps._hidden"]
+
+
+FRESH_IMPORT = """
+import importlib, pkgutil, sys
+import cirlib.data, cirlib.models
+names = [m.name for pkg in (cirlib.models, cirlib.data) for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".")]
+failed = []
+for name in names:
+    for loaded in [k for k in sys.modules if k.startswith("cirlib")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as err:
+        failed.append(f"{name}: {type(err).__name__}: {err}")
+print(len(names), "modules")
+sys.exit("\\n".join(failed) if failed else 0)
+"""
+
+
+def test_every_model_and_data_module_imports_first_in_a_fresh_interpreter():
+    """Registration imports at the ends of modules (first stages, re-rankers, datasets) must not make a circle that
+    only shows when a given module is the first one imported (a worker script importing `cirlib.models.stage1`)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FRESH_IMPORT], capture_output=True, text=True, timeout=300,
+                          cwd=paths.REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert int(done.stdout.split()[0]) > 20

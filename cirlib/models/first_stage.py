@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -70,6 +70,19 @@ class QueryFeatures:
     hidden: torch.Tensor  # (B, L, H) last hidden state z_t, stage II's stream-0 input (pad rows included)
 
 
+INITIAL_TEMP = 0.07  # the contrastive temperature's init (BLIP's and BLIP-2's); a checkpoint overwrites it
+
+
+@dataclass(frozen=True)
+class Stage1Output:
+    """What a first stage's training forward returns (`FirstStage` below)."""
+
+    logits: torch.Tensor  # (B, C) query-target scores / temp; row i = query i against every target given
+    loss: torch.Tensor  # () the training loss (cross-entropy of each row against column label_offset + i, plus terms)
+    query: torch.Tensor  # (B, P) the normalised query embeddings the logits were computed from
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss terms, when loss is a sum (logged)
+
+
 def gallery_similarity(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """(N, G) float32 scores: query (N, D) against a gallery (G, D) (inner product: cosine of unit vectors) or
     (G, V, D) (the max over each image's V vectors)."""
@@ -90,7 +103,7 @@ class FirstStage(ABC):
     `self.config` (saved with the weights by `loading.save_pretrained`).
 
     Training (`train.tasks.Stage1Task`) also calls `model(ref_tokens, input_ids, attention_mask, target_embeds,
-    label_offset)` -> an object with `logits`, `loss` and `query` (as `stage1.Stage1Output`), and reads `model.temp`.
+    label_offset)` -> an object with `logits`, `loss` and `query` (`Stage1Output`), and reads `model.temp`.
     """
 
     name: str  # the registry name (`ModelConfig.first_stage`)

@@ -31,9 +31,9 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfi
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from cirlib.models.config import ModelConfig, QFormerConfig
-from cirlib.models.first_stage import FIRST_STAGES, FirstStage, ImageFeatures, QueryFeatures, gallery_similarity
+from cirlib.models.first_stage import (FIRST_STAGES, INITIAL_TEMP, FirstStage, ImageFeatures, QueryFeatures,
+                                       Stage1Output, gallery_similarity)
 from cirlib.models.sprc_keys import from_lavis
-from cirlib.models.stage1 import INITIAL_TEMP, Stage1Output
 
 if TYPE_CHECKING:
     from cirlib.models.loading import LoadReport

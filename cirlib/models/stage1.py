@@ -8,7 +8,6 @@ strictly.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -16,19 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlib.models.config import ModelConfig
-from cirlib.models.first_stage import FIRST_STAGES, FirstStage, ImageFeatures, QueryFeatures
+from cirlib.models.first_stage import (  # noqa: F401  (Stage1Output is re-exported: the stage-I training output)
+    FIRST_STAGES, INITIAL_TEMP, FirstStage, ImageFeatures, QueryFeatures, Stage1Output)
 from cirlib.models.text import build_text_encoder, encode_text, set_gradient_checkpointing
 from cirlib.models.vit import build_vit
 
-INITIAL_TEMP = 0.07  # BLIP's init; a BLIP checkpoint overwrites it
-
-
-@dataclass(frozen=True)
-class Stage1Output:
-    logits: torch.Tensor  # (B, C) q @ p.T / temp; row i = query i against every target given (C = B in one process)
-    loss: torch.Tensor  # () cross-entropy of each row against its own target (column label_offset + i)
-    query: torch.Tensor  # (B, P) the normalised query embeddings the logits were computed from
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss terms, when loss is a sum (logged)
 
 
 @FIRST_STAGES.register

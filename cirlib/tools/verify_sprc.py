@@ -19,7 +19,7 @@ from cirlib.models import loading
 from cirlib.models.config import ModelConfig, QFormerConfig, TextConfig, VisionConfig
 from cirlib.models.sprc import SPRCLossWeights, SPRCRetriever, pre_caption
 from cirlib.models.sprc_keys import SPRC_UNUSED, lavis_key
-from cirlib.models.stage1 import Stage1Output
+from cirlib.models.first_stage import Stage1Output
 from cirlib.tools.verify_original import Result, Tolerance, capture_outputs, compare
 
 # fp32 on both sides, same operations in the same order except where transformers groups them differently (q*scale
